@@ -1,0 +1,25 @@
+"""dali-rehearsal: rehearsal buffers for continual learning inside NVIDIA DALI pipelines.
+
+>>> import dali_rehearsal as dr
+>>> buffer = dr.RehearsalBuffer(capacity=2000, num_representatives=7, device="cpu", seed=0)
+
+See :class:`RehearsalBuffer` (also usable without DALI through ``buffer.mix``)
+and :func:`dali_rehearsal.fn.rehearsal`, the DALI stage.
+"""
+
+import logging as _logging
+
+from . import datasets, fn, streams
+from ._backend import gpu_available
+from .buffer import FieldSpec, RehearsalBuffer
+from .policies import POLICIES
+from .stage import LastBatchPolicy
+from .streams import ClassIncremental, LabelledFiles, Task
+
+__version__ = "0.1.0"
+
+__all__ = ["RehearsalBuffer", "FieldSpec", "LastBatchPolicy", "POLICIES", "fn", "streams",
+           "datasets", "ClassIncremental", "LabelledFiles", "Task", "gpu_available",
+           "__version__"]
+
+_logging.getLogger("dali_rehearsal").addHandler(_logging.NullHandler())

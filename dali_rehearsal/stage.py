@@ -1,0 +1,311 @@
+"""The DALI stage: a mixing pipeline fed by the user's own pipeline.
+
+DALI does not let an operator change the batch size, so the stage is the
+source of a second pipeline (batch ``b + r``): an ``external_source`` whose
+callback, :class:`Mixer`, runs the user's pipeline for ``b`` fresh samples,
+writes them and up to ``r`` representatives into one output batch, and
+stores the fresh samples in the buffer. Everything after the stage (random
+crops, flips, normalisation) then applies to fresh samples and
+representatives alike, and any DALI framework iterator consumes the result.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ._backend import to_host
+from .buffer import RehearsalBuffer
+from .epochs import EpochPlan
+from .kernels import copy_rows
+
+__all__ = ["Mixer", "LastBatchPolicy"]
+
+log = logging.getLogger("dali_rehearsal")
+
+try:
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+except ImportError:  # DALI is optional for the buffer alone
+    import enum
+
+    class LastBatchPolicy(enum.Enum):
+        FILL = 0
+        DROP = 1
+        PARTIAL = 2
+
+
+def _policy_name(policy) -> str:
+    name = getattr(policy, "name", policy)
+    if not isinstance(name, str) or name.upper() not in ("FILL", "DROP", "PARTIAL"):
+        raise ValueError(f"last_batch_policy must be a LastBatchPolicy (FILL, DROP or PARTIAL), "
+                         f"got {policy!r}")
+    return name.upper()
+
+
+class Mixer:
+    """The ``external_source`` callback of the mixing pipeline.
+
+    Each call returns one output batch: the fresh samples in the source's
+    order, then the representatives (and, with ``replay_flag``, a uint8 flag
+    per sample: 0 fresh, 1 replayed). At the end of the source's epoch it
+    raises ``StopIteration``; the next call starts the next epoch.
+    """
+
+    def __init__(self, source, buffer: RehearsalBuffer, *, out_batch_size: int,
+                 reader_name: str | None = None, last_batch_policy=LastBatchPolicy.PARTIAL,
+                 replay_flag: bool = False, ring_depth: int = 4):
+        self.source = source
+        self.buffer = buffer
+        self.last_batch_policy = _policy_name(last_batch_policy)
+        self.replay_flag = bool(replay_flag)
+        self.out_batch_size = int(out_batch_size)
+        self.ring_depth = int(ring_depth)
+        self.fresh_batch_size = int(source.max_batch_size)
+        source.build()
+        readers = source.reader_meta()
+        if reader_name is None and len(readers) > 1:
+            raise ValueError(f"the source pipeline has several readers {sorted(readers)}: "
+                             "pass reader_name= to say which one sets the epoch")
+        if reader_name is not None and reader_name not in readers:
+            raise ValueError(f"the source pipeline has no reader named {reader_name!r} "
+                             f"(readers: {sorted(readers)})")
+        if reader_name is None and readers:
+            (reader_name,) = readers
+        self.reader_name = reader_name
+        self.plan = (EpochPlan(readers[reader_name], self.fresh_batch_size)
+                     if reader_name else None)
+        self.epoch = 0
+        self.steps = 0                   # steps delivered in this epoch
+        self._left: int | None = None    # fresh samples left in this epoch (None: not started)
+        self._batch = None               # current source batch (backend arrays)
+        self._labels = None              # its labels on the host
+        self._pos = 0
+        self._ring = None
+        self._ring_next = 0
+        self._stream = None
+        if buffer._backend.is_gpu:
+            import cupy
+            self._stream = cupy.cuda.Stream(non_blocking=True)
+
+    @property
+    def stream(self):
+        """The CUDA stream the stage works on (None on the CPU)."""
+        return self._stream
+
+    # ---------------------------------------------------------- the stream
+    def _fetch(self) -> None:
+        outputs = self.source.run(self._stream) if self._stream is not None else self.source.run()
+        try:
+            fields = [o.as_tensor() if hasattr(o, "as_cpu") else o.as_array() for o in outputs]
+        except RuntimeError as e:
+            raise ValueError("the source pipeline's samples must have one fixed shape per output "
+                             "(e.g. fn.resize(..., size=(H, W)) in the source pipeline): "
+                             f"{e}") from e
+        arrays, labels = self.buffer._prepare(fields, self._stream)
+        if self.buffer.spec is None:
+            self.buffer._allocate(arrays)
+        self._batch, self._labels, self._pos = arrays, labels, 0
+
+    def _advance(self, runs, out=None, offset=0, labels=None) -> int:
+        """Applies ``(action, count)`` runs to the stream; copies the used rows
+        into ``out`` from row ``offset``; returns the new offset."""
+        for action, count in runs:
+            while count > 0:
+                if self._batch is None or self._pos == len(self._labels):
+                    self._fetch()
+                m = min(count, len(self._labels) - self._pos)
+                if action == "use":
+                    for src, dst in zip(self._batch, out):
+                        copy_rows(src[self._pos:self._pos + m], dst, dst_offset=offset,
+                                  stream=self._stream)
+                    labels[offset:offset + m] = self._labels[self._pos:self._pos + m]
+                    offset += m
+                self._pos += m
+                count -= m
+        return offset
+
+    # ------------------------------------------------------------ outputs
+    def _outputs(self):
+        """The next output arrays of the ring (DALI reads them without a copy)."""
+        if self._ring is None:
+            spec = self.buffer.spec
+            be = self.buffer._backend
+            self._ring = [[be.empty((self.out_batch_size,) + s.shape, s.dtype) for s in spec]
+                          for _ in range(self.ring_depth)]
+            self._flags = [be.xp.empty(self.out_batch_size, dtype=np.uint8)
+                           for _ in range(self.ring_depth)]
+        i = self._ring_next
+        self._ring_next = (i + 1) % self.ring_depth
+        return self._ring[i], self._flags[i]
+
+    def _deliverable(self) -> int:
+        b, left = self.fresh_batch_size, self._left
+        if self.last_batch_policy == "DROP" and left < b:
+            return 0
+        return min(b, left)
+
+    # ------------------------------------------------------------- a step
+    def __call__(self):
+        try:
+            with self.buffer._backend.stream_context(self._stream):
+                return self._step()
+        except StopIteration:
+            raise
+        except Exception:
+            self.buffer._sampler.abort()
+            raise
+
+    def _start_epoch(self) -> None:
+        self._left = self.plan.start_epoch(self.epoch) if self.plan else -1   # -1: unbounded
+        self.steps = 0
+
+    def _end_epoch(self, reason: str) -> None:
+        if self.plan is not None and self._left:
+            if reason == "drop":
+                self._advance(self.plan.drop_real(self._left))
+            else:
+                log.info("epoch %d ends early on rank %d (another rank ended its epoch); "
+                         "%d fresh samples open the next epoch", self.epoch, self.buffer.rank,
+                         self._left)
+        log.debug("epoch %d: %d steps", self.epoch, self.steps)
+        self.epoch += 1
+        self._left = None
+        raise StopIteration
+
+    def _step(self):
+        if self._left is None:
+            self._start_epoch()
+        if self.plan is None:
+            return self._step_unbounded()
+        n = self._deliverable()
+        reps = self.buffer._next_representatives(active=n > 0)
+        if reps is None or n == 0:
+            self._end_epoch("drop" if n == 0 else "stopped")
+        if self.buffer.spec is None:
+            self._fetch()
+        out, flags = self._outputs()
+        labels = np.empty(self.fresh_batch_size, dtype=np.int64)
+        fresh = self._advance(self.plan.take(n, padding="skip"), out, 0, labels)
+        self._left -= n
+        if fresh < self.fresh_batch_size and self.last_batch_policy == "FILL":
+            fresh = self._advance(self.plan.take(self.fresh_batch_size - fresh, padding="use"),
+                                  out, fresh, labels)
+        return self._finish(out, flags, fresh, labels, reps, next_active=self._deliverable() > 0)
+
+    def _step_unbounded(self):
+        """A source without a reader: one whole source batch per step, until
+        the source raises StopIteration."""
+        if self._batch is None or self._pos == len(self._labels):
+            try:
+                self._fetch()
+            except StopIteration:
+                self._batch = None
+        has_batch = self._batch is not None
+        reps = self.buffer._next_representatives(active=has_batch)
+        if reps is None or not has_batch:
+            self._left = None       # a fetched batch, if any, opens the next epoch
+            self.epoch += 1
+            raise StopIteration
+        out, flags = self._outputs()
+        n = len(self._labels)
+        labels = np.empty(self.fresh_batch_size, dtype=np.int64)
+        self._advance([("use", n)], out, 0, labels)
+        return self._finish(out, flags, n, labels, reps, next_active=True)
+
+    def _finish(self, out, flags, fresh, labels, reps, *, next_active):
+        if fresh + reps.count > self.out_batch_size:
+            raise ValueError(f"{fresh} fresh + {reps.count} representatives exceed the mixing "
+                             f"pipeline's batch size {self.out_batch_size}")
+        rows = self.buffer._compose(out, fresh, labels, reps, self._stream,
+                                    next_active=next_active)
+        self.steps += 1
+        result = [o[:rows] for o in out]
+        if self.replay_flag:
+            flags[:fresh] = 0
+            flags[fresh:rows] = 1
+            result.append(flags[:rows])
+        return result
+
+
+def rehearsal(source, *, buffer: RehearsalBuffer, reader_name: str | None = None,
+              last_batch_policy=LastBatchPolicy.PARTIAL, replay_flag: bool = False,
+              name: str | None = None):
+    """Mixes representatives into the batches of ``source``, inside a pipeline.
+
+    Call it in the definition of the *mixing* pipeline, whose batch size must
+    be at least ``source``'s batch size plus ``buffer.num_representatives``::
+
+        @pipeline_def(batch_size=56 + 7, num_threads=4, device_id=0)
+        def train(source):
+            images, labels = dr.fn.rehearsal(source, buffer=buffer)
+            ...
+
+    Args:
+        source: the user's pipeline (not built, or built); every output must
+            have a fixed sample shape. One output is the label
+            (``buffer.label_index``, the second by default); all outputs go
+            through the buffer together.
+        buffer: the :class:`RehearsalBuffer`. It outlives the pipelines: give
+            the same buffer to the next task's pipelines.
+        reader_name: the reader of ``source`` that sets the epoch; needed only
+            when ``source`` has several readers. A source without a reader
+            ends its epoch when it raises ``StopIteration``.
+        last_batch_policy: DALI's ``LastBatchPolicy``; ``PARTIAL`` (default)
+            delivers every fresh sample exactly once per epoch.
+        replay_flag: add one more output, a uint8 per sample: 0 for fresh,
+            1 for a representative.
+        name: name of the ``external_source`` operator.
+
+    Returns:
+        The outputs of ``source`` (plus the flag), ``b`` fresh samples then up
+        to ``r`` representatives, on the buffer's device.
+    """
+    from nvidia.dali import fn as dali_fn
+    from nvidia.dali.pipeline import Pipeline
+
+    pipe = Pipeline.current()
+    if pipe is None:
+        raise RuntimeError("dali_rehearsal.fn.rehearsal must be called inside the definition "
+                           "of the mixing pipeline (a @pipeline_def function)")
+    if not isinstance(source, Pipeline):
+        raise TypeError(f"source must be a DALI Pipeline (the user's pipeline), got "
+                        f"{type(source).__name__}")
+    if not isinstance(buffer, RehearsalBuffer):
+        raise TypeError(f"buffer must be a RehearsalBuffer, got {type(buffer).__name__}")
+    r = buffer.num_representatives
+    room = pipe.max_batch_size - source.max_batch_size
+    if r > pipe.max_batch_size:
+        raise ValueError(f"num_representatives={r} is larger than the mixing pipeline's "
+                         f"batch size {pipe.max_batch_size}")
+    if room < r:
+        raise ValueError(
+            f"the mixing pipeline's batch size ({pipe.max_batch_size}) must be at least the "
+            f"source's batch size ({source.max_batch_size}) + num_representatives ({r}) = "
+            f"{source.max_batch_size + r}")
+    num_outputs = source.num_outputs
+    if num_outputs is None or num_outputs < 2:
+        raise ValueError("the source pipeline must return at least two outputs: the samples "
+                         "and their labels")
+    if buffer.label_index >= num_outputs:
+        raise ValueError(f"buffer.label_index={buffer.label_index} but the source pipeline "
+                         f"has {num_outputs} outputs")
+    depth = pipe.prefetch_queue_depth
+    if isinstance(depth, dict):
+        depth = depth["cpu_size"] * depth["gpu_size"]
+    mixer = Mixer(source, buffer, out_batch_size=pipe.max_batch_size, reader_name=reader_name,
+                  last_batch_policy=last_batch_policy, replay_flag=replay_flag,
+                  ring_depth=int(depth) + 2)
+    kwargs = dict(source=mixer, num_outputs=num_outputs + int(replay_flag), batch=True,
+                  device=buffer.device, no_copy=True)
+    if mixer.stream is not None:
+        kwargs["cuda_stream"] = mixer.stream
+    if name is not None:
+        kwargs["name"] = name
+    outputs = dali_fn.external_source(**kwargs)
+    return list(outputs)
+
+
+def to_numpy_batch(outputs) -> list[np.ndarray]:
+    """Host copies of a pipeline's outputs (tests and examples)."""
+    return [to_host(o) for o in outputs]
