@@ -101,7 +101,8 @@ class RehearsalBuffer:
             self._sampler = LocalSampler(self, sample_rng)
         self._spec: tuple[FieldSpec, ...] | None = None
         self._storage: list | None = None
-        self._stream = None
+        #: ``(rank, slot)`` of each representative of the last step, in output order.
+        self.last_origin = np.empty((0, 2), dtype=np.int64)
 
     # ----------------------------------------------------------------- state
     @property
@@ -232,6 +233,7 @@ class RehearsalBuffer:
         ``next_active`` says whether this process has a next step in its epoch.
         """
         reps.write_into(self, out, fresh_count, stream)
+        self.last_origin = reps.origin
         self._insert(out, fresh_count, labels, stream)
         if self._sampler.is_global:
             self._sampler.start(active=next_active)
@@ -248,7 +250,11 @@ class RehearsalBuffer:
         With ``comm`` and global sampling this is a collective call: every
         process must call it once per step.
         """
-        arrays, labels = self._prepare(fields, stream)
+        try:
+            arrays, labels = self._prepare(fields, stream)
+        except Exception:
+            self._sampler.abort()     # other processes raise instead of waiting for this one
+            raise
         if self._spec is None:
             self._allocate(arrays)
         b = arrays[0].shape[0]

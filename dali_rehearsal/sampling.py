@@ -73,7 +73,8 @@ class LocalSampler:
         k = min(self._buffer.num_representatives, size)
         slots = np.sort(self._rng.choice(size, size=k, replace=False)).astype(np.int64)
         return Representatives(k, slots=slots,
-                               origin=np.stack([np.zeros(k, np.int64), slots], axis=1))
+                               origin=np.stack([np.full(k, self._buffer.rank, np.int64), slots],
+                                               axis=1))
 
     def abort(self) -> None:
         """Called when a step fails; nothing to tell other processes here."""
