@@ -12,9 +12,10 @@ Two policies are provided, both selected by name in :class:`RehearsalBuffer`:
     remainder going to the classes seen first) and re-divided when a new class
     appears. Within a class the kept samples are a uniform random sample of
     every sample of that class offered so far (reservoir sampling with the
-    class's share as the reservoir size). When a class needs room and the
-    buffer is full, a random slot of a class over its share is evicted.
-    Evicting at random keeps each class's sample uniform.
+    class's share as the reservoir size). While the buffer has free slots any
+    class may use them; once it is full, a class below its share takes a
+    random slot of the class furthest over its share. Evicting at random keeps
+    each class's sample uniform.
 
 ``"reservoir"``
     A uniform random sample of the whole stream (Vitter's Algorithm R).
@@ -136,13 +137,15 @@ class ClassBalanced(InsertionPolicy):
             self._requota()
         self.seen[label] += 1
         mine = self.slots_of[label]
-        if len(mine) < self.quota[label]:
+        if self.size < self.capacity:
+            # Free slots go to any class; classes over their share give them
+            # back (at random) once other classes need room.
+            slot = self.size
+            self.size += 1
+            mine.append(slot)
+        elif len(mine) < self.quota[label]:
             # Room in the class's share: every sample seen so far is kept.
-            if self.size < self.capacity:
-                slot = self.size
-                self.size += 1
-            else:
-                slot = self._evict_from_over_quota()
+            slot = self._evict_from_over_quota()
             mine.append(slot)
         else:
             if self.quota[label] == 0:

@@ -95,6 +95,10 @@ class Mixer:
 
     # ---------------------------------------------------------- the stream
     def _fetch(self) -> None:
+        if self._stream is not None and self._batch is not None:
+            # The source's GPU outputs are valid only until it runs again: the
+            # copies out of the previous batch must be done first.
+            self._stream.synchronize()
         outputs = self.source.run(self._stream) if self._stream is not None else self.source.run()
         try:
             fields = [o.as_tensor() if hasattr(o, "as_cpu") else o.as_array() for o in outputs]
