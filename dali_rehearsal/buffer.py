@@ -96,7 +96,8 @@ class RehearsalBuffer:
         self.sampling = sampling
         if comm is not None and self.world_size > 1 and sampling == "global":
             from .exchange import GlobalSampler
-            self._sampler = GlobalSampler(self, comm, sample_rng, cuda_aware=cuda_aware)
+            self._sampler = GlobalSampler(self, comm, sample_rng, seed=seed,
+                                          cuda_aware=cuda_aware)
         else:
             self._sampler = LocalSampler(self, sample_rng)
         self._spec: tuple[FieldSpec, ...] | None = None
@@ -105,6 +106,11 @@ class RehearsalBuffer:
         self.last_origin = np.empty((0, 2), dtype=np.int64)
 
     # ----------------------------------------------------------------- state
+    @property
+    def _log_level(self) -> int:
+        """INFO on rank 0, DEBUG elsewhere: logs stay quiet except on rank 0."""
+        return logging.INFO if self.rank == 0 else logging.DEBUG
+
     @property
     def device(self) -> str:
         return self._backend.device
@@ -198,8 +204,9 @@ class RehearsalBuffer:
         self._spec = tuple(FieldSpec(tuple(a.shape[1:]), np.dtype(a.dtype)) for a in arrays)
         self._storage = [self._backend.empty((self.capacity,) + s.shape, s.dtype)
                          for s in self._spec]
-        log.info("rehearsal buffer: %d samples x %s on %s (%.1f MiB)", self.capacity,
-                 [(s.shape, str(s.dtype)) for s in self._spec], self.device, self.nbytes / 2**20)
+        log.log(self._log_level, "rehearsal buffer: %d samples x %s on %s (%.1f MiB)",
+                self.capacity, [(s.shape, str(s.dtype)) for s in self._spec], self.device,
+                self.nbytes / 2**20)
 
     def spec_from(self, fields) -> tuple[FieldSpec, ...]:
         """Checks a batch and fixes the storage layout from it (allocating lazily)."""

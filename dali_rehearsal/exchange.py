@@ -5,17 +5,21 @@ representatives are drawn uniformly without replacement from the union of all
 shards, whatever their fill levels, and the samples (every field: image,
 label, extras) are fetched from their owners.
 
-Design: a progress thread and blocking collectives on a private communicator.
+Design: a progress thread and non-blocking collectives on a private
+communicator, awaited by polling with short sleeps so that waiting for slower
+processes does not take a core from decoding and training.
 A round serves one step of every process:
 
 1. ``Allgather`` of (shard size, active, error, sample bytes) of every process.
 2. Each process draws ``min(r, total)`` global indices uniformly without
-   replacement from ``[0, total)`` and maps them to ``(owner, slot)``.
-3. ``Alltoall`` of request counts, ``Alltoallv`` of the requested slots.
-4. Each owner gathers the requested rows of every field into a send buffer
-   (the gather kernel on the GPU), and one ``Alltoallv`` per field moves the
-   bytes: device buffers directly when the MPI library is CUDA-aware, through
-   pinned host memory otherwise; NumPy buffers as they are. Nothing is pickled.
+   replacement from ``[0, total)`` and maps them to ``(owner, slot)``. The
+   draws come from a generator seeded by (shared seed, round, process), so
+   every owner computes what every process asks of it: no request messages.
+3. Each owner gathers the requested rows of every field into a send buffer
+   (the gather kernel on the GPU), and one ``Alltoallv`` per field, all in
+   flight together, moves the bytes: device buffers directly when the MPI
+   library is CUDA-aware, through pinned host memory otherwise; NumPy buffers
+   as they are. Nothing is pickled.
 
 The buffer opens the round for step ``t + 1`` right after inserting step
 ``t``'s fresh samples, and waits for it only when step ``t + 1`` is built:
@@ -38,6 +42,7 @@ import logging
 import os
 import queue
 import threading
+import time
 
 import numpy as np
 
@@ -99,14 +104,21 @@ class GlobalSampler:
 
     is_global = True
 
-    def __init__(self, buffer, comm, rng: np.random.Generator, *, cuda_aware: bool | None = None):
+    def __init__(self, buffer, comm, rng: np.random.Generator, *, seed: int | None = None,
+                 cuda_aware: bool | None = None):
         from mpi4py import MPI
         self._MPI = MPI
         self._buffer = buffer
-        self._rng = rng
+        self._rng = rng             # this process's own stream (buffer.sample)
         self._comm = comm.Dup()
         self.rank = self._comm.Get_rank()
         self.world_size = self._comm.Get_size()
+        # The draws of every round derive from one seed shared by all processes.
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % 2**63) if self.rank == 0 else None
+            seed = self._comm.bcast(seed, root=0)
+        self._seed = int(seed)
+        self._round_no = 0
         backend = buffer._backend
         self.staged = backend.is_gpu and not (cuda_aware_mpi() if cuda_aware is None
                                               else bool(cuda_aware))
@@ -232,7 +244,7 @@ class GlobalSampler:
         row_bytes = -1 if spec is None else sum(f.nbytes for f in spec)
         mine = np.array([rnd.size, int(rnd.active), int(rnd.error), row_bytes], dtype=np.int64)
         table = np.empty((self.world_size, 4), dtype=np.int64)
-        comm.Allgather(mine, table)
+        self._complete(comm.Iallgather(mine, table))
         failed = np.flatnonzero(table[:, 2])
         if failed.size:
             raise RemoteError(f"the step failed on rank(s) {failed.tolist()}; stopping on "
@@ -246,51 +258,82 @@ class GlobalSampler:
                                f"(bytes per sample: {table[:, 3].tolist()})")
         total = int(sizes.sum())
         k = min(buffer.num_representatives, total)
+        round_no, self._round_no = self._round_no, self._round_no + 1
         if k and spec is None:
             raise RuntimeError("internal: representatives requested before the first batch")
-        # Draw uniformly over the union, then group by owner.
-        picks = np.sort(self._rng.choice(total, size=k, replace=False)) if k else \
-            np.empty(0, np.int64)
+        if k == 0:
+            return Representatives(0, rows=None, origin=np.empty((0, 2), np.int64))
+        # Every process's draws follow from the shared seed and the round
+        # number, so each owner knows what to serve without being asked.
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        owners = np.searchsorted(starts, picks, side="right") - 1
-        slots = (picks - starts[owners]).astype(np.int64)
-        send_counts = np.bincount(owners, minlength=self.world_size).astype(np.int64)
-        recv_counts = np.empty(self.world_size, dtype=np.int64)
-        comm.Alltoall(send_counts, recv_counts)
-        wanted = np.empty(int(recv_counts.sum()), dtype=np.int64)
-        comm.Alltoallv([slots, (send_counts, _displs(send_counts)), MPI.INT64_T],
-                       [wanted, (recv_counts, _displs(recv_counts)), MPI.INT64_T])
-        origin = np.stack([owners.astype(np.int64), slots], axis=1)
-        if k == 0 and wanted.size == 0:
-            return Representatives(0, rows=None, origin=origin)
-        rows = self._move_rows(wanted, recv_counts, send_counts, k)
+        wanted, serve_counts = [], np.zeros(self.world_size, dtype=np.int64)
+        for p in range(self.world_size):
+            picks = self._draw(round_no, p, total, k)
+            owners = np.searchsorted(starts, picks, side="right") - 1
+            if p == self.rank:
+                slots = (picks - starts[owners]).astype(np.int64)
+                origin = np.stack([owners.astype(np.int64), slots], axis=1)
+                request_counts = np.bincount(owners, minlength=self.world_size).astype(np.int64)
+            served = picks[owners == self.rank] - starts[self.rank]
+            wanted.append(served)
+            serve_counts[p] = len(served)
+        wanted = np.concatenate(wanted).astype(np.int64)
+        rows = self._move_rows(wanted, serve_counts, request_counts, k)
         return Representatives(k, rows=rows, origin=origin)
 
+    def _draw(self, round_no: int, rank: int, total: int, k: int) -> np.ndarray:
+        """Rank ``rank``'s draws in round ``round_no``: ``k`` distinct global
+        indices, uniform over ``[0, total)``, in increasing order (grouped by owner)."""
+        rng = np.random.default_rng([self._seed, round_no, rank])
+        return np.sort(rng.choice(total, size=k, replace=False))
+
+    def _complete(self, *requests) -> None:
+        """Waits for non-blocking collectives without spinning on a core.
+
+        A blocking MPI call busy-polls while it waits for the other processes,
+        taking a core from decoding and training. In the progress thread,
+        polling with short sleeps costs at most a millisecond of latency. The
+        synchronous fallback (no MPI_THREAD_MULTIPLE) waits plainly.
+        """
+        requests = list(requests)
+        if not self._threaded:
+            self._MPI.Request.Waitall(requests)
+            return
+        pause = 2e-5
+        while not self._MPI.Request.Testall(requests):
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+
     def _move_rows(self, wanted, serve_counts, request_counts, k):
-        """Serves ``wanted`` slots and receives ``k`` requested rows, per field."""
+        """Serves the ``wanted`` slots and receives ``k`` rows: all fields in
+        flight at once, one ``Alltoallv`` each."""
         from .kernels import gather_rows
         buffer, MPI = self._buffer, self._MPI
         be = buffer._backend
         index = be.asarray(wanted, self._stream)
-        received = []
+        received, transfers = [], []
         for i, (store, spec) in enumerate(zip(buffer._storage, buffer.spec)):
             outgoing = be.empty((len(wanted),) + spec.shape, spec.dtype)
             gather_rows(store, index, outgoing, stream=self._stream)
             incoming = self._recv_buffer(i, k, spec)
             send, recv = outgoing, incoming
             if self.staged:
-                send = be.xp.asnumpy(outgoing, stream=self._stream,
+                send = be.xp.asnumpy(outgoing, stream=self._stream, blocking=False,
                                      out=self._pinned(("send", i), outgoing.shape, spec.dtype))
                 recv = self._pinned(("recv", i), incoming.shape, spec.dtype)
-            if be.is_gpu:
-                self._stream.synchronize()
-            nbytes = spec.nbytes
-            sc, rc = serve_counts * nbytes, request_counts * nbytes
-            self._comm.Alltoallv([_bytes(send), (sc, _displs(sc)), MPI.BYTE],
-                                 [_bytes(recv), (rc, _displs(rc)), MPI.BYTE])
-            if self.staged:
-                incoming.set(recv, stream=self._stream)
             received.append(incoming)
+            transfers.append((send, recv, spec.nbytes))
+        if be.is_gpu:
+            self._stream.synchronize()          # gathered (and staged) rows are ready
+        requests = []
+        for send, recv, nbytes in transfers:
+            sc, rc = serve_counts * nbytes, request_counts * nbytes
+            requests.append(self._comm.Ialltoallv([_bytes(send), (sc, _displs(sc)), MPI.BYTE],
+                                                  [_bytes(recv), (rc, _displs(rc)), MPI.BYTE]))
+        self._complete(*requests)
+        if self.staged:
+            for incoming, (_, recv, _) in zip(received, transfers):
+                incoming.set(recv, stream=self._stream)
         if be.is_gpu:
             self._stream.synchronize()
         return received

@@ -169,7 +169,7 @@ class Mixer:
             if reason == "drop":
                 self._advance(self.plan.drop_real(self._left))
             else:
-                log.info("epoch %d ends early on rank %d (another rank ended its epoch); "
+                log.log(self.buffer._log_level, "epoch %d ends early on rank %d (another rank ended its epoch); "
                          "%d fresh samples open the next epoch", self.epoch, self.buffer.rank,
                          self._left)
         log.debug("epoch %d: %d steps", self.epoch, self.steps)

@@ -24,6 +24,7 @@ _BLOCK_X = 256
 _MAX_GRID_X = 1024
 _MAX_GRID_Y = 65535
 _WARP = 32
+_ROW_LOOP_MAX = 1024   # NumPy scatter: rows moved one by one up to this many
 
 
 def copy_rows(src, dst, *, dst_offset=0, stream=None):
@@ -81,7 +82,12 @@ def scatter_rows(src, src_index, dst, dst_index, *, stream=None):
     if xp is np:
         _check_index_values("src_index", src_index, len(src))
         _check_index_values("dst_index", dst_index, len(dst))
-        dst[dst_index] = src[src_index]
+        if len(src_index) <= _ROW_LOOP_MAX:
+            # One copy per byte: fancy indexing would first build src[src_index].
+            for i, j in zip(src_index.tolist(), dst_index.tolist()):
+                dst[j] = src[i]
+        else:
+            dst[dst_index] = src[src_index]
         return
     _launch("scatter_rows", src, dst, len(src_index), stream,
             lambda row_words: (src, src_index, dst, dst_index,

