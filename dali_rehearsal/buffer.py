@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,6 +103,7 @@ class RehearsalBuffer:
             self._sampler = LocalSampler(self, sample_rng)
         self._spec: tuple[FieldSpec, ...] | None = None
         self._storage: list | None = None
+        self._stage = None      # weak reference to the DALI stage feeding this buffer
         #: ``(rank, slot)`` of each representative of the last step, in output order.
         self.last_origin = np.empty((0, 2), dtype=np.int64)
 
@@ -293,8 +295,27 @@ class RehearsalBuffer:
         reps.write_into(self, out, 0, stream)
         return tuple(out)
 
+    def _attach_stage(self, stage) -> None:
+        """A new DALI stage feeds this buffer: the previous one stops preparing
+        batches, so that only one stage at a time writes into the buffer."""
+        previous = self._stage() if self._stage is not None else None
+        if previous is not None and previous is not stage:
+            previous.stop()
+        if self._sampler.started:
+            # The previous stage opened the round for its next step, with its own
+            # epoch's state; every process discards it at this same point.
+            self._sampler.finish()
+        self._stage = weakref.ref(stage)
+
     def close(self) -> None:
-        """Stops the background exchange (global sampling); idempotent."""
+        """Stops the stage's worker and the background exchange; idempotent.
+
+        With ``comm``, every process must close its buffer (as it must run the
+        same steps): the stage's worker stops at the same step on every rank.
+        """
+        stage = self._stage() if self._stage is not None else None
+        if stage is not None:
+            stage.stop()
         self._sampler.close()
 
     def __enter__(self):

@@ -11,7 +11,11 @@ representatives alike, and any DALI framework iterator consumes the result.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import queue
+import threading
+import weakref
 
 import numpy as np
 
@@ -54,13 +58,18 @@ class Mixer:
 
     def __init__(self, source, buffer: RehearsalBuffer, *, out_batch_size: int,
                  reader_name: str | None = None, last_batch_policy=LastBatchPolicy.PARTIAL,
-                 replay_flag: bool = False, ring_depth: int = 4):
+                 replay_flag: bool = False, ring_depth: int = 4, prepare_ahead: int = 2):
+        if isinstance(prepare_ahead, bool) or not isinstance(prepare_ahead, int) \
+                or prepare_ahead < 0:
+            raise ValueError(f"prepare_ahead must be an integer >= 0, got {prepare_ahead!r}")
+        self.prepare_ahead = prepare_ahead
         self.source = source
         self.buffer = buffer
         self.last_batch_policy = _policy_name(last_batch_policy)
         self.replay_flag = bool(replay_flag)
         self.out_batch_size = int(out_batch_size)
-        self.ring_depth = int(ring_depth)
+        # Output arrays in use: DALI's queue, the prepared steps, the one being built.
+        self.ring_depth = int(ring_depth) + prepare_ahead
         self.fresh_batch_size = int(source.max_batch_size)
         source.build()
         readers = source.reader_meta()
@@ -87,6 +96,8 @@ class Mixer:
         if buffer._backend.is_gpu:
             import cupy
             self._stream = cupy.cuda.Stream(non_blocking=True)
+        self._worker: _Worker | None = None
+        buffer._attach_stage(self)
 
     @property
     def stream(self):
@@ -151,6 +162,16 @@ class Mixer:
 
     # ------------------------------------------------------------- a step
     def __call__(self):
+        if self.prepare_ahead == 0:
+            return self.run_step()
+        if self._worker is None:
+            self._worker = _Worker(self)
+        return self._worker.next()
+
+    def run_step(self):
+        """Builds one output batch in the calling thread (StopIteration at an epoch end)."""
+        if self._stopped:
+            raise RuntimeError("this rehearsal stage was stopped: a newer stage uses its buffer")
         try:
             with self.buffer._backend.stream_context(self._stream):
                 return self._step()
@@ -159,6 +180,19 @@ class Mixer:
         except Exception:
             self.buffer._sampler.abort()
             raise
+
+    _stopped = False
+
+    def stop(self, *, drain: bool = True) -> None:
+        """Stops preparing batches (the buffer moves on to a newer stage).
+
+        With ``drain`` the worker first fills its queue, so the buffer always
+        ends ``prepare_ahead + 1`` steps beyond what DALI asked for, whatever
+        the timing: runs stay reproducible across tasks.
+        """
+        if self._worker is not None:
+            self._worker.stop(drain=drain)
+        self._stopped = True
 
     def _start_epoch(self) -> None:
         self._left = self.plan.start_epoch(self.epoch) if self.plan else -1   # -1: unbounded
@@ -169,9 +203,9 @@ class Mixer:
             if reason == "drop":
                 self._advance(self.plan.drop_real(self._left))
             else:
-                log.log(self.buffer._log_level, "epoch %d ends early on rank %d (another rank ended its epoch); "
-                         "%d fresh samples open the next epoch", self.epoch, self.buffer.rank,
-                         self._left)
+                log.log(self.buffer._log_level, "epoch %d ends early on rank %d (another rank "
+                        "ended its epoch); %d fresh samples open the next epoch", self.epoch,
+                        self.buffer.rank, self._left)
         log.debug("epoch %d: %d steps", self.epoch, self.steps)
         self.epoch += 1
         self._left = None
@@ -232,9 +266,87 @@ class Mixer:
         return result
 
 
+_STOP = object()
+_live_workers: "weakref.WeakSet[_Worker]" = weakref.WeakSet()
+
+
+class _Worker:
+    """Prepares the mixer's next steps in a background thread.
+
+    DALI calls the stage on the thread that drives the pipeline, between
+    training steps. The worker runs the mixer (the source pipeline, the
+    exchange, the copies and inserts) up to ``prepare_ahead`` steps ahead, so
+    that this work overlaps with training; the DALI callback only takes the
+    next prepared batch. Epoch ends travel through the queue in order.
+    """
+
+    def __init__(self, mixer: Mixer):
+        self._mixer = mixer
+        self._queue: queue.Queue = queue.Queue(maxsize=mixer.prepare_ahead)
+        self._stop = threading.Event()       # stop now
+        self._drain = threading.Event()      # stop once the queue is full
+        self._device_id = mixer.buffer._backend.device_id
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="dali-rehearsal-stage")
+        _live_workers.add(self)
+        self._thread.start()
+
+    def _run(self) -> None:
+        if self._device_id is not None:
+            import cupy
+            cupy.cuda.Device(self._device_id).use()
+        while not self._stop.is_set():
+            try:
+                item = self._mixer.run_step()
+            except StopIteration:
+                item = _STOP
+            except BaseException as e:  # handed to the consumer, in order
+                self._put(e)
+                return
+            if not self._put(item):
+                return
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                if self._drain.is_set():
+                    return False      # drained: the queue is full, stop here
+        return False
+
+    def next(self):
+        while True:
+            try:
+                item = self._queue.get(timeout=0.05)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("the rehearsal stage's worker has stopped") from None
+        if item is _STOP:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        (self._drain if drain else self._stop).set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._stop.set()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    # Before the interpreter tears down DALI and CUDA under a running worker.
+    for worker in list(_live_workers):
+        worker.stop(drain=False, timeout=5.0)
+
+
 def rehearsal(source, *, buffer: RehearsalBuffer, reader_name: str | None = None,
               last_batch_policy=LastBatchPolicy.PARTIAL, replay_flag: bool = False,
-              name: str | None = None):
+              prepare_ahead: int = 2, name: str | None = None):
     """Mixes representatives into the batches of ``source``, inside a pipeline.
 
     Call it in the definition of the *mixing* pipeline, whose batch size must
@@ -259,6 +371,10 @@ def rehearsal(source, *, buffer: RehearsalBuffer, reader_name: str | None = None
             delivers every fresh sample exactly once per epoch.
         replay_flag: add one more output, a uint8 per sample: 0 for fresh,
             1 for a representative.
+        prepare_ahead: steps the stage prepares ahead in a background thread
+            (running the source pipeline, the exchange, the copies and the
+            inserts while the training step runs). ``0`` does the work in the
+            thread that drives the mixing pipeline, when DALI asks for it.
         name: name of the ``external_source`` operator.
 
     Returns:
@@ -299,7 +415,7 @@ def rehearsal(source, *, buffer: RehearsalBuffer, reader_name: str | None = None
         depth = depth["cpu_size"] * depth["gpu_size"]
     mixer = Mixer(source, buffer, out_batch_size=pipe.max_batch_size, reader_name=reader_name,
                   last_batch_policy=last_batch_policy, replay_flag=replay_flag,
-                  ring_depth=int(depth) + 2)
+                  ring_depth=int(depth) + 2, prepare_ahead=prepare_ahead)
     kwargs = dict(source=mixer, num_outputs=num_outputs + int(replay_flag), batch=True,
                   device=buffer.device, no_copy=True)
     if mixer.stream is not None:

@@ -25,6 +25,10 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: E402
 
 LBP = dr.LastBatchPolicy
 
+# Batches the stage may have built beyond those consumed: DALI prefetch (2),
+# prepare_ahead (2) and the step being built.
+AHEAD = 5
+
 
 # ------------------------------------------------------------------ ground truth
 @pytest.fixture(scope="module")
@@ -180,9 +184,9 @@ def _stage_end_to_end(catalog, train_root, *, device_id, decoder, buffer_device)
         assert Counter(epoch_fresh) == Counter(train_keys)     # each sample once per epoch
         fresh_stream += epoch_fresh
     assert fresh_stream == reference[: len(fresh_stream)]       # in the source's order
-    # the iterator has already prefetched (and the stage stored) up to 2 batches
-    # of the next epoch
-    assert epochs * n <= buffer.num_seen <= epochs * n + 2 * b
+    # the stage runs ahead of the loop: DALI's prefetch queue (2), the steps the
+    # stage prepares ahead (prepare_ahead=2) and the one it is building
+    assert epochs * n <= buffer.num_seen <= epochs * n + AHEAD * b
     assert buffer.class_counts() == {c: 4 for c in range(10)}
     _assert_stored_pairs(catalog, buffer)
 
@@ -253,7 +257,7 @@ def test_partial_epochs_deliver_every_shard_sample_once(catalog, train_files, nu
         covered = [k for d in per_epoch[:num_shards] for k in d]
         assert Counter(covered) == Counter(keys)
     delivered_total = sum(len(d) for d in per_epoch)
-    assert delivered_total <= buffer.num_seen <= delivered_total + 2 * b   # + prefetched
+    assert delivered_total <= buffer.num_seen <= delivered_total + AHEAD * b   # + ahead
 
 
 def test_fill_unpadded_gives_full_batches_and_loses_nothing(catalog, train_files):
@@ -313,7 +317,7 @@ def test_drop_drops_the_last_partial_batch(catalog, train_files):
             assert len(fresh) == b
             epoch += fresh
         assert epoch == keys[: 88]        # each epoch starts at the reader's epoch
-    assert 3 * 88 <= buffer.num_seen <= 3 * 88 + 2 * b         # + prefetched
+    assert 3 * 88 <= buffer.num_seen <= 3 * 88 + AHEAD * b     # + ahead
 
 
 # ------------------------------------------------------------------ tasks and seeds
@@ -406,8 +410,6 @@ def test_shape_change_between_tasks_raises_and_keeps_buffer(catalog, train_files
                           labels=list(train_files.labels[:40]))
     pipe = mixing_pipeline(src, buffer, 10)
     collect(pipe, ["images", "labels", "flag"], 1)
-    snap = _snapshot(buffer)
-    assert snap[0] == 10
 
     @pipeline_def(batch_size=8, num_threads=1, device_id=None, seed=1)
     def resized():
@@ -416,7 +418,9 @@ def test_shape_change_between_tasks_raises_and_keeps_buffer(catalog, train_files
         images = fn.decoders.image(jpegs, device="cpu", output_type=types.GRAY)
         return fn.resize(images, size=(20, 20)), labels
 
-    pipe = mixing_pipeline(resized(), buffer, 10)
+    pipe = mixing_pipeline(resized(), buffer, 10)    # the task-1 stage stops here
+    snap = _snapshot(buffer)
+    assert snap[0] == 10
     with pytest.raises(ValueError, match="resize"):
         pipe.build()
         pipe.run()
@@ -482,4 +486,48 @@ def test_stage_configuration_errors(mnist):
         assert buf.size == 0 and buf.num_seen == 0 and buf.spec is None
     # the same buffer still works in a well-formed pipeline afterwards
     batches = collect(mixing_pipeline(src, buffer, 11), ["images", "labels", "flag"], 1)[0]
-    assert len(batches) == -(-180 // 8) and 180 <= buffer.num_seen <= 180 + 2 * 8
+    assert len(batches) == -(-180 // 8) and 180 <= buffer.num_seen <= 180 + AHEAD * 8
+
+
+def _two_task_run(train_files, prepare_ahead):
+    """Two tasks through the same buffer, two epochs each; all batches."""
+    buffer = dr.RehearsalBuffer(capacity=24, num_representatives=5, device="cpu", seed=7)
+    half = len(train_files) // 2
+    runs = []
+    for task, part in enumerate((slice(0, half), slice(half, None))):
+        src = source_pipeline(8, task=task, files=list(train_files.files[part]),
+                              labels=list(train_files.labels[part]), random_shuffle=True)
+        pipe = mixing_pipeline(src, buffer, 13, prepare_ahead=prepare_ahead)
+        runs.append(collect(pipe, ["images", "labels", "logits", "task", "flag"], 2))
+    return runs, buffer
+
+
+def test_background_preparation_is_reproducible_and_changes_no_batch_of_a_task(train_files):
+    """Preparing steps ahead in a thread (the default) gives exactly the batches
+    of the synchronous stage within a task, and the same batches run after run
+    across a change of task (a new stage stops the old one at a fixed step)."""
+    sync, sync_buffer = _two_task_run(train_files, 0)
+    ahead, ahead_buffer = _two_task_run(train_files, 2)
+    again, _ = _two_task_run(train_files, 2)
+    for a, b in zip(_flatten([sync[0]]), _flatten([ahead[0]])):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    for b, c in zip(_flatten(ahead), _flatten(again), strict=True):
+        for key in b:
+            np.testing.assert_array_equal(b[key], c[key])
+    # task 2 replays task-1 samples
+    assert any((batch["task"][batch["flag"] == 1] == 0).any() for batch in _flatten([ahead[1]]))
+    # ahead of the loop, the old stage offered a few more task-1 samples
+    assert ahead_buffer.num_seen > sync_buffer.num_seen
+
+
+def _flatten(runs):
+    return [batch for task in runs for epoch in task for batch in epoch]
+
+
+def test_prepare_ahead_must_be_a_non_negative_integer(mnist):
+    buffer = dr.RehearsalBuffer(capacity=10, num_representatives=2, device="cpu", seed=0)
+    src = source_pipeline(8, extras=False, file_root=str(mnist[0]))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="prepare_ahead"):
+            mixing_pipeline(src, buffer, 10, prepare_ahead=bad)
