@@ -56,11 +56,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(MODES),
                    help="comma-separated subset of " + ",".join(MODES))
     p.add_argument("--epochs", type=int, default=3, help="epochs per task (every mode)")
-    p.add_argument("--batch-size", type=int, default=32, help="b: fresh samples per step")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="b: fresh samples per step, all ranks together (each rank b / N)")
     p.add_argument("--representatives", type=int, default=32,
-                   help="r: representatives replayed per step (rehearsal mode)")
+                   help="r: representatives replayed per step (rehearsal mode), all ranks "
+                        "together (each rank r / N)")
     p.add_argument("--capacity", type=int, default=800,
-                   help="rehearsal buffer capacity of each process")
+                   help="rehearsal buffer capacity, all ranks together (each rank's "
+                        "RehearsalBuffer(capacity=...) gets capacity / N)")
     p.add_argument("--policy", default="class_balanced", choices=sorted(_policies()),
                    help="rehearsal buffer insertion policy")
     p.add_argument("--per-class", type=int, default=500,
@@ -531,6 +534,12 @@ def main(argv=None) -> dict:
     (on rank 0; an empty dict on the other ranks)."""
     args = parse_args(argv)
     dist = Dist()
+    if dist.size > 1:
+        # b, r and the capacity are figures for all ranks together: each rank takes
+        # its share, so a run has the same budget (steps per task, samples per
+        # step, samples kept) at any world size.
+        for name in ("batch_size", "representatives", "capacity"):
+            setattr(args, name, -(-getattr(args, name) // dist.size))
     logging.basicConfig(level=logging.INFO if dist.rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import torch

@@ -137,7 +137,7 @@ def test_two_ranks(tmp_path, sampling):
     r = data["modes"]["rehearsal"]
     assert len(r["accuracy"]) == 5 and r["accuracy"][0] >= 0.8
     assert r["buffer"]["sampling"] == sampling
-    assert r["buffer"]["capacity_per_rank"] == 40
+    assert r["buffer"]["capacity_per_rank"] == 20      # --capacity is shared by the ranks
     # both ranks' fresh samples (5 tasks x 96 x 3 epochs) plus the representatives
     assert r["samples"] > 5 * 96 * 3
     assert (out / "accuracy.png").read_bytes().startswith(PNG_SIGNATURE)
