@@ -24,7 +24,8 @@ _BLOCK_X = 256
 _MAX_GRID_X = 1024
 _MAX_GRID_Y = 65535
 _WARP = 32
-_ROW_LOOP_MAX = 1024   # NumPy scatter: rows moved one by one up to this many
+_ROW_LOOP_MAX = 1024          # NumPy scatter: rows moved one by one up to this many,
+_ROW_LOOP_MIN_BYTES = 4096    # and only rows at least this large
 
 
 def copy_rows(src, dst, *, dst_offset=0, stream=None):
@@ -82,8 +83,9 @@ def scatter_rows(src, src_index, dst, dst_index, *, stream=None):
     if xp is np:
         _check_index_values("src_index", src_index, len(src))
         _check_index_values("dst_index", dst_index, len(dst))
-        if len(src_index) <= _ROW_LOOP_MAX:
-            # One copy per byte: fancy indexing would first build src[src_index].
+        if len(src_index) <= _ROW_LOOP_MAX and src[:1].nbytes >= _ROW_LOOP_MIN_BYTES:
+            # One copy per byte: fancy indexing would first build src[src_index];
+            # for small rows the per-row Python call costs more than that copy.
             for i, j in zip(src_index.tolist(), dst_index.tolist()):
                 dst[j] = src[i]
         else:
