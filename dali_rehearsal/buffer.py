@@ -31,7 +31,10 @@ class FieldSpec:
 
 
 def _on_device(x) -> bool:
-    return hasattr(x, "__cuda_array_interface__") or hasattr(x, "as_cpu")
+    """True for CUDA arrays and DALI GPU tensor lists; False for host data
+    (NumPy, DALI CPU tensors and tensor lists, which also have ``as_cpu``)."""
+    return hasattr(x, "__cuda_array_interface__") or (
+        hasattr(x, "as_tensor") and not hasattr(x, "as_array"))
 
 
 def _check_int(name: str, value, minimum: int) -> int:

@@ -531,3 +531,14 @@ def test_prepare_ahead_must_be_a_non_negative_integer(mnist):
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="prepare_ahead"):
             mixing_pipeline(src, buffer, 10, prepare_ahead=bad)
+
+
+def test_dali_host_outputs_are_recognised_as_host_data(mnist):
+    """Labels that DALI returns on the host are read there: on a GPU buffer a
+    device round trip would cost a synchronisation every step."""
+    from dali_rehearsal.buffer import _on_device
+    pipe = source_pipeline(4, extras=False, file_root=str(mnist[0]))
+    pipe.build()
+    images, labels = pipe.run()
+    for host in (labels, labels.as_tensor(), labels.as_array(), images.as_tensor()):
+        assert not _on_device(host)
