@@ -97,6 +97,7 @@ class Mixer:
             import cupy
             self._stream = cupy.cuda.Stream(non_blocking=True)
         self._worker: _Worker | None = None
+        self._stopped = False
         buffer._attach_stage(self)
 
     @property
@@ -111,8 +112,8 @@ class Mixer:
             # copies out of the previous batch must be done first.
             self._stream.synchronize()
         outputs = self.source.run(self._stream) if self._stream is not None else self.source.run()
-        try:
-            fields = [o.as_tensor() if hasattr(o, "as_cpu") else o.as_array() for o in outputs]
+        try:   # dense tensors, no copy: CPU ones expose the array interface, GPU ones CUDA's
+            fields = [o.as_tensor() for o in outputs]
         except RuntimeError as e:
             raise ValueError("the source pipeline's samples must have one fixed shape per output "
                              "(e.g. fn.resize(..., size=(H, W)) in the source pipeline): "
@@ -180,8 +181,6 @@ class Mixer:
         except Exception:
             self.buffer._sampler.abort()
             raise
-
-    _stopped = False
 
     def stop(self, *, drain: bool = True) -> None:
         """Stops preparing batches (the buffer moves on to a newer stage).

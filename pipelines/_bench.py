@@ -200,3 +200,14 @@ def parse_hw(text: str) -> tuple[int, int]:
     if h < 1 or w < 1:
         raise ValueError(f"sizes must be positive, got {text!r}")
     return h, w
+
+
+def endless(iterator):
+    """Batches of a DALI iterator across epochs (it has ``auto_reset=True``)."""
+    while True:
+        got = False
+        for batch in iterator:
+            got = True
+            yield batch[0]
+        if not got:
+            raise RuntimeError("the iterator delivered an empty epoch")

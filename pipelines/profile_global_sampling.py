@@ -94,15 +94,7 @@ def build(args, root, comm, rank, world, device, device_id, sampling):
     pipe.build()
     iterator = DALIGenericIterator(pipe, ["images", "labels", "flags"], auto_reset=True)
 
-    def endless():
-        while True:
-            got = False
-            for batch in iterator:
-                got = True
-                yield batch[0]
-            if not got:
-                raise RuntimeError("empty epoch")
-    gen = endless()
+    gen = _bench.endless(iterator)
     return (lambda: next(gen)), buffer
 
 

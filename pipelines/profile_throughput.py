@@ -109,17 +109,6 @@ def _pipelines(args, root, device, device_id, rank, world):
     return plain, source, mixing
 
 
-def _endless(iterator):
-    """Batches of a DALI iterator across epochs (it has ``auto_reset=True``)."""
-    while True:
-        got = False
-        for batch in iterator:
-            got = True
-            yield batch[0]
-        if not got:
-            raise RuntimeError("the iterator delivered an empty epoch")
-
-
 class TorchReplay:
     """Mammoth-style replay buffer (``utils/buffer.py``): preallocated tensors on
     the training device, reservoir sampling with a per-sample loop, uniform
@@ -186,7 +175,7 @@ def build_variants(args, root, device, device_id, rank, world, comm):
     def plain_iter():
         pipe = plain()
         pipe.build()
-        return _endless(DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
+        return _bench.endless(DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
                                             last_batch_policy=LastBatchPolicy.PARTIAL,
                                             auto_reset=True))
 
@@ -208,7 +197,7 @@ def build_variants(args, root, device, device_id, rank, world, comm):
     buffer = dr.RehearsalBuffer(**kwargs)
     mix_pipe = mixing(source(), buffer)
     mix_pipe.build()
-    it2 = _endless(DALIGenericIterator(mix_pipe, ["images", "labels", "flags"],
+    it2 = _bench.endless(DALIGenericIterator(mix_pipe, ["images", "labels", "flags"],
                                        auto_reset=True))
 
     def step_rehearsal():
