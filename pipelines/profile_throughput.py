@@ -175,9 +175,9 @@ def build_variants(args, root, device, device_id, rank, world, comm):
     def plain_iter():
         pipe = plain()
         pipe.build()
-        return _bench.endless(DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
-                                            last_batch_policy=LastBatchPolicy.PARTIAL,
-                                            auto_reset=True))
+        return _bench.endless(DALIGenericIterator(
+            pipe, ["images", "labels"], reader_name="Reader",
+            last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True))
 
     # (1) plain DALI
     it1 = plain_iter()
