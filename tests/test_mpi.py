@@ -109,3 +109,11 @@ def test_uneven_shards_end_epochs_together_without_loss(n, tmp_path, mnist):
     assert steps[0] == [-(-shortest["shard"] // 4)] * 4
     for r in results[1:]:
         assert r["fresh"] == 4 * sum(steps[0])                 # full batches every step
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("yes", True), ("0", False),
+                                             ("off", False)])
+def test_cuda_awareness_can_be_forced_either_way(monkeypatch, value, expected):
+    from dali_rehearsal.exchange import cuda_aware_mpi
+    monkeypatch.setenv("DALI_REHEARSAL_CUDA_AWARE", value)
+    assert cuda_aware_mpi() is expected
