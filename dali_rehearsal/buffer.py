@@ -213,13 +213,6 @@ class RehearsalBuffer:
                 self.capacity, [(s.shape, str(s.dtype)) for s in self._spec], self.device,
                 self.nbytes / 2**20)
 
-    def spec_from(self, fields) -> tuple[FieldSpec, ...]:
-        """Checks a batch and fixes the storage layout from it (allocating lazily)."""
-        arrays, _ = self._prepare(fields)
-        if self._spec is None:
-            self._allocate(arrays)
-        return self._spec
-
     # ------------------------------------------------------------- the step
     def _insert(self, rows, n: int, labels: np.ndarray, stream=None) -> None:
         """Offers rows ``0..n-1`` of ``rows`` (one array per field) to the policy."""

@@ -19,7 +19,6 @@ import weakref
 
 import numpy as np
 
-from ._backend import to_host
 from .buffer import RehearsalBuffer
 from .epochs import EpochPlan
 from .kernels import copy_rows
@@ -423,8 +422,3 @@ def rehearsal(source, *, buffer: RehearsalBuffer, reader_name: str | None = None
         kwargs["name"] = name
     outputs = dali_fn.external_source(**kwargs)
     return list(outputs)
-
-
-def to_numpy_batch(outputs) -> list[np.ndarray]:
-    """Host copies of a pipeline's outputs (tests and examples)."""
-    return [to_host(o) for o in outputs]
