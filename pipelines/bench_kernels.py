@@ -41,9 +41,9 @@ import time
 import numpy as np
 
 _HERE = pathlib.Path(__file__).resolve().parent
-try:
-    import dali_rehearsal  # noqa: F401
-except ImportError:
+# The library of the checkout this script belongs to comes first, even when
+# another version is installed: a stale install must not answer for this code.
+if (_HERE.parent / "dali_rehearsal" / "__init__.py").is_file():
     sys.path.insert(0, str(_HERE.parent))
 from dali_rehearsal import gpu_available  # noqa: E402
 from dali_rehearsal.kernels import copy_rows, gather_rows, scatter_rows  # noqa: E402

@@ -42,9 +42,9 @@ NUM_CLASSES = 10
 
 log = logging.getLogger("continual_mnist")
 
-try:                                   # run from a checkout without installing the package
-    import dali_rehearsal  # noqa: F401
-except ImportError:
+# The library of the checkout this script belongs to comes first, even when
+# another version is installed: a stale install must not answer for this code.
+if (pathlib.Path(__file__).resolve().parents[1] / "dali_rehearsal" / "__init__.py").is_file():
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 

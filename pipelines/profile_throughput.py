@@ -50,11 +50,11 @@ import time
 import numpy as np
 
 _HERE = pathlib.Path(__file__).resolve().parent
-try:
-    import dali_rehearsal as dr
-except ImportError:      # running from a checkout without installing
+# The library of the checkout this script belongs to comes first, even when
+# another version is installed: a stale install must not answer for this code.
+if (_HERE.parent / "dali_rehearsal" / "__init__.py").is_file():
     sys.path.insert(0, str(_HERE.parent))
-    import dali_rehearsal as dr
+import dali_rehearsal as dr  # noqa: E402
 sys.path.insert(0, str(_HERE))
 import _bench  # noqa: E402
 
