@@ -291,6 +291,60 @@ class RehearsalBuffer:
         reps.write_into(self, out, 0, stream)
         return tuple(out)
 
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything needed to resume this buffer: the stored samples (host
+        copies), the policy's bookkeeping and the random streams.
+
+        Plain Python and NumPy objects: save it with ``torch.save`` or
+        ``pickle`` next to the model. With ``comm`` each process saves its own
+        shard. Take it between tasks, when no stage is preparing batches.
+        """
+        state = {
+            "format": 1, "capacity": self.capacity,
+            "num_representatives": self.num_representatives, "policy": self.policy,
+            "label_index": self.label_index, "rank": self.rank, "world_size": self.world_size,
+            "spec": None if self._spec is None else [(f.shape, f.dtype.str) for f in self._spec],
+            "fields": None if self._storage is None else
+            [np.array(to_host(s[: self.size])) for s in self._storage],
+            "policy_state": self._policy.state_dict(),
+            "sampler_rng": self._sampler._rng.bit_generator.state,
+        }
+        if self._sampler.is_global:
+            state["exchange"] = {"seed": self._sampler._seed,
+                                 "round": self._sampler.resume_round}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a :meth:`state_dict` into this (new, empty) buffer."""
+        if self._storage is not None:
+            raise RuntimeError("load_state_dict() needs a buffer that has not stored anything")
+        if state.get("format") != 1:
+            raise ValueError("not a RehearsalBuffer state (unknown format)")
+        for key in ("capacity", "policy", "label_index", "rank", "world_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"the saved buffer has {key}={state[key]!r}, this one "
+                                 f"{getattr(self, key)!r}")
+        if self._sampler.is_global != ("exchange" in state):
+            raise ValueError("the saved buffer and this one differ in global sampling")
+        self.num_representatives = int(state["num_representatives"])
+        if state["spec"] is not None:
+            spec = tuple(FieldSpec(tuple(shape), np.dtype(dtype)) for shape, dtype in state["spec"])
+            self._spec = spec
+            self._storage = [self._backend.empty((self.capacity,) + f.shape, f.dtype)
+                             for f in spec]
+            size = int(state["policy_state"]["size"])
+            for store, saved in zip(self._storage, state["fields"]):
+                if saved.shape != (size,) + store.shape[1:]:
+                    raise ValueError("the saved samples do not match the saved layout")
+                if size:
+                    copy_rows(self._backend.asarray(saved), store)
+        self._policy.load_state_dict(state["policy_state"])
+        self._sampler._rng.bit_generator.state = state["sampler_rng"]
+        if self._sampler.is_global:
+            self._sampler._seed = int(state["exchange"]["seed"])
+            self._sampler._next_round = int(state["exchange"]["round"])
+
     def _attach_stage(self, stage) -> None:
         """A new DALI stage feeds this buffer: the previous one stops preparing
         batches, so that only one stage at a time writes into the buffer."""

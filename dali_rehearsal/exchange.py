@@ -90,6 +90,7 @@ class _Round:
     """One round: what this process says, and what comes back."""
 
     def __init__(self, size: int, active: bool, error: bool, event=None):
+        self.number = -1            # set when submitted: the same on every process
         self.size = size
         self.active = active
         self.error = error
@@ -118,7 +119,7 @@ class GlobalSampler:
             seed = int(np.random.SeedSequence().entropy % 2**63) if self.rank == 0 else None
             seed = self._comm.bcast(seed, root=0)
         self._seed = int(seed)
-        self._round_no = 0
+        self._next_round = 0        # number of the next round to open
         backend = buffer._backend
         self.staged = backend.is_gpu and not (cuda_aware_mpi() if cuda_aware is None
                                               else bool(cuda_aware))
@@ -194,6 +195,11 @@ class GlobalSampler:
             self._thread.join()
         self._comm.Free()
 
+    @property
+    def resume_round(self) -> int:
+        """The round the next step uses: the open one, else the next to open."""
+        return self._pending.number if self._pending is not None else self._next_round
+
     # ------------------------------------------------------------- threads
     def _record(self):
         if self._stream is None:
@@ -204,6 +210,7 @@ class GlobalSampler:
         return event
 
     def _submit(self, rnd: _Round) -> _Round:
+        rnd.number, self._next_round = self._next_round, self._next_round + 1
         if self._threaded:
             self._queue.put(rnd)
         else:
@@ -258,7 +265,7 @@ class GlobalSampler:
                                f"(bytes per sample: {table[:, 3].tolist()})")
         total = int(sizes.sum())
         k = min(buffer.num_representatives, total)
-        round_no, self._round_no = self._round_no, self._round_no + 1
+        round_no = rnd.number
         if k and spec is None:
             raise RuntimeError("internal: representatives requested before the first batch")
         if k == 0:

@@ -81,6 +81,13 @@ def test_same_seeds_give_the_same_batches(n, tmp_path):
     assert len(set(first)) == n      # ranks differ from each other
 
 
+def test_checkpointed_shards_resume_with_the_same_batches(tmp_path):
+    results = run(2, "checkpoint", tmp_path)
+    for r in results:
+        assert r["digests"][0] == r["digests"][1]
+    assert results[0]["digests"][0] != results[1]["digests"][0]
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_a_failing_rank_stops_every_rank(n, tmp_path):
     results = run(n, "failure", tmp_path, timeout=120)

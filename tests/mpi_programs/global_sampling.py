@@ -91,6 +91,29 @@ def reproducible(out_dir):
     return {"digest": digest.hexdigest()}
 
 
+def checkpoint(out_dir):
+    """Each rank saves its shard mid-stream; new buffers that load the states
+    continue with exactly the batches the original buffers deliver."""
+    import pickle
+    kwargs = dict(capacity=25, num_representatives=4, device="cpu", seed=8, comm=comm)
+    original = dr.RehearsalBuffer(**kwargs)
+    for step in range(20):
+        original.mix(*ident_batch(step, rank + 2)[:2])
+    state = pickle.dumps(original.state_dict())
+    digests = []
+    for buf in (original, None):
+        if buf is None:
+            buf = dr.RehearsalBuffer(**kwargs)
+            buf.load_state_dict(pickle.loads(state))
+        digest = hashlib.sha256()
+        for step in range(20, 35):
+            for a in buf.mix(*ident_batch(step, rank + 2)[:2]):
+                digest.update(np.ascontiguousarray(a).tobytes())
+        digests.append(digest.hexdigest())
+        buf.close()
+    return {"digests": digests}
+
+
 def failure(out_dir):
     """Rank 1 feeds a bad batch at step 5: every rank must raise, none may hang."""
     buf = dr.RehearsalBuffer(capacity=30, num_representatives=4, device="cpu", seed=5,
@@ -166,7 +189,8 @@ def uneven(out_dir):
             "wrong_labels": int(wrong), "remote_representatives": remote}
 
 
-SCENARIOS = {f.__name__: f for f in (pairing, uniform, reproducible, failure, uneven)}
+SCENARIOS = {f.__name__: f for f in (pairing, uniform, reproducible, failure, uneven,
+                                     checkpoint)}
 
 if __name__ == "__main__":
     scenario, out_dir = sys.argv[1], sys.argv[2]
