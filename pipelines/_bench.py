@@ -211,3 +211,21 @@ def endless(iterator):
             yield batch[0]
         if not got:
             raise RuntimeError("the iterator delivered an empty epoch")
+
+
+def ranks(comm) -> tuple[int, int, int, int]:
+    """``(rank, world, local_rank, local_size)`` under mpiexec (MPICH or Open
+    MPI environment variables) or in a plain run (``comm`` None)."""
+    rank = comm.Get_rank() if comm is not None else 0
+    world = comm.Get_size() if comm is not None else 1
+    local_size = int(os.environ.get("MPI_LOCALNRANKS", os.environ.get(
+        "OMPI_COMM_WORLD_LOCAL_SIZE", world)))
+    local_rank = int(os.environ.get("MPI_LOCALRANKID", os.environ.get(
+        "OMPI_COMM_WORLD_LOCAL_RANK", rank)))
+    return rank, world, local_rank, local_size
+
+
+def threads_per_rank(local_size: int) -> int:
+    """DALI threads per pipeline: this machine's CPUs shared by the local ranks."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // max(local_size, 1))

@@ -137,21 +137,15 @@ def make_compute(args, device):
 def run_once(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     comm = _bench.mpi_world()
-    rank = comm.Get_rank() if comm is not None else 0
-    world = comm.Get_size() if comm is not None else 1
+    rank, world, local_rank, local_size = _bench.ranks(comm)
     if comm is not None:
         from mpi4py import MPI
         if MPI.Query_thread() != MPI.THREAD_MULTIPLE and rank == 0:
             print("warning: MPI is not MPI_THREAD_MULTIPLE: the exchange cannot overlap",
                   file=sys.stderr)
     bench_comm = comm.Dup() if comm is not None else None
-    local_size = int(os.environ.get("MPI_LOCALNRANKS", os.environ.get(
-        "OMPI_COMM_WORLD_LOCAL_SIZE", world)))
-    local_rank = int(os.environ.get("MPI_LOCALRANKID", os.environ.get(
-        "OMPI_COMM_WORLD_LOCAL_RANK", rank)))
     if args.num_threads is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        args.num_threads = max(1, cpus // max(local_size, 1))
+        args.num_threads = _bench.threads_per_rank(local_size)
     device = args.device
     if device == "auto":
         device = "gpu" if dr.gpu_available() else "cpu"

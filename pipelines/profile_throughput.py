@@ -370,16 +370,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     comm = _bench.mpi_world()
-    rank = comm.Get_rank() if comm is not None else 0
-    world = comm.Get_size() if comm is not None else 1
+    rank, world, local_rank, local_size = _bench.ranks(comm)
     bench_comm = comm.Dup() if comm is not None else None   # barriers, gathers
-    local_size = int(os.environ.get("MPI_LOCALNRANKS", os.environ.get(
-        "OMPI_COMM_WORLD_LOCAL_SIZE", world)))
-    local_rank = int(os.environ.get("MPI_LOCALRANKID", os.environ.get(
-        "OMPI_COMM_WORLD_LOCAL_RANK", rank)))
     if args.num_threads is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        args.num_threads = max(1, cpus // max(local_size, 1))
+        args.num_threads = _bench.threads_per_rank(local_size)
     device = resolve_device(args.device)
     device_id = None
     if device == "gpu":
