@@ -229,3 +229,30 @@ def threads_per_rank(local_size: int) -> int:
     """DALI threads per pipeline: this machine's CPUs shared by the local ranks."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cpus or 1) // max(local_size, 1))
+
+
+def select_gpu(local_rank: int) -> int:
+    """Binds this rank to GPU ``local_rank % count`` (CuPy and, if present,
+    PyTorch); returns the device id."""
+    import cupy
+    device_id = local_rank % cupy.cuda.runtime.getDeviceCount()
+    cupy.cuda.Device(device_id).use()
+    try:
+        import torch
+        torch.cuda.set_device(device_id)
+    except ImportError:
+        pass
+    return device_id
+
+
+def photo_root(args, rank: int, bench_comm):
+    """The benchmark's JPEG folder: ``--data-root``, or the cached photo set,
+    generated once by rank 0 while the others wait."""
+    if args.data_root:
+        return pathlib.Path(args.data_root)
+    from dali_rehearsal.datasets import photo_jpegs
+    if rank == 0:
+        photo_jpegs(count=args.images, size=args.jpeg_hw)
+    if bench_comm is not None:
+        bench_comm.Barrier()
+    return photo_jpegs(count=args.images, size=args.jpeg_hw)

@@ -149,27 +149,11 @@ def run_once(args) -> int:
     device = args.device
     if device == "auto":
         device = "gpu" if dr.gpu_available() else "cpu"
-    device_id = None
-    if device == "gpu":
-        import cupy
-        device_id = local_rank % cupy.cuda.runtime.getDeviceCount()
-        cupy.cuda.Device(device_id).use()
-        try:
-            import torch
-            torch.cuda.set_device(device_id)
-        except Exception:
-            pass
+    device_id = _bench.select_gpu(local_rank) if device == "gpu" else None
     if args.capacity is None:
         args.capacity = max(args.representatives, 1, int(round(0.3 * args.images / world)))
 
-    if args.data_root:
-        root = pathlib.Path(args.data_root)
-    else:
-        if rank == 0:
-            dr.datasets.photo_jpegs(count=args.images, size=args.jpeg_hw)
-        if bench_comm is not None:
-            bench_comm.Barrier()
-        root = dr.datasets.photo_jpegs(count=args.images, size=args.jpeg_hw)
+    root = _bench.photo_root(args, rank, bench_comm)
 
     variants = {}
     for sampling in VARIANTS:

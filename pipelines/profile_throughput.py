@@ -375,24 +375,11 @@ def main(argv=None) -> int:
     if args.num_threads is None:
         args.num_threads = _bench.threads_per_rank(local_size)
     device = resolve_device(args.device)
-    device_id = None
-    if device == "gpu":
-        import cupy
-        import torch
-        device_id = local_rank % cupy.cuda.runtime.getDeviceCount()
-        cupy.cuda.Device(device_id).use()
-        torch.cuda.set_device(device_id)
+    device_id = _bench.select_gpu(local_rank) if device == "gpu" else None
     if args.capacity is None:
         args.capacity = max(args.representatives, 1, int(round(0.3 * args.images / world)))
 
-    if args.data_root:
-        root = pathlib.Path(args.data_root)
-    else:
-        if rank == 0:
-            root = dr.datasets.photo_jpegs(count=args.images, size=args.jpeg_hw)
-        if bench_comm is not None:
-            bench_comm.Barrier()
-        root = dr.datasets.photo_jpegs(count=args.images, size=args.jpeg_hw)
+    root = _bench.photo_root(args, rank, bench_comm)
     json_path, png_path = _bench.out_paths(args.out)
 
     from tqdm import tqdm
