@@ -11,7 +11,8 @@ import logging as _logging
 
 from . import datasets, fn, streams
 from ._backend import gpu_available
-from .buffer import FieldSpec, RehearsalBuffer
+from .buffer import RehearsalBuffer
+from .storage import FieldSpec
 from .policies import POLICIES
 from .stage import LastBatchPolicy
 from .streams import ClassIncremental, LabelledFiles, Task

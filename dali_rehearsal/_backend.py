@@ -1,11 +1,27 @@
 """Array backends: NumPy on the host, CuPy on the GPU.
 
-Everything the buffer touches goes through :class:`Backend`, so the same code
-path serves both devices. CuPy is imported only when the GPU backend is used.
+:class:`Backend` is the library's one gateway to CuPy: arrays, streams,
+events, pinned host memory and device-to-host copies all go through it (the
+kernels in :mod:`dali_rehearsal.kernels` are the only other place that
+launches device work). CuPy is imported only when the GPU backend is used.
+
+Ordering rules every caller relies on (the CUDA execution model):
+
+- device work is queued on a stream and runs later, in stream order;
+- work on two streams is unordered unless an event orders it
+  (:meth:`Backend.record_event` on the producer, :meth:`Backend.wait_event` on
+  the consumer) or the host waits (:meth:`Backend.synchronize`);
+- a host read of device memory (:meth:`Backend.to_host`) is ordered after
+  the work queued on the stream it is given, and on nothing else.
+
+Every method that queues work takes the stream explicitly; ``None`` means
+the thread's current CuPy stream, which code on a stage or exchange stream
+must never rely on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -27,11 +43,26 @@ def _cuda_interface(x):
     return getattr(x, "__cuda_array_interface__", None)
 
 
+def is_dali_gpu(x) -> bool:
+    """True for DALI GPU tensors and tensor lists (they have ``as_cpu`` but,
+    unlike host ones, no ``as_array``)."""
+    return hasattr(x, "as_cpu") and hasattr(x, "as_tensor") and not hasattr(x, "as_array")
+
+
+def on_device(x) -> bool:
+    """True for CUDA arrays and DALI GPU tensor lists; False for host data."""
+    return _cuda_interface(x) is not None or is_dali_gpu(x)
+
+
 def to_host(x) -> np.ndarray:
-    """A NumPy view or copy of ``x`` (NumPy, CuPy, DALI TensorList, torch...)."""
+    """A NumPy view or copy of ``x`` (NumPy, CuPy, DALI TensorList, torch...).
+
+    For device data this synchronises the current stream; library code uses
+    :meth:`Backend.to_host` with an explicit stream instead.
+    """
     if isinstance(x, np.ndarray):
         return x
-    if hasattr(x, "as_cpu") and hasattr(x, "as_tensor"):      # DALI TensorListGPU
+    if is_dali_gpu(x):
         x = x.as_cpu()
     if hasattr(x, "as_array"):                                # DALI TensorListCPU
         return x.as_array()
@@ -44,7 +75,11 @@ def to_host(x) -> np.ndarray:
 
 
 class Backend:
-    """Array module plus the few operations that differ between devices."""
+    """Array module plus the few operations that differ between devices.
+
+    On the CPU every stream and event argument is ignored and every method is
+    synchronous.
+    """
 
     def __init__(self, device: str, device_id: int | None = None):
         self.device = device
@@ -60,37 +95,114 @@ class Backend:
     def is_gpu(self) -> bool:
         return self.device == "gpu"
 
+    # ----------------------------------------------------------------- arrays
     def asarray(self, x, stream=None):
-        """``x`` as a C-contiguous array of this backend, without a copy when possible."""
+        """``x`` as a C-contiguous array of this backend, without a copy when
+        possible. A host-to-device copy is queued on ``stream``."""
         if not self.is_gpu:
             return np.ascontiguousarray(to_host(x))
         cp = self.xp
-        if hasattr(x, "as_tensor") and hasattr(x, "as_cpu"):  # DALI TensorListGPU
+        if is_dali_gpu(x):
             x = x.as_tensor()
         elif hasattr(x, "as_array"):                          # DALI TensorListCPU
             x = x.as_array()
-        with self.stream_context(stream):
+        with self.device_context(), self.stream_context(stream):
             return cp.ascontiguousarray(cp.asarray(x))
 
     def empty(self, shape, dtype):
-        return self.xp.empty(shape, dtype=dtype)
+        """Uninitialised storage on this backend's device."""
+        if not self.is_gpu:
+            return np.empty(shape, dtype=dtype)
+        with self.device_context():
+            return self.xp.empty(shape, dtype=dtype)
+
+    def empty_pinned(self, shape, dtype) -> np.ndarray:
+        """Page-locked host memory (plain NumPy on the CPU backend)."""
+        if not self.is_gpu:
+            return np.empty(shape, dtype=dtype)
+        import cupyx
+        n = int(np.prod(shape, dtype=np.int64))
+        return cupyx.empty_pinned(max(n, 1), dtype=dtype)[:n].reshape(shape)
+
+    def to_host(self, x, stream=None, *, out=None) -> np.ndarray:
+        """A host copy of device array ``x`` (NumPy input is returned as is),
+        ordered after the work queued on ``stream``; blocks until it is done."""
+        if not self.is_gpu or isinstance(x, np.ndarray):
+            host = to_host(x)
+            if out is None:
+                return host
+            out[...] = host
+            return out
+        with self.device_context():
+            s = self.current_stream() if stream is None else stream
+            host = self.xp.asnumpy(x, stream=s, out=out)
+            s.synchronize()
+            return host
+
+    def from_host(self, dst, host, stream=None) -> None:
+        """Copies host array ``host`` into the device array ``dst`` (same
+        shape), queued on ``stream``: no device-side temporary."""
+        if not self.is_gpu:
+            dst[...] = host
+            return
+        with self.device_context():
+            dst.set(np.ascontiguousarray(host), stream=self.current_stream() if stream is None
+                    else stream)
+
+    # ---------------------------------------------------------------- streams
+    def new_stream(self):
+        """A non-blocking stream on this backend's device (None on the CPU)."""
+        if not self.is_gpu:
+            return None
+        with self.device_context():
+            return self.xp.cuda.Stream(non_blocking=True)
+
+    def current_stream(self):
+        return self.xp.cuda.get_current_stream() if self.is_gpu else None
 
     def stream_context(self, stream):
+        """Makes ``stream`` current (nothing on the CPU or for ``None``)."""
         if self.is_gpu and stream is not None:
             return stream
-        return _NullContext()
+        return contextlib.nullcontext()
+
+    def device_context(self):
+        """Makes this backend's device current in the calling thread."""
+        if self.is_gpu:
+            return self.xp.cuda.Device(self.device_id)
+        return contextlib.nullcontext()
+
+    def use_device(self) -> None:
+        """Makes this backend's device the calling thread's current one (for
+        worker threads, which start on device 0)."""
+        if self.is_gpu:
+            self.xp.cuda.Device(self.device_id).use()
+
+    def record_event(self, stream):
+        """An event recorded on ``stream`` (None on the CPU): work queued
+        later on another stream can wait for everything queued so far."""
+        if not self.is_gpu:
+            return None
+        with self.device_context():
+            event = self.xp.cuda.Event(disable_timing=True)
+            event.record(self.current_stream() if stream is None else stream)
+            return event
+
+    def wait_event(self, stream, event) -> None:
+        """Work queued on ``stream`` from now on waits for ``event``."""
+        if self.is_gpu and event is not None:
+            (self.current_stream() if stream is None else stream).wait_event(event)
 
     def synchronize(self, stream=None) -> None:
+        """Blocks the host until the work queued on ``stream`` is done."""
         if self.is_gpu:
-            (stream or self.xp.cuda.get_current_stream()).synchronize()
+            (self.current_stream() if stream is None else stream).synchronize()
 
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    def stream_device(self, stream) -> int | None:
+        """The device a CuPy stream belongs to (None on the CPU)."""
+        if not self.is_gpu or stream is None:
+            return self.device_id
+        return int(stream.device_id) if hasattr(stream, "device_id") else self.device_id
 
 
 def get_backend(device: str | None) -> Backend:

@@ -3,38 +3,22 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import weakref
-from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import Backend, get_backend, to_host
-from .kernels import copy_rows, scatter_rows
+from ._backend import Backend, get_backend, on_device, to_host
 from .policies import make_policy
-from .sampling import LocalSampler, Representatives
+from .sampling import Representatives, make_sampler, world_of
+from .storage import FieldSpec, SampleStore, spec_of
 
 __all__ = ["RehearsalBuffer", "FieldSpec"]
 
 log = logging.getLogger("dali_rehearsal")
 
-
-@dataclass(frozen=True)
-class FieldSpec:
-    """Shape and dtype of one per-sample field (image, label, logits, ...)."""
-
-    shape: tuple
-    dtype: np.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-
-def _on_device(x) -> bool:
-    """True for CUDA arrays and DALI GPU tensor lists; False for host data
-    (NumPy, DALI CPU tensors and tensor lists, which also have ``as_cpu``)."""
-    return hasattr(x, "__cuda_array_interface__") or (
-        hasattr(x, "as_tensor") and not hasattr(x, "as_array"))
+#: dtype kinds a stored field may have: bool, integers, floats, complex.
+_STORABLE_KINDS = "biufc"
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -43,6 +27,16 @@ def _check_int(name: str, value, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def _check_seed(seed) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be None or a non-negative integer, got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be None or a non-negative integer, got {seed}")
+    return int(seed)
 
 
 class RehearsalBuffer:
@@ -65,17 +59,18 @@ class RehearsalBuffer:
             ``None`` for the GPU when one is visible, else the CPU.
         label_index: which of the per-sample fields is the class label
             (default 1: ``(image, label, *extras)``).
-        seed: seed of the insertion and sampling random streams; same seed and
-            data give the same batches. With ``comm`` each process derives its
-            own streams from ``(seed, rank)``.
-        comm: an ``mpi4py`` communicator for global sampling across processes
-            (see :mod:`dali_rehearsal.exchange`); ``None`` or a communicator of
+        seed: seed of the insertion and sampling random streams (a
+            non-negative integer); same seed and data give the same batches.
+            With ``comm`` each process derives its own streams from
+            ``(seed, rank)``.
+        comm: a communicator for global sampling across processes (see
+            :mod:`dali_rehearsal.exchange`); ``None`` or a communicator of
             size 1 is the single-process buffer.
         sampling: ``"global"`` (default: representatives drawn from the union of
             all processes' shards) or ``"local"`` (from this process's shard only).
-        cuda_aware: with ``comm`` and ``device="gpu"``: pass device buffers to MPI
-            (``True``), stage them through pinned host memory (``False``) or
-            detect what the MPI library supports (``None``, default).
+        cuda_aware: with ``comm`` and ``device="gpu"``: pass device buffers to the
+            transport (``True``), stage them through pinned host memory
+            (``False``) or detect what the library supports (``None``, default).
     """
 
     def __init__(self, *, capacity: int, num_representatives: int,
@@ -85,36 +80,52 @@ class RehearsalBuffer:
         self.capacity = _check_int("capacity", capacity, 1)
         self.num_representatives = _check_int("num_representatives", num_representatives, 0)
         self.label_index = _check_int("label_index", label_index, 0)
+        self.seed = _check_seed(seed)
         if sampling not in ("global", "local"):
             raise ValueError(f"sampling must be 'global' or 'local', got {sampling!r}")
         self._backend: Backend = get_backend(device)
-        self.seed = seed
+        self.store = SampleStore(self._backend, self.capacity)
         self.comm = comm
-        self.rank = comm.Get_rank() if comm is not None else 0
-        self.world_size = comm.Get_size() if comm is not None else 1
-        entropy = [] if seed is None else [int(seed)]
+        rank, world_size = world_of(comm)
+        reachable = self.capacity * (world_size if sampling == "global" else 1)
+        if self.num_representatives > reachable:
+            raise ValueError(
+                f"num_representatives={self.num_representatives} is more than the buffer can "
+                f"ever hold ({reachable} samples: capacity={self.capacity}"
+                + (f" x {world_size} processes" if reachable != self.capacity else "")
+                + "); every batch would stay short of b + r")
+        entropy = [] if self.seed is None else [self.seed]
         policy_seq, sample_seq = np.random.SeedSequence(
-            entropy or None, spawn_key=(self.rank,)).spawn(2)
+            entropy or None, spawn_key=(rank,)).spawn(2)
         self._policy = make_policy(policy, self.capacity, np.random.default_rng(policy_seq))
-        sample_rng = np.random.default_rng(sample_seq)
         self.sampling = sampling
-        if comm is not None and self.world_size > 1 and sampling == "global":
-            from .exchange import GlobalSampler
-            self._sampler = GlobalSampler(self, comm, sample_rng, seed=seed,
-                                          cuda_aware=cuda_aware)
-        else:
-            self._sampler = LocalSampler(self, sample_rng)
-        self._spec: tuple[FieldSpec, ...] | None = None
-        self._storage: list | None = None
-        self._stage = None      # weak reference to the DALI stage feeding this buffer
+        self._sampler = make_sampler(self, comm=comm, sampling=sampling, seed=self.seed,
+                                     rng=np.random.default_rng(sample_seq),
+                                     cuda_aware=cuda_aware)
+        self.rank = self._sampler.rank
+        self.world_size = self._sampler.world_size
+        self._stage = None          # weak reference to the DALI stage feeding this buffer
+        # The last write into the store: (stream, event). Host reads and work on
+        # other streams are ordered after it.
+        self._last_write = (None, None)
         #: ``(rank, slot)`` of each representative of the last step, in output order.
         self.last_origin = np.empty((0, 2), dtype=np.int64)
 
     # ----------------------------------------------------------------- state
     @property
-    def _log_level(self) -> int:
+    def log_level(self) -> int:
         """INFO on rank 0, DEBUG elsewhere: logs stay quiet except on rank 0."""
         return logging.INFO if self.rank == 0 else logging.DEBUG
+
+    @property
+    def backend(self) -> Backend:
+        """The array backend (NumPy or CuPy) the storage lives on."""
+        return self._backend
+
+    @property
+    def sampler(self):
+        """Where representatives come from (:mod:`dali_rehearsal.sampling`)."""
+        return self._sampler
 
     @property
     def device(self) -> str:
@@ -137,12 +148,12 @@ class RehearsalBuffer:
     @property
     def spec(self) -> tuple[FieldSpec, ...] | None:
         """Per-field shape and dtype, fixed by the first batch (None before it)."""
-        return self._spec
+        return self.store.spec
 
     @property
     def nbytes(self) -> int:
         """Bytes of sample storage allocated (0 before the first batch)."""
-        return 0 if self._spec is None else self.capacity * sum(f.nbytes for f in self._spec)
+        return self.store.nbytes
 
     def class_counts(self) -> dict[int, int]:
         """Samples stored per class in this process's shard."""
@@ -156,25 +167,50 @@ class RehearsalBuffer:
         """The stored samples (arrays of this buffer's backend), slot by slot.
 
         Returns one field when ``field`` is given, else a tuple of all fields.
+        On the GPU the device work that wrote them is complete on return, so
+        the views can be read on any stream.
         """
-        if self._storage is None:
+        if not self.store.allocated:
             raise RuntimeError("the buffer is empty: nothing has been inserted yet")
-        views = tuple(s[: self.size] for s in self._storage)
+        self.wait_for_writes()
+        views = tuple(s[: self.size] for s in self.store.fields)
         return views if field is None else views[field]
 
+    # -------------------------------------------------------------- ordering
+    def wait_for_writes(self, stream=None) -> None:
+        """Orders later work after every write queued into the store so far:
+        work on ``stream`` when one is given, the host otherwise."""
+        last_stream, event = self._last_write
+        if event is None:
+            return
+        if stream is None:
+            event.synchronize()
+        elif stream is not last_stream:
+            self._backend.wait_event(stream, event)
+
+    def _wrote(self, stream) -> None:
+        """Remembers that the store was written on ``stream`` (the GPU only)."""
+        if self._backend.is_gpu:
+            self._last_write = (stream, self._backend.record_event(stream))
+
     # ------------------------------------------------------------ validation
-    def _prepare(self, fields, stream=None) -> tuple[list, np.ndarray]:
-        """Converts and checks a batch; raises before anything changes."""
+    def check_batch(self, fields, stream=None) -> tuple[list, np.ndarray]:
+        """Converts and checks a batch, one array per field, batch first.
+
+        Returns the arrays (on this buffer's device, uploaded on ``stream``)
+        and the labels as a host int64 array. Raises before anything changes.
+        """
         if len(fields) < 2:
             raise ValueError("a batch needs at least two fields: the samples and their labels")
         if self.label_index >= len(fields):
             raise ValueError(f"label_index={self.label_index} but the batch has only "
                              f"{len(fields)} fields")
-        if self._spec is not None and len(fields) != len(self._spec):
-            raise ValueError(f"the buffer holds {len(self._spec)} fields per sample, "
+        spec = self.store.spec
+        if spec is not None and len(fields) != len(spec):
+            raise ValueError(f"the buffer holds {len(spec)} fields per sample, "
                              f"this batch has {len(fields)}")
         label_field = fields[self.label_index]
-        host_labels = None if _on_device(label_field) else to_host(label_field)
+        host_labels = None if on_device(label_field) else to_host(label_field)
         arrays = [self._backend.asarray(f, stream) for f in fields]
         sizes = {a.shape[0] if a.ndim else None for a in arrays}
         if len(sizes) != 1 or None in sizes:
@@ -183,14 +219,10 @@ class RehearsalBuffer:
         (b,) = sizes
         if b == 0:
             raise ValueError("empty batch")
-        if self._spec is not None:
-            for i, (a, spec) in enumerate(zip(arrays, self._spec)):
-                if a.shape[1:] != spec.shape or a.dtype != spec.dtype:
-                    raise ValueError(
-                        f"field {i}: samples of shape {a.shape[1:]} and dtype {a.dtype} do not "
-                        f"match the buffer ({spec.shape}, {spec.dtype}), fixed by the first "
-                        "batch. Samples must have one fixed shape and dtype: resize (and cast) "
-                        "them in the source pipeline")
+        for i, a in enumerate(arrays):
+            if np.dtype(a.dtype).kind not in _STORABLE_KINDS:
+                raise TypeError(f"field {i} has dtype {a.dtype}; stored fields must be numeric "
+                                "(bool, integer, float or complex)")
         labels = arrays[self.label_index]
         if labels.dtype.kind not in "iu":
             raise TypeError(f"labels (field {self.label_index}) must be integers, "
@@ -198,51 +230,68 @@ class RehearsalBuffer:
         if labels.size != b:
             raise ValueError(f"labels (field {self.label_index}) must hold one value per sample, "
                              f"got shape {labels.shape}")
+        if spec is not None:
+            for i, (a, s) in enumerate(zip(arrays, spec)):
+                if a.shape[1:] != s.shape or a.dtype != s.dtype:
+                    raise ValueError(
+                        f"field {i}: samples of shape {a.shape[1:]} and dtype {a.dtype} do not "
+                        f"match the buffer ({s.shape}, {s.dtype}), fixed by the first "
+                        "batch. Samples must have one fixed shape and dtype: resize (and cast) "
+                        "them in the source pipeline")
         if host_labels is None:
-            host_labels = to_host(labels)
-        host_labels = host_labels.reshape(b).astype(np.int64)
+            host_labels = self._backend.to_host(labels, stream)
+        host_labels = np.asarray(host_labels).reshape(b)
+        if host_labels.dtype == np.uint64 and (host_labels > np.iinfo(np.int64).max).any():
+            big = host_labels[host_labels > np.iinfo(np.int64).max][:5]
+            raise ValueError(f"labels must be < 2**63, got {big.tolist()}")
+        host_labels = host_labels.astype(np.int64)
         if (host_labels < 0).any():
-            raise ValueError(f"labels must be non-negative, got {host_labels[host_labels < 0][:5]}")
+            raise ValueError("labels must be non-negative, got "
+                             f"{host_labels[host_labels < 0][:5].tolist()}")
         return arrays, host_labels
 
-    def _allocate(self, arrays) -> None:
-        self._spec = tuple(FieldSpec(tuple(a.shape[1:]), np.dtype(a.dtype)) for a in arrays)
-        self._storage = [self._backend.empty((self.capacity,) + s.shape, s.dtype)
-                         for s in self._spec]
-        log.log(self._log_level, "rehearsal buffer: %d samples x %s on %s (%.1f MiB)",
-                self.capacity, [(s.shape, str(s.dtype)) for s in self._spec], self.device,
+    def ensure_storage(self, arrays) -> None:
+        """Allocates the storage from the first batch's layout."""
+        if self.store.allocated:
+            return
+        self.store.allocate(spec_of(arrays))
+        log.log(self.log_level, "rehearsal buffer: %d samples x %s on %s (%.1f MiB)",
+                self.capacity, [f.describe() for f in self.spec], self.device,
                 self.nbytes / 2**20)
 
-    # ------------------------------------------------------------- the step
-    def _insert(self, rows, n: int, labels: np.ndarray, stream=None) -> None:
-        """Offers rows ``0..n-1`` of ``rows`` (one array per field) to the policy."""
-        batch_index, slots = self._policy.offer(labels[:n])
-        if len(slots) == 0:
-            return
-        src_index = self._backend.asarray(batch_index, stream)
-        dst_index = self._backend.asarray(slots, stream)
-        for src, dst in zip(rows, self._storage):
-            scatter_rows(src, src_index, dst, dst_index, stream=stream)
-
-    def _next_representatives(self, *, active: bool = True) -> Representatives | None:
+    # -------------------------------------------------------------- the step
+    # The interface a stage uses (dali_rehearsal.stage): check_batch,
+    # ensure_storage, begin_step, end_step, fail_step and attach_stage.
+    def begin_step(self, *, active: bool = True) -> Representatives | None:
+        """The representatives of the next step (None: the epoch ends here on
+        every process). ``active`` says whether this process has a step."""
         if not self._sampler.started:
-            self._sampler.start(active=active)
+            self._sampler.start(active=active, event=self._last_write[1])
         return self._sampler.finish()
 
-    def _compose(self, out, fresh_count: int, labels: np.ndarray, reps: Representatives,
-                 stream=None, *, next_active: bool = True) -> int:
-        """Writes ``reps`` after the ``fresh_count`` fresh rows already in ``out``,
-        inserts the fresh rows and, for global sampling, opens the next step's
-        round at once so that it overlaps with training; returns the row count.
+    def end_step(self, out, fresh_count: int, labels: np.ndarray, reps: Representatives,
+                 *, stream=None, next_active: bool = True) -> int:
+        """Writes ``reps`` after the ``fresh_count`` fresh rows already in
+        ``out``, inserts the fresh rows and, for global sampling, opens the next
+        step's round at once so that it overlaps with training. Every device
+        operation is queued on ``stream``. Returns the row count.
 
         ``next_active`` says whether this process has a next step in its epoch.
         """
-        reps.write_into(self, out, fresh_count, stream)
+        self.wait_for_writes(stream)
+        reps.write_into(self.store, out, fresh_count, stream)
         self.last_origin = reps.origin
-        self._insert(out, fresh_count, labels, stream)
+        batch_index, slots = self._policy.offer(labels[:fresh_count])
+        self.store.scatter(out, batch_index, slots, stream)
+        self._wrote(stream)
         if self._sampler.is_global:
-            self._sampler.start(active=next_active)
+            self._sampler.start(active=next_active, event=self._last_write[1])
         return fresh_count + reps.count
+
+    def fail_step(self) -> None:
+        """A step failed on this process: other processes raise instead of
+        waiting for it."""
+        self._sampler.abort()
 
     def mix(self, *fields, stream=None):
         """Returns the batch's ``b`` fresh samples followed by up to ``r``
@@ -251,44 +300,50 @@ class RehearsalBuffer:
         ``fields`` are arrays with the batch on the first axis (NumPy, CuPy, or
         anything exposing the array interfaces): ``mix(images, labels, *extras)``.
         The result is on the buffer's device. While the buffer holds fewer than
-        ``r`` samples the result has fewer than ``b + r`` rows.
+        ``r`` samples the result has fewer than ``b + r`` rows. On the GPU every
+        operation is queued on ``stream`` (default: the current stream).
         With ``comm`` and global sampling this is a collective call: every
         process must call it once per step.
         """
+        if stream is None and self._backend.is_gpu:
+            stream = self._backend.current_stream()
         try:
-            arrays, labels = self._prepare(fields, stream)
+            arrays, labels = self.check_batch(fields, stream)
+            self.ensure_storage(arrays)
+            b = arrays[0].shape[0]
+            reps = self.begin_step()
         except Exception:
-            self._sampler.abort()     # other processes raise instead of waiting for this one
+            self.fail_step()     # other processes raise instead of waiting for this one
             raise
-        if self._spec is None:
-            self._allocate(arrays)
-        b = arrays[0].shape[0]
-        reps = self._next_representatives()
-        out = [self._backend.empty((b + reps.count,) + s.shape, s.dtype) for s in self._spec]
-        for src, dst in zip(arrays, out):
-            copy_rows(src, dst, stream=stream)
-        self._compose(out, b, labels, reps, stream)
+        out = self.store.empty_rows(b + reps.count)
+        self.store.copy(arrays, out, 0, stream)
+        self.end_step(out, b, labels, reps, stream=stream)
         return tuple(out)
 
     def add(self, *fields, stream=None) -> None:
         """Offers a batch to the buffer without drawing representatives."""
-        arrays, labels = self._prepare(fields, stream)
-        if self._spec is None:
-            self._allocate(arrays)
-        self._insert(arrays, arrays[0].shape[0], labels, stream)
+        if stream is None and self._backend.is_gpu:
+            stream = self._backend.current_stream()
+        arrays, labels = self.check_batch(fields, stream)
+        self.ensure_storage(arrays)
+        self.wait_for_writes(stream)
+        batch_index, slots = self._policy.offer(labels)
+        self.store.scatter(arrays, batch_index, slots, stream)
+        self._wrote(stream)
 
     def sample(self, num: int | None = None, *, stream=None):
         """Draws ``num`` (default ``r``) stored samples uniformly without
         replacement from this process's shard; one array per field."""
-        if self._storage is None:
+        if not self.store.allocated:
             raise RuntimeError("the buffer is empty: nothing has been inserted yet")
         k = self.num_representatives if num is None else _check_int("num", num, 0)
         k = min(k, self.size)
-        rng = self._sampler._rng
-        slots = np.sort(rng.choice(self.size, size=k, replace=False)).astype(np.int64)
-        reps = Representatives(k, slots=slots)
-        out = [self._backend.empty((k,) + s.shape, s.dtype) for s in self._spec]
-        reps.write_into(self, out, 0, stream)
+        if stream is None and self._backend.is_gpu:
+            stream = self._backend.current_stream()
+        slots = np.sort(self._sampler.rng.choice(self.size, size=k, replace=False))
+        out = self.store.empty_rows(k)
+        self.wait_for_writes(stream)
+        self.store.gather(slots.astype(np.int64), out, 0, stream)
         return tuple(out)
 
     # ------------------------------------------------------------ checkpoints
@@ -296,28 +351,23 @@ class RehearsalBuffer:
         """Everything needed to resume this buffer: the stored samples (host
         copies), the policy's bookkeeping and the random streams.
 
-        Plain Python and NumPy objects: save it with ``torch.save`` or
-        ``pickle`` next to the model. With ``comm`` each process saves its own
-        shard. Take it between tasks, when no stage is preparing batches.
+        Take it between tasks, when no stage is preparing batches.
         """
+        self.wait_for_writes()
         state = {
             "format": 1, "capacity": self.capacity,
             "num_representatives": self.num_representatives, "policy": self.policy,
             "label_index": self.label_index, "rank": self.rank, "world_size": self.world_size,
-            "spec": None if self._spec is None else [(f.shape, f.dtype.str) for f in self._spec],
-            "fields": None if self._storage is None else
-            [np.array(to_host(s[: self.size])) for s in self._storage],
+            "spec": None if self.spec is None else [(f.shape, f.dtype.str) for f in self.spec],
+            "fields": None if not self.store.allocated else self.store.read(self.size),
             "policy_state": self._policy.state_dict(),
-            "sampler_rng": self._sampler._rng.bit_generator.state,
+            "sampler": self._sampler.state_dict(),
         }
-        if self._sampler.is_global:
-            state["exchange"] = {"seed": self._sampler._seed,
-                                 "round": self._sampler.resume_round}
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a :meth:`state_dict` into this (new, empty) buffer."""
-        if self._storage is not None:
+        if self.store.allocated:
             raise RuntimeError("load_state_dict() needs a buffer that has not stored anything")
         if state.get("format") != 1:
             raise ValueError("not a RehearsalBuffer state (unknown format)")
@@ -325,27 +375,21 @@ class RehearsalBuffer:
             if state[key] != getattr(self, key):
                 raise ValueError(f"the saved buffer has {key}={state[key]!r}, this one "
                                  f"{getattr(self, key)!r}")
-        if self._sampler.is_global != ("exchange" in state):
-            raise ValueError("the saved buffer and this one differ in global sampling")
         self.num_representatives = int(state["num_representatives"])
         if state["spec"] is not None:
             spec = tuple(FieldSpec(tuple(shape), np.dtype(dtype)) for shape, dtype in state["spec"])
-            self._spec = spec
-            self._storage = [self._backend.empty((self.capacity,) + f.shape, f.dtype)
-                             for f in spec]
             size = int(state["policy_state"]["size"])
-            for store, saved in zip(self._storage, state["fields"]):
-                if saved.shape != (size,) + store.shape[1:]:
+            for f, saved in zip(spec, state["fields"]):
+                if saved.shape != (size,) + f.shape:
                     raise ValueError("the saved samples do not match the saved layout")
-                if size:
-                    copy_rows(self._backend.asarray(saved), store)
+            self.store.allocate(spec)
+            stream = self._backend.current_stream()
+            self.store.write(state["fields"], stream)
+            self._wrote(stream)
         self._policy.load_state_dict(state["policy_state"])
-        self._sampler._rng.bit_generator.state = state["sampler_rng"]
-        if self._sampler.is_global:
-            self._sampler._seed = int(state["exchange"]["seed"])
-            self._sampler._next_round = int(state["exchange"]["round"])
+        self._sampler.load_state_dict(state["sampler"])
 
-    def _attach_stage(self, stage) -> None:
+    def attach_stage(self, stage) -> None:
         """A new DALI stage feeds this buffer: the previous one stops preparing
         batches, so that only one stage at a time writes into the buffer."""
         previous = self._stage() if self._stage is not None else None

@@ -1,24 +1,31 @@
 """Where representatives come from: the local shard, or every process's shard.
 
 A sampler serves the buffer in rounds, one round per training step:
-``start(active=...)`` opens the round for the next step, ``finish()`` returns
-its representatives (or ``None`` when some process has ended its epoch, so
-that every process ends the epoch at the same step). The buffer inserts the
-step's fresh samples only after ``finish()``, so representatives always come
-from what was stored before the batch that uses them.
+``start(active=..., event=...)`` opens the round for the next step,
+``finish()`` returns its representatives (or ``None`` when some process has
+ended its epoch, so that every process ends the epoch at the same step). The
+buffer inserts the step's fresh samples only after ``finish()``, so
+representatives always come from what was stored before the batch that uses
+them.
+
+The interface a sampler offers the buffer (:class:`Sampler`) is small:
+``rank``, ``world_size``, ``is_global``, ``rng``, ``started``, ``start``,
+``finish``, ``abort``, ``close``, ``state_dict`` and ``load_state_dict``. A
+sampler reads from the buffer only its public state: ``size``,
+``num_representatives``, ``spec``, ``store`` and ``backend``.
 
 :class:`LocalSampler` draws from this process's shard, synchronously.
 :class:`~dali_rehearsal.exchange.GlobalSampler` draws from the union of all
-shards over MPI, in a background thread.
+shards, in a background thread.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
-from .kernels import copy_rows, gather_rows
-
-__all__ = ["Representatives", "LocalSampler"]
+__all__ = ["Representatives", "Sampler", "LocalSampler", "make_sampler", "world_of"]
 
 
 class Representatives:
@@ -34,16 +41,39 @@ class Representatives:
         self.rows = rows
         self.origin = origin      # (rank, slot) pairs, for tests and diagnostics
 
-    def write_into(self, buffer, out, offset: int, stream=None) -> None:
+    def write_into(self, store, out, offset: int, stream=None) -> None:
+        """Writes the representatives into ``out`` from row ``offset``,
+        queued on ``stream``."""
         if self.count == 0:
             return
         if self.rows is None:
-            index = buffer._backend.asarray(self.slots, stream)
-            for src, dst in zip(buffer._storage, out):
-                gather_rows(src, index, dst, dst_offset=offset, stream=stream)
+            store.gather(self.slots, out, offset, stream)
         else:
-            for src, dst in zip(self.rows, out):
-                copy_rows(src[: self.count], dst, dst_offset=offset, stream=stream)
+            store.copy([r[: self.count] for r in self.rows], out, offset, stream)
+
+
+class Sampler(Protocol):
+    """What the buffer needs from a sampler (see the module docstring)."""
+
+    is_global: bool
+    rank: int
+    world_size: int
+    rng: np.random.Generator
+
+    @property
+    def started(self) -> bool: ...
+
+    def start(self, *, active: bool = True, event=None) -> None: ...
+
+    def finish(self) -> Representatives | None: ...
+
+    def abort(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class LocalSampler:
@@ -51,16 +81,18 @@ class LocalSampler:
 
     is_global = False
 
-    def __init__(self, buffer, rng: np.random.Generator):
+    def __init__(self, buffer, rng: np.random.Generator, *, rank: int = 0, world_size: int = 1):
         self._buffer = buffer
-        self._rng = rng
+        self.rng = rng
+        self.rank = rank
+        self.world_size = world_size
         self._active: bool | None = None
 
     @property
     def started(self) -> bool:
         return self._active is not None
 
-    def start(self, *, active: bool = True) -> None:
+    def start(self, *, active: bool = True, event=None) -> None:
         self._active = bool(active)
 
     def finish(self) -> Representatives | None:
@@ -71,9 +103,9 @@ class LocalSampler:
             return None
         size = self._buffer.size
         k = min(self._buffer.num_representatives, size)
-        slots = np.sort(self._rng.choice(size, size=k, replace=False)).astype(np.int64)
+        slots = np.sort(self.rng.choice(size, size=k, replace=False)).astype(np.int64)
         return Representatives(k, slots=slots,
-                               origin=np.stack([np.full(k, self._buffer.rank, np.int64), slots],
+                               origin=np.stack([np.full(k, self.rank, np.int64), slots],
                                                axis=1))
 
     def abort(self) -> None:
@@ -82,3 +114,27 @@ class LocalSampler:
 
     def close(self) -> None:
         self._active = None
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+def world_of(comm) -> tuple[int, int]:
+    """``(rank, size)`` of a communicator (``(0, 1)`` for ``None``)."""
+    if comm is None:
+        return 0, 1
+    return int(comm.Get_rank()), int(comm.Get_size())
+
+
+def make_sampler(buffer, *, comm, sampling: str, seed, rng: np.random.Generator,
+                 cuda_aware=None):
+    """The sampler for a buffer's settings: global over ``comm`` when it has
+    several processes and ``sampling == "global"``, else local."""
+    rank, size = world_of(comm)
+    if comm is not None and size > 1 and sampling == "global":
+        from .exchange import GlobalSampler
+        return GlobalSampler(buffer, comm, rng, seed=seed, cuda_aware=cuda_aware)
+    return LocalSampler(buffer, rng, rank=rank, world_size=size)

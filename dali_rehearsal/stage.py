@@ -21,7 +21,6 @@ import numpy as np
 
 from .buffer import RehearsalBuffer
 from .epochs import EpochPlan
-from .kernels import copy_rows
 
 __all__ = ["Mixer", "LastBatchPolicy"]
 
@@ -91,13 +90,10 @@ class Mixer:
         self._pos = 0
         self._ring = None
         self._ring_next = 0
-        self._stream = None
-        if buffer._backend.is_gpu:
-            import cupy
-            self._stream = cupy.cuda.Stream(non_blocking=True)
+        self._stream = buffer.backend.new_stream()
         self._worker: _Worker | None = None
         self._stopped = False
-        buffer._attach_stage(self)
+        buffer.attach_stage(self)
 
     @property
     def stream(self):
@@ -117,9 +113,8 @@ class Mixer:
             raise ValueError("the source pipeline's samples must have one fixed shape per output "
                              "(e.g. fn.resize(..., size=(H, W)) in the source pipeline): "
                              f"{e}") from e
-        arrays, labels = self.buffer._prepare(fields, self._stream)
-        if self.buffer.spec is None:
-            self.buffer._allocate(arrays)
+        arrays, labels = self.buffer.check_batch(fields, self._stream)
+        self.buffer.ensure_storage(arrays)
         self._batch, self._labels, self._pos = arrays, labels, 0
 
     def _advance(self, runs, out=None, offset=0, labels=None) -> int:
@@ -131,9 +126,8 @@ class Mixer:
                     self._fetch()
                 m = min(count, len(self._labels) - self._pos)
                 if action == "use":
-                    for src, dst in zip(self._batch, out):
-                        copy_rows(src[self._pos:self._pos + m], dst, dst_offset=offset,
-                                  stream=self._stream)
+                    self.buffer.store.copy([src[self._pos:self._pos + m] for src in self._batch],
+                                           out, offset, self._stream)
                     labels[offset:offset + m] = self._labels[self._pos:self._pos + m]
                     offset += m
                 self._pos += m
@@ -144,11 +138,10 @@ class Mixer:
     def _outputs(self):
         """The next output arrays of the ring (DALI reads them without a copy)."""
         if self._ring is None:
-            spec = self.buffer.spec
-            be = self.buffer._backend
-            self._ring = [[be.empty((self.out_batch_size,) + s.shape, s.dtype) for s in spec]
+            be = self.buffer.backend
+            self._ring = [self.buffer.store.empty_rows(self.out_batch_size)
                           for _ in range(self.ring_depth)]
-            self._flags = [be.xp.empty(self.out_batch_size, dtype=np.uint8)
+            self._flags = [be.empty(self.out_batch_size, np.uint8)
                            for _ in range(self.ring_depth)]
         i = self._ring_next
         self._ring_next = (i + 1) % self.ring_depth
@@ -173,12 +166,12 @@ class Mixer:
         if self._stopped:
             raise RuntimeError("this rehearsal stage was stopped: a newer stage uses its buffer")
         try:
-            with self.buffer._backend.stream_context(self._stream):
+            with self.buffer.backend.stream_context(self._stream):
                 return self._step()
         except StopIteration:
             raise
         except Exception:
-            self.buffer._sampler.abort()
+            self.buffer.fail_step()
             raise
 
     def stop(self, *, drain: bool = True) -> None:
@@ -201,7 +194,7 @@ class Mixer:
             if reason == "drop":
                 self._advance(self.plan.drop_real(self._left))
             else:
-                log.log(self.buffer._log_level, "epoch %d ends early on rank %d (another rank "
+                log.log(self.buffer.log_level, "epoch %d ends early on rank %d (another rank "
                         "ended its epoch); %d fresh samples open the next epoch", self.epoch,
                         self.buffer.rank, self._left)
         log.debug("epoch %d: %d steps", self.epoch, self.steps)
@@ -215,7 +208,7 @@ class Mixer:
         if self.plan is None:
             return self._step_unbounded()
         n = self._deliverable()
-        reps = self.buffer._next_representatives(active=n > 0)
+        reps = self.buffer.begin_step(active=n > 0)
         if reps is None or n == 0:
             self._end_epoch("drop" if n == 0 else "stopped")
         if self.buffer.spec is None:
@@ -238,7 +231,7 @@ class Mixer:
             except StopIteration:
                 self._batch = None
         has_batch = self._batch is not None
-        reps = self.buffer._next_representatives(active=has_batch)
+        reps = self.buffer.begin_step(active=has_batch)
         if reps is None or not has_batch:
             self._left = None       # a fetched batch, if any, opens the next epoch
             self.epoch += 1
@@ -253,7 +246,7 @@ class Mixer:
         if fresh + reps.count > self.out_batch_size:
             raise ValueError(f"{fresh} fresh + {reps.count} representatives exceed the mixing "
                              f"pipeline's batch size {self.out_batch_size}")
-        rows = self.buffer._compose(out, fresh, labels, reps, self._stream,
+        rows = self.buffer.end_step(out, fresh, labels, reps, stream=self._stream,
                                     next_active=next_active)
         self.steps += 1
         result = [o[:rows] for o in out]
@@ -283,16 +276,14 @@ class _Worker:
         self._queue: queue.Queue = queue.Queue(maxsize=mixer.prepare_ahead)
         self._stop = threading.Event()       # stop now
         self._drain = threading.Event()      # stop once the queue is full
-        self._device_id = mixer.buffer._backend.device_id
+        self._backend = mixer.buffer.backend
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="dali-rehearsal-stage")
         _live_workers.add(self)
         self._thread.start()
 
     def _run(self) -> None:
-        if self._device_id is not None:
-            import cupy
-            cupy.cuda.Device(self._device_id).use()
+        self._backend.use_device()
         while not self._stop.is_set():
             try:
                 item = self._mixer.run_step()

@@ -204,7 +204,7 @@ def run_once(args) -> int:
         progress.close()
     info = {}
     for name, (_, buffer) in variants.items():
-        info[name] = {"sampler": type(buffer._sampler).__name__, "size": buffer.size,
+        info[name] = {"sampler": type(buffer.sampler).__name__, "size": buffer.size,
                       "capacity": buffer.capacity, "world_size": buffer.world_size}
         buffer.close()
 

@@ -472,7 +472,7 @@ def test_negative_label_mid_stream_leaves_earlier_batches_intact(catalog, train_
 
 def test_stage_configuration_errors(mnist):
     src = source_pipeline(8, extras=False, file_root=str(mnist[0]))
-    too_many = dr.RehearsalBuffer(capacity=10, num_representatives=12, device="cpu", seed=0)
+    too_many = dr.RehearsalBuffer(capacity=20, num_representatives=12, device="cpu", seed=0)
     with pytest.raises(ValueError, match="larger than the mixing pipeline's batch size"):
         mixing_pipeline(src, too_many, 10).build()
     buffer = dr.RehearsalBuffer(capacity=10, num_representatives=3, device="cpu", seed=0)
@@ -536,7 +536,7 @@ def test_prepare_ahead_must_be_a_non_negative_integer(mnist):
 def test_dali_host_outputs_are_recognised_as_host_data(mnist):
     """Labels that DALI returns on the host are read there: on a GPU buffer a
     device round trip would cost a synchronisation every step."""
-    from dali_rehearsal.buffer import _on_device
+    from dali_rehearsal._backend import on_device as _on_device
     pipe = source_pipeline(4, extras=False, file_root=str(mnist[0]))
     pipe.build()
     images, labels = pipe.run()

@@ -53,7 +53,7 @@ def pairing(out_dir):
         assert (buf.last_origin[:, 0] == src_rank).all(), "origin rank disagrees with content"
         checked += len(reps)
         remote += int((src_rank != rank).sum())
-    staged = getattr(buf._sampler, "staged", None)
+    staged = getattr(buf.sampler, "staged", None)
     buf.close()
     return {"checked": checked, "remote": remote, "staged": staged}
 

@@ -46,7 +46,7 @@ import time
 
 import numpy as np
 
-from .sampling import Representatives
+from ..sampling import Representatives
 
 __all__ = ["GlobalSampler", "cuda_aware_mpi", "RemoteError"]
 
@@ -110,7 +110,7 @@ class GlobalSampler:
         from mpi4py import MPI
         self._MPI = MPI
         self._buffer = buffer
-        self._rng = rng             # this process's own stream (buffer.sample)
+        self.rng = rng              # this process's own stream (buffer.sample)
         self._comm = comm.Dup()
         self.rank = self._comm.Get_rank()
         self.world_size = self._comm.Get_size()
@@ -120,17 +120,14 @@ class GlobalSampler:
             seed = self._comm.bcast(seed, root=0)
         self._seed = int(seed)
         self._next_round = 0        # number of the next round to open
-        backend = buffer._backend
+        backend = buffer.backend
         self.staged = backend.is_gpu and not (cuda_aware_mpi() if cuda_aware is None
                                               else bool(cuda_aware))
         self._pending: _Round | None = None
         self._failed = False        # an error round has been seen or sent
         self._closed = False
         self._threaded = MPI.Query_thread() == MPI.THREAD_MULTIPLE
-        self._stream = None
-        if backend.is_gpu:
-            import cupy
-            self._stream = cupy.cuda.Stream(non_blocking=True)
+        self._stream = backend.new_stream()
         self._recv: dict[tuple, object] = {}
         self._queue: queue.Queue = queue.Queue()
         self._thread = None
@@ -152,13 +149,15 @@ class GlobalSampler:
     def started(self) -> bool:
         return self._pending is not None
 
-    def start(self, *, active: bool = True) -> None:
-        """Opens the round for this process's next step."""
+    def start(self, *, active: bool = True, event=None) -> None:
+        """Opens the round for this process's next step. ``event`` marks the
+        end of the work that wrote into the store: the round's gathers wait
+        for it."""
         if self._closed:
             raise RuntimeError("the buffer has been closed")
         if self._pending is not None:
             raise RuntimeError("internal: a round is already open")
-        self._pending = self._submit(_Round(self._buffer.size, active, False, self._record()))
+        self._pending = self._submit(_Round(self._buffer.size, active, False, event))
 
     def finish(self) -> Representatives | None:
         """Waits for the open round; None when some process ended its epoch."""
@@ -200,14 +199,16 @@ class GlobalSampler:
         """The round the next step uses: the open one, else the next to open."""
         return self._pending.number if self._pending is not None else self._next_round
 
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "seed": self._seed,
+                "round": self.resume_round}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self._seed = int(state["seed"])
+        self._next_round = int(state["round"])
+
     # ------------------------------------------------------------- threads
-    def _record(self):
-        if self._stream is None:
-            return None
-        import cupy
-        event = cupy.cuda.Event(disable_timing=True)
-        event.record(cupy.cuda.get_current_stream())
-        return event
 
     def _submit(self, rnd: _Round) -> _Round:
         rnd.number, self._next_round = self._next_round, self._next_round + 1
@@ -221,9 +222,7 @@ class GlobalSampler:
         rnd.done.wait()
 
     def _serve_forever(self) -> None:
-        if self._stream is not None:
-            import cupy
-            cupy.cuda.Device(self._buffer._backend.device_id).use()
+        self._buffer.backend.use_device()
         while True:
             rnd = self._queue.get()
             if rnd is None:
@@ -314,14 +313,12 @@ class GlobalSampler:
     def _move_rows(self, wanted, serve_counts, request_counts, k):
         """Serves the ``wanted`` slots and receives ``k`` rows: all fields in
         flight at once, one ``Alltoallv`` each."""
-        from .kernels import gather_rows
         buffer, MPI = self._buffer, self._MPI
-        be = buffer._backend
-        index = be.asarray(wanted, self._stream)
+        be = buffer.backend
+        outgoing_rows = buffer.store.empty_rows(len(wanted))
+        buffer.store.gather(wanted, outgoing_rows, 0, self._stream)
         received, transfers = [], []
-        for i, (store, spec) in enumerate(zip(buffer._storage, buffer.spec)):
-            outgoing = be.empty((len(wanted),) + spec.shape, spec.dtype)
-            gather_rows(store, index, outgoing, stream=self._stream)
+        for i, (outgoing, spec) in enumerate(zip(outgoing_rows, buffer.spec)):
             incoming = self._recv_buffer(i, k, spec)
             send, recv = outgoing, incoming
             if self.staged:
@@ -350,7 +347,7 @@ class GlobalSampler:
         buf = self._recv.get(key)
         if buf is None or len(buf) < k:
             cap = max(k, self._buffer.num_representatives)
-            buf = self._buffer._backend.empty((cap,) + spec.shape, spec.dtype)
+            buf = self._buffer.backend.empty((cap,) + spec.shape, spec.dtype)
             self._recv[key] = buf
         return buf[:k]
 

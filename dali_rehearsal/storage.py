@@ -1,0 +1,114 @@
+"""Sample storage: preallocated rows of every per-sample field on one device.
+
+:class:`SampleStore` is the buffer's memory and the one place that moves
+rows in and out of it. It knows nothing about policies or sampling: slots are
+plain row indices. Everything that queues device work takes the stream it
+must be ordered on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._backend import Backend
+from .kernels import copy_rows, gather_rows, scatter_rows
+
+__all__ = ["FieldSpec", "SampleStore"]
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """Shape and dtype of one per-sample field (image, label, logits, ...)."""
+
+    shape: tuple
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def describe(self) -> str:
+        return f"{tuple(self.shape)} {np.dtype(self.dtype).name}"
+
+
+def spec_of(arrays) -> tuple[FieldSpec, ...]:
+    """The per-sample layout of a batch (one array per field, batch first)."""
+    return tuple(FieldSpec(tuple(int(d) for d in a.shape[1:]), np.dtype(a.dtype)) for a in arrays)
+
+
+class SampleStore:
+    """``capacity`` rows per field, allocated once from the first layout."""
+
+    def __init__(self, backend: Backend, capacity: int):
+        self.backend = backend
+        self.capacity = int(capacity)
+        self.spec: tuple[FieldSpec, ...] | None = None
+        self.fields: tuple | None = None
+
+    @property
+    def allocated(self) -> bool:
+        return self.fields is not None
+
+    @property
+    def row_nbytes(self) -> int:
+        return 0 if self.spec is None else sum(f.nbytes for f in self.spec)
+
+    @property
+    def nbytes(self) -> int:
+        return self.capacity * self.row_nbytes
+
+    def allocate(self, spec: tuple[FieldSpec, ...]) -> None:
+        if self.fields is not None:
+            raise RuntimeError("internal: the store is already allocated")
+        self.spec = tuple(spec)
+        self.fields = tuple(self.backend.empty((self.capacity,) + f.shape, f.dtype)
+                            for f in self.spec)
+
+    def empty_rows(self, n: int) -> list:
+        """Uninitialised arrays for ``n`` rows of every field (output batches)."""
+        return [self.backend.empty((n,) + f.shape, f.dtype) for f in self.spec]
+
+    # -------------------------------------------------------- row movement
+    def index(self, values, stream=None):
+        """An int64 index array on this store's device (uploaded on ``stream``)."""
+        return self.backend.asarray(np.ascontiguousarray(values, dtype=np.int64), stream)
+
+    def gather(self, slots, out, offset: int = 0, stream=None) -> None:
+        """``out[f][offset + k] = field f of slot slots[k]``, every field."""
+        if len(slots) == 0:
+            return
+        index = self.index(slots, stream)
+        for src, dst in zip(self.fields, out):
+            gather_rows(src, index, dst, dst_offset=offset, stream=stream)
+
+    def scatter(self, rows, batch_index, slots, stream=None) -> None:
+        """Writes ``rows[f][batch_index[k]]`` into slot ``slots[k]``, every field."""
+        if len(slots) == 0:
+            return
+        src_index = self.index(batch_index, stream)
+        dst_index = self.index(slots, stream)
+        for src, dst in zip(rows, self.fields):
+            scatter_rows(src, src_index, dst, dst_index, stream=stream)
+
+    @staticmethod
+    def copy(rows, out, offset: int = 0, stream=None) -> None:
+        """``out[f][offset:offset + len] = rows[f]``, every field."""
+        for src, dst in zip(rows, out):
+            copy_rows(src, dst, dst_offset=offset, stream=stream)
+
+    # ---------------------------------------------------------- host access
+    def read(self, size: int, stream=None) -> list[np.ndarray]:
+        """Host copies of rows ``0..size-1`` of every field, ordered after the
+        work queued on ``stream`` (the stream that writes into the store)."""
+        if self.fields is None:
+            return []
+        return [np.array(self.backend.to_host(f[:size], stream)) for f in self.fields]
+
+    def write(self, host_fields, stream=None) -> None:
+        """Fills rows ``0..len-1`` of every field from host arrays, queued on
+        ``stream`` (so later work on that stream sees them)."""
+        for saved, store in zip(host_fields, self.fields):
+            if len(saved):
+                self.backend.from_host(store[: len(saved)], saved, stream)
