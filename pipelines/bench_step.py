@@ -1,0 +1,235 @@
+"""The per-step host cost of rehearsal, against its floor.
+
+Two questions, each answered as a ratio measured in one run (variants
+interleaved over repetitions; median and range over repetitions):
+
+1. ``mix``: ``buffer.mix()`` on tiny samples (default b=56, r=7, 4x4x3 uint8,
+   NumPy backend) against a bare vectorised NumPy step doing the same work
+   (draw r stored rows, concatenate them after the fresh rows, reservoir
+   decisions for the fresh rows, scatter the kept ones). Tiny samples make the
+   host cost visible: the bytes moved are negligible. Target: <= 2x.
+2. ``stage``: a DALI mixing pipeline with ``dr.fn.rehearsal`` over a trivially
+   cheap source (``fn.random`` samples of the same tiny shape) against the
+   plain source pipeline at batch b: steps per second. Target: >= 0.8x.
+
+    python pipelines/bench_step.py                 # both parts, ~1 min on 2 cores
+    python pipelines/bench_step.py --parts mix --repeats 15
+
+Writes ``outputs/bench_step/results.json`` (settings, machine, load average
+before and after, every repetition) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+# The checkout's library, even when another version is installed.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import dali_rehearsal as dr  # noqa: E402
+from _bench import environment, table, write_json  # noqa: E402
+
+
+class BareStep:
+    """The floor: the same work as ``mix`` with no checks and no bookkeeping
+    beyond a reservoir counter."""
+
+    def __init__(self, capacity: int, r: int, shape: tuple, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.images = np.zeros((capacity,) + shape, np.uint8)
+        self.labels = np.zeros(capacity, np.int64)
+        self.capacity, self.r, self.size, self.seen = capacity, r, 0, 0
+
+    def __call__(self, images, labels):
+        b = len(labels)
+        k = min(self.r, self.size)
+        slots = np.sort((self.rng.random(k) * self.size).astype(np.int64))
+        if k > 1 and (slots[1:] == slots[:-1]).any():     # rare: draw again without repeats
+            slots = self.rng.choice(self.size, size=k, replace=False)
+        out = (np.concatenate([images, self.images[slots]]),
+               np.concatenate([labels, self.labels[slots]]))
+        free = min(self.capacity - self.size, b)
+        pos = self.seen + np.arange(free, b) + 1
+        j = (self.rng.random(b - free) * pos).astype(np.int64)
+        keep = j < self.capacity
+        dst = np.concatenate([np.arange(self.size, self.size + free), j[keep]])
+        src = np.concatenate([np.arange(free), np.arange(free, b)[keep]])
+        self.images[dst] = images[src]
+        self.labels[dst] = labels[src]
+        self.size += free
+        self.seen += b
+        return out
+
+
+def _time_steps(step, batches, steps: int) -> float:
+    """Seconds per step over ``steps`` calls."""
+    n = len(batches)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(*batches[i % n])
+    return (time.perf_counter() - t0) / steps
+
+
+def part_mix(args) -> dict:
+    shape = tuple(args.shape)
+    rng = np.random.default_rng(1)
+    batches = [(rng.integers(0, 256, (args.b,) + shape, dtype=np.uint8),
+                rng.integers(0, args.classes, args.b).astype(np.int64)) for _ in range(64)]
+
+    def make(name):
+        if name == "bare":
+            return BareStep(args.capacity, args.r, shape)
+        buf = dr.RehearsalBuffer(capacity=args.capacity, num_representatives=args.r,
+                                 policy=name, device="cpu", seed=0)
+        return buf.mix
+
+    variants = ["bare", "reservoir", "class_balanced"]
+    steppers = {v: make(v) for v in variants}
+    for v in variants:                       # fill the buffers: steady state, full buffer
+        _time_steps(steppers[v], batches, 2 * args.capacity // args.b + 50)
+    reps = []
+    for rep in range(args.repeats):
+        order = variants[rep % len(variants):] + variants[:rep % len(variants)]
+        reps.append({v: _time_steps(steppers[v], batches, args.steps) * 1e6 for v in order})
+    result = {"us_per_step": {}, "ratio_to_bare": {}}
+    for v in variants:
+        us = np.array([r[v] for r in reps])
+        result["us_per_step"][v] = _summary(us)
+        if v != "bare":
+            ratio = us / np.array([r["bare"] for r in reps])
+            result["ratio_to_bare"][v] = _summary(ratio)
+    result["repetitions"] = reps
+    return result
+
+
+def _cheap_source(b, shape, classes, num_threads):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=b, num_threads=num_threads, device_id=None, seed=0,
+                  prefetch_queue_depth=2)
+    def source():
+        images = fn.cast(fn.random.uniform(range=[0, 255], shape=list(shape)), dtype=types.UINT8)
+        labels = fn.cast(fn.random.uniform(range=[0, classes]), dtype=types.INT64)
+        return images, labels
+
+    return source()
+
+
+def part_stage(args) -> dict:
+    from nvidia.dali import pipeline_def
+
+    shape = tuple(args.shape)
+    plain = _cheap_source(args.b, shape, args.classes, args.num_threads)
+    plain.build()
+    buffer = dr.RehearsalBuffer(capacity=args.capacity, num_representatives=args.r,
+                                device="cpu", seed=0)
+
+    @pipeline_def(batch_size=args.b + args.r, num_threads=args.num_threads, device_id=None,
+                  seed=1, prefetch_queue_depth=2)
+    def mixing(src):
+        return tuple(dr.fn.rehearsal(src, buffer=buffer, prepare_ahead=args.prepare_ahead))
+
+    mixed = mixing(_cheap_source(args.b, shape, args.classes, args.num_threads))
+    mixed.build()
+
+    def run_steps(pipe, steps):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            images, labels = pipe.run()
+            images.as_array(), labels.as_array()
+        return (time.perf_counter() - t0) / steps
+
+    pipes = {"plain": plain, "rehearsal": mixed}
+    for p in pipes.values():
+        run_steps(p, 2 * args.capacity // args.b + 50)
+    reps = []
+    variants = list(pipes)
+    for rep in range(args.repeats):
+        order = variants[rep % 2:] + variants[:rep % 2]
+        reps.append({v: run_steps(pipes[v], args.stage_steps) * 1e6 for v in order})
+    buffer.close()
+    plain_us = np.array([r["plain"] for r in reps])
+    mixed_us = np.array([r["rehearsal"] for r in reps])
+    return {"us_per_step": {"plain": _summary(plain_us), "rehearsal": _summary(mixed_us)},
+            "steps_per_s_ratio": _summary(plain_us / mixed_us),
+            "added_us_per_step": _summary(mixed_us - plain_us),
+            "prepare_ahead": args.prepare_ahead, "repetitions": reps}
+
+
+def _summary(values) -> dict:
+    values = np.asarray(values, dtype=np.float64)
+    return {"median": float(np.median(values)), "min": float(values.min()),
+            "max": float(values.max())}
+
+
+def _fmt(s, digits=1):
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--parts", default="mix,stage",
+                        help="comma-separated parts to run: mix, stage")
+    parser.add_argument("--b", type=int, default=56, help="fresh samples per step")
+    parser.add_argument("--r", type=int, default=7, help="representatives per step")
+    parser.add_argument("--shape", type=int, nargs=3, default=[4, 4, 3], metavar=("H", "W", "C"),
+                        help="sample shape (uint8)")
+    parser.add_argument("--classes", type=int, default=10, help="distinct labels")
+    parser.add_argument("--capacity", type=int, default=2000, help="buffer capacity")
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved repetitions")
+    parser.add_argument("--steps", type=int, default=2000,
+                        help="mix part: steps per variant per repetition")
+    parser.add_argument("--stage-steps", type=int, default=400,
+                        help="stage part: steps per variant per repetition")
+    parser.add_argument("--prepare-ahead", type=int, default=2,
+                        help="stage part: the stage's prepare_ahead")
+    parser.add_argument("--num-threads", type=int, default=1, help="DALI threads per pipeline")
+    parser.add_argument("--out", default="outputs/bench_step/results.json", help="JSON output")
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - {"mix", "stage"}
+    if unknown:
+        parser.error(f"unknown part(s) {sorted(unknown)}; choose from mix, stage")
+
+    load_before = os.getloadavg()
+    results = {"settings": vars(args), "environment": environment("cpu")}
+    if "mix" in parts:
+        results["mix"] = part_mix(args)
+    if "stage" in parts:
+        results["stage"] = part_stage(args)
+    results["environment"]["load_average_after"] = list(os.getloadavg())
+    write_json(pathlib.Path(args.out), results)
+
+    print(f"b={args.b}, r={args.r}, samples {tuple(args.shape)} uint8, capacity {args.capacity}; "
+          f"median (range) over {args.repeats} interleaved repetitions")
+    rows = []
+    if "mix" in results:
+        m = results["mix"]
+        rows.append(["mix: bare NumPy step", _fmt(m["us_per_step"]["bare"]), "1 (reference)",
+                     ""])
+        for v in ("reservoir", "class_balanced"):
+            rows.append([f"mix: buffer.mix ({v})", _fmt(m["us_per_step"][v]),
+                         _fmt(m["ratio_to_bare"][v], 2), "<= 2x bare"])
+    if "stage" in results:
+        s = results["stage"]
+        rows.append(["stage: plain source pipeline", _fmt(s["us_per_step"]["plain"]),
+                     "1 (reference)", ""])
+        rows.append(["stage: + dr.fn.rehearsal", _fmt(s["us_per_step"]["rehearsal"]),
+                     _fmt(s["steps_per_s_ratio"], 2) + " steps/s", ">= 0.8x steps/s"])
+    print(table(rows, ["variant", "us per step", "ratio", "target"]))
+    print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
+          f"JSON: {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
