@@ -61,3 +61,13 @@ def mnist(tmp_path_factory):
 def _quiet_dali(monkeypatch):
     monkeypatch.setenv("DALI_DISABLE_NVML", "1")
     yield
+
+
+@pytest.fixture
+def emulated_gpu():
+    """The CPU emulation of CuPy and CUDA streams (tests/emulation) in place of
+    CuPy: ``device="gpu"`` runs the library's real GPU code paths, with device
+    work that runs only when the program orders it. Yields the fake ``cupy``."""
+    from emulation import emulated
+    with emulated() as cupy:
+        yield cupy
