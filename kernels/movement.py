@@ -428,10 +428,13 @@ class _StagingRing:
         try:
             slot = self._slots[self._next]
             self._next = (self._next + 1) % self.SLOTS
-            if slot.event is not None:
+            if slot.event is not None and not _capturing(stream):
                 slot.event.synchronize()     # the GPU is done with this slot's last use
                 slot.event = None
             if slot.host is None or slot.host.nbytes < nbytes:
+                if _capturing(stream):
+                    raise RuntimeError("a staging slot must grow during a CUDA graph capture: "
+                                       "run the same movements once before capturing")
                 size = max(self.MIN_BYTES, 1 << (int(nbytes) - 1).bit_length())
                 with self.cupy.cuda.Device(self.device_id):
                     import cupyx

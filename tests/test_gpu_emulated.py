@@ -345,3 +345,21 @@ def test_teeth_staging_slot_reused_without_waiting(emulated_gpu, monkeypatch):
     kernels.clear_caches()
     with pytest.raises(AssertionError):
         _gather_twice(emulated_gpu)
+
+
+def test_bench_kernels_gpu_path_runs_on_the_emulation(emulated_gpu):
+    """pipelines/bench_kernels.py's GPU code path (eager mode) end to end; the
+    emulation measures nothing, so only the structure is checked."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "pipelines" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels_emulated", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--shapes", "4x4x3:uint8", "--iters", "2", "--repeats", "1",
+                             "--warmup", "1", "--no-graph", "--capacity", "64"])
+    results = bench.measure(args, args.shape_list, "gpu")
+    assert [r["op"] for r in results] == list(bench.OPS)
+    by_op = {r["op"]: r["bytes"] for r in results}
+    assert by_op["step_fields"] == (56 + 7 + 56) * (48 + 8)
+    emulated_gpu.cuda.get_current_stream().synchronize()
