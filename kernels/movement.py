@@ -423,6 +423,24 @@ class _StagingRing:
         self._slots = [_Slot() for _ in range(self.SLOTS)]
         self._next = 0
 
+    def reserve(self, nbytes):
+        """Allocates every slot for uploads of up to ``nbytes`` (before a
+        CUDA graph capture, where a slot cannot grow)."""
+        with self.lock:
+            for slot in self._slots:
+                if slot.event is not None:
+                    slot.event.synchronize()
+                    slot.event = None
+                self._grow(slot, nbytes)
+
+    def _grow(self, slot, nbytes):
+        if slot.host is None or slot.host.nbytes < nbytes:
+            size = max(self.MIN_BYTES, 1 << (int(nbytes) - 1).bit_length())
+            with self.cupy.cuda.Device(self.device_id):
+                import cupyx
+                slot.host = cupyx.empty_pinned(size, dtype=np.uint8)
+                slot.device = self.cupy.empty(size, dtype=np.uint8)
+
     def slot(self, nbytes, stream):
         self.lock.acquire()
         try:
@@ -434,12 +452,8 @@ class _StagingRing:
             if slot.host is None or slot.host.nbytes < nbytes:
                 if _capturing(stream):
                     raise RuntimeError("a staging slot must grow during a CUDA graph capture: "
-                                       "run the same movements once before capturing")
-                size = max(self.MIN_BYTES, 1 << (int(nbytes) - 1).bit_length())
-                with self.cupy.cuda.Device(self.device_id):
-                    import cupyx
-                    slot.host = cupyx.empty_pinned(size, dtype=np.uint8)
-                    slot.device = self.cupy.empty(size, dtype=np.uint8)
+                                       "call reserve_staging() before capturing")
+                self._grow(slot, nbytes)
             return _SlotUse(self, slot, nbytes, stream)
         except BaseException:
             self.lock.release()
@@ -457,6 +471,13 @@ def _staging_for(device_id):
         with _staging_lock:
             ring = _staging.setdefault(device_id, _StagingRing(cupy, device_id))
     return ring
+
+
+def reserve_staging(device_id, nbytes=_StagingRing.MIN_BYTES):
+    """Allocates the staging slots of ``device_id`` for descriptor tables and
+    indices of up to ``nbytes`` bytes; call it before capturing multi-field
+    movements in a CUDA graph."""
+    _staging_for(int(device_id)).reserve(nbytes)
 
 
 def clear_staging():

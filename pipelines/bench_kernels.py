@@ -51,6 +51,7 @@ if (_HERE.parent / "dali_rehearsal" / "__init__.py").is_file():
 from dali_rehearsal import gpu_available  # noqa: E402
 from dali_rehearsal.kernels import (copy_fields, copy_rows, gather_fields,  # noqa: E402
                                    gather_rows, scatter_fields, scatter_rows)
+from dali_rehearsal.kernels.movement import reserve_staging  # noqa: E402
 
 sys.path.insert(0, str(_HERE))
 import _bench  # noqa: E402
@@ -262,6 +263,8 @@ def measure(args, shapes, device):
                 samples = {"kernel": [], "copy": [], "assign": []}
                 graphs = None
                 if mode == "graph":
+                    # the multi-field ops' staging slots cannot grow inside a capture
+                    reserve_staging(cp.cuda.Device().id, 1 << 16)
                     graphs = {n: timer.capture(f, args.iters)
                               for n, f in (("kernel", kern), ("copy", ref), ("assign", asg))}
                     if any(g is None for g in graphs.values()):

@@ -341,15 +341,21 @@ def test_teeth_staging_slot_reused_without_waiting(emulated_gpu, monkeypatch):
     is still queued hands the first kernel the second kernel's indices."""
     from dali_rehearsal.kernels import movement
     monkeypatch.setattr(movement._StagingRing, "SLOTS", 1)
-    monkeypatch.setattr(movement, "_capturing", lambda stream: True)   # no events kept
+
+    def exit_without_event(self, *exc):           # no event recorded: nothing to wait for
+        self.ring.lock.release()
+        return False
+    monkeypatch.setattr(movement._SlotUse, "__exit__", exit_without_event)
     kernels.clear_caches()
     with pytest.raises(AssertionError):
         _gather_twice(emulated_gpu)
 
 
 def test_bench_kernels_gpu_path_runs_on_the_emulation(emulated_gpu):
-    """pipelines/bench_kernels.py's GPU code path (eager mode) end to end; the
-    emulation measures nothing, so only the structure is checked."""
+    """pipelines/bench_kernels.py's GPU code path (eager and CUDA-graph modes)
+    end to end; the emulation measures nothing, so only the structure is
+    checked (every op captured: no host wait and no staging growth inside a
+    capture)."""
     import importlib.util
     import pathlib
     path = pathlib.Path(__file__).resolve().parents[1] / "pipelines" / "bench_kernels.py"
@@ -357,9 +363,12 @@ def test_bench_kernels_gpu_path_runs_on_the_emulation(emulated_gpu):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     args = bench.parse_args(["--shapes", "4x4x3:uint8", "--iters", "2", "--repeats", "1",
-                             "--warmup", "1", "--no-graph", "--capacity", "64"])
+                             "--warmup", "1", "--capacity", "64"])
     results = bench.measure(args, args.shape_list, "gpu")
-    assert [r["op"] for r in results] == list(bench.OPS)
+    assert [(r["op"], r["mode"]) for r in results] == [
+        (op, mode) for op in bench.OPS for mode in ("eager", "graph")]
     by_op = {r["op"]: r["bytes"] for r in results}
+    captured = [movement for movement in results if movement["mode"] == "graph"]
+    assert len(captured) == len(bench.OPS)
     assert by_op["step_fields"] == (56 + 7 + 56) * (48 + 8)
     emulated_gpu.cuda.get_current_stream().synchronize()

@@ -145,7 +145,16 @@ class Stream:
         return event
 
     def is_capturing(self):
-        return False
+        return self._state.captured is not None
+
+    def begin_capture(self, mode=None):
+        if self._state.legacy:
+            raise rt.CUDARuntimeError("cudaErrorStreamCaptureUnsupported: legacy stream")
+        self._state.captured = []
+
+    def end_capture(self):
+        ops, self._state.captured = self._state.captured, None
+        return Graph(ops)
 
     @property
     def done(self):
@@ -165,6 +174,25 @@ class Stream:
         kind = "legacy" if self._state.legacy else (
             "non-blocking" if self.non_blocking else "blocking")
         return f"<emulated {kind} Stream {self.ptr:#x} on device {self.device_id}>"
+
+
+class Graph:
+    """A captured sequence of device work, replayed as one op per launch."""
+
+    def __init__(self, ops):
+        self._ops = list(ops)
+
+    def launch(self, stream=None):
+        stream = get_current_stream() if stream is None else stream
+        ops = self._ops
+
+        def run():
+            for op in ops:
+                op()
+        stream.enqueue(run, "graph")
+
+    def upload(self, stream=None):
+        pass
 
 
 def get_current_stream(device_id=None):

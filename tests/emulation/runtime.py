@@ -171,11 +171,17 @@ class StreamState:
         self.queue: collections.deque[Op] = collections.deque()
         self.submitted = 0        # ops ever queued
         self.executed = 0         # ops run
+        self.captured: list | None = None   # ops recorded by a graph capture
         SCHEDULER.add(self)
 
     def enqueue(self, fn, label: str = "op", deps=()) -> int:
-        """Queues ``fn``; returns its position (1-based count of ops)."""
+        """Queues ``fn``; returns its position (1-based count of ops). During a
+        graph capture ``fn`` is recorded instead (cross-stream waits are not
+        captured by this emulation)."""
         with LOCK:
+            if self.captured is not None:
+                self.captured.append(fn)
+                return self.submitted
             deps = list(deps)
             for other in SCHEDULER.implicit_deps(self):
                 deps.append((other, other.submitted))
@@ -185,6 +191,9 @@ class StreamState:
 
     def run_until(self, position: int) -> None:
         with LOCK:
+            if self.captured is not None:
+                raise CUDARuntimeError("cudaErrorStreamCaptureUnsupported: a wait on a "
+                                       "stream that is being captured")
             while self.executed < position:
                 op = self.queue[0]
                 for stream, pos in op.deps:
