@@ -10,7 +10,9 @@ Each step of the buffer moves three sets of rows (one row = one sample):
 and ``step`` is the three in a row. The ``*_fields`` ops do the same for a
 sample of two fields (the image and an int64 label) in one launch each, as
 the buffer does (descriptor table and indices uploaded from the host with
-every call), and ``step_fields`` is the three: a whole step of the buffer. Each is timed against the device's own
+every call), and ``step_fields`` is the three: a whole step of the buffer.
+
+Each is timed against the device's own
 copy of the same number of bytes between contiguous buffers: on the GPU
 ``cudaMemcpyAsync`` device-to-device (and, for reference, CuPy's
 ``dst[...] = src``), on the CPU (``--cpu``: the NumPy paths) ``np.copyto``.

@@ -152,9 +152,10 @@ class RawModule:
     def get_function(self, name):
         self.compile()
         RawModule.lookups += 1
-        if not re.search(r'extern "C" __global__ void ' + re.escape(name) + r"\(", self.code) \
-                and not re.search(r'extern "C" __global__ void ' + re.escape(name.rsplit("_w", 1)[0])
-                                  + r"_w##N\(", self.code):
+        entry = r'extern "C" __global__ void '
+        single = re.escape(name.rsplit("_w", 1)[0]) + r"_w##N\("       # DR_SINGLE_FIELD_KERNELS
+        if not re.search(entry + re.escape(name) + r"\(", self.code) \
+                and not re.search(entry + single, self.code):
             raise rt.CUDARuntimeError(f"CUDA_ERROR_NOT_FOUND: named symbol not found: {name}")
         if name not in REFERENCES:
             raise NotImplementedError(f"emulation: no reference for kernel {name!r}")

@@ -1,6 +1,7 @@
 """Global sampling on emulated GPUs under ``mpiexec`` (tests/test_exchange_emulated.py).
 
-    DALI_REHEARSAL_CUDA_AWARE=0|1 mpiexec -n 2 python tests/emulation/mpi_exchange.py OUT_DIR [TEETH]
+    DALI_REHEARSAL_CUDA_AWARE=0|1 \
+        mpiexec -n 2 python tests/emulation/mpi_exchange.py OUT_DIR [TEETH]
 
 Each rank runs two buffers in lockstep over the same communicator and seeds:
 one on ``device="gpu"`` (the emulation: ``mix(stream=s)`` on a non-blocking
