@@ -135,10 +135,10 @@ def test_stage_steps_match_the_cpu_path(mnist, reference, emulated_gpu, prepare_
 
 
 @pytest.mark.parametrize("prepare_ahead", [
-    pytest.param(0, marks=pytest.mark.xfail(strict=True, reason=DEFECT_1)),
+    pytest.param(0, marks=pytest.mark.xfail(strict=True, reason=DEFECT_1, raises=AssertionError)),
     # With the worker, whether a later step's synchronisation happens to run
     # before DALI reads depends on thread timing until the fix: not strict.
-    pytest.param(2, marks=pytest.mark.xfail(strict=False, reason=DEFECT_1))])
+    pytest.param(2, marks=pytest.mark.xfail(strict=False, reason=DEFECT_1, raises=AssertionError))])
 @pytest.mark.parametrize("read_after", [0, 2])
 def test_stage_no_copy_batches_read_as_dali_reads_them_match_the_cpu_path(
         mnist, reference, emulated_gpu, prepare_ahead, read_after):
@@ -178,8 +178,9 @@ def test_no_copy_batches_match_once_the_hand_over_synchronises(mnist, reference,
     assert_same_batches(got, reference)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 defect 2: source.run(stream) raises for "
-                                       "sources that are not on DALI's dynamic executor")
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="issue 8 defect 2: source.run(stream) raises for sources that are not "
+                          "on DALI's dynamic executor")
 def test_stage_with_a_source_off_the_dynamic_executor(mnist, reference, emulated_gpu):
     got, _ = gpu_run(mnist[0], prepare_ahead=0, read_after=2, exec_dynamic=False,
                      no_copy=False)
@@ -191,8 +192,9 @@ def test_stage_with_a_source_off_the_dynamic_executor(mnist, reference, emulated
 HAND_OVER_NAMES = ("_hand_over", "hand_over", "_handover", "_publish", "_ready_for_dali")
 
 
-@pytest.mark.xfail(strict=True, reason="completed by the lead when the defect-1 fix lands: "
-                                       "name its hand-over method in HAND_OVER_NAMES")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="completed by the lead when the defect-1 fix lands: name its "
+                          "hand-over method in HAND_OVER_NAMES")
 def test_teeth_stage_without_its_hand_over_ordering(mnist, reference, emulated_gpu,
                                                     monkeypatch):
     """Defect 1 put back: the stage's hand-over ordering patched out, the
