@@ -4,6 +4,12 @@
 rows in and out of it. It knows nothing about policies or sampling: slots are
 plain row indices. Everything that queues device work takes the stream it
 must be ordered on.
+
+On the GPU each row movement (copy, gather, scatter) is one kernel launch
+for all fields together, whatever their number: the fields' pointers and row
+sizes travel in a descriptor table with the step's indices, in one
+host-to-device copy into scratch memory kept between steps
+(:mod:`dali_rehearsal.kernels.movement`). Nothing is allocated per step.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._backend import Backend
-from .kernels import copy_rows, gather_rows, scatter_rows
+from .kernels import copy_fields, gather_fields, scatter_fields
 
 __all__ = ["FieldSpec", "SampleStore"]
 
@@ -36,6 +42,14 @@ class FieldSpec:
 def spec_of(arrays) -> tuple[FieldSpec, ...]:
     """The per-sample layout of a batch (one array per field, batch first)."""
     return tuple(FieldSpec(tuple(int(d) for d in a.shape[1:]), np.dtype(a.dtype)) for a in arrays)
+
+
+def _host(index) -> np.ndarray:
+    """Host int64 indices (the multi-field kernels upload them with their table)."""
+    if hasattr(index, "__cuda_array_interface__"):
+        from ._backend import to_host
+        index = to_host(index)
+    return np.ascontiguousarray(index, dtype=np.int64)
 
 
 class SampleStore:
@@ -76,27 +90,23 @@ class SampleStore:
         return self.backend.asarray(np.ascontiguousarray(values, dtype=np.int64), stream)
 
     def gather(self, slots, out, offset: int = 0, stream=None) -> None:
-        """``out[f][offset + k] = field f of slot slots[k]``, every field."""
+        """``out[f][offset + k] = field f of slot slots[k]``, every field (one
+        launch). ``slots``: host int64 indices."""
         if len(slots) == 0:
             return
-        index = self.index(slots, stream)
-        for src, dst in zip(self.fields, out):
-            gather_rows(src, index, dst, dst_offset=offset, stream=stream)
+        gather_fields(self.fields, _host(slots), out, dst_offset=offset, stream=stream)
 
     def scatter(self, rows, batch_index, slots, stream=None) -> None:
-        """Writes ``rows[f][batch_index[k]]`` into slot ``slots[k]``, every field."""
+        """Writes ``rows[f][batch_index[k]]`` into slot ``slots[k]``, every
+        field (one launch). Host int64 indices."""
         if len(slots) == 0:
             return
-        src_index = self.index(batch_index, stream)
-        dst_index = self.index(slots, stream)
-        for src, dst in zip(rows, self.fields):
-            scatter_rows(src, src_index, dst, dst_index, stream=stream)
+        scatter_fields(rows, _host(batch_index), self.fields, _host(slots), stream=stream)
 
     @staticmethod
     def copy(rows, out, offset: int = 0, stream=None) -> None:
-        """``out[f][offset:offset + len] = rows[f]``, every field."""
-        for src, dst in zip(rows, out):
-            copy_rows(src, dst, dst_offset=offset, stream=stream)
+        """``out[f][offset:offset + len] = rows[f]``, every field (one launch)."""
+        copy_fields(rows, out, dst_offset=offset, stream=stream)
 
     # ---------------------------------------------------------- host access
     def read(self, size: int, stream=None) -> list[np.ndarray]:

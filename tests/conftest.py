@@ -6,6 +6,10 @@ import shutil
 import pytest
 
 from dali_rehearsal import gpu_available
+# Fails the run when a test that must run was skipped (DALI_REHEARSAL_NO_SKIPS=1, set by
+# tests/run.sh): only `gpu` tests may skip on a CPU machine.
+from skip_guard import (pytest_collection_finish, pytest_collectreport,  # noqa: F401
+                        pytest_runtest_logreport, pytest_sessionfinish, pytest_terminal_summary)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -18,9 +22,10 @@ def pytest_collection_modifyitems(config, items):
         have_mpi = False
     gpu = gpu_available()
     for item in items:
-        if "gpu" in item.keywords and not gpu:
+        # markers, not keywords: keywords also hold folder names (a checkout in .../gpu/)
+        if item.get_closest_marker("gpu") is not None and not gpu:
             item.add_marker(skip_gpu)
-        if "mpi" in item.keywords and not have_mpi:
+        if item.get_closest_marker("mpi") is not None and not have_mpi:
             item.add_marker(skip_mpi)
 
 
@@ -56,3 +61,13 @@ def mnist(tmp_path_factory):
 def _quiet_dali(monkeypatch):
     monkeypatch.setenv("DALI_DISABLE_NVML", "1")
     yield
+
+
+@pytest.fixture
+def emulated_gpu():
+    """The CPU emulation of CuPy and CUDA streams (tests/emulation) in place of
+    CuPy: ``device="gpu"`` runs the library's real GPU code paths, with device
+    work that runs only when the program orders it. Yields the fake ``cupy``."""
+    from emulation import emulated
+    with emulated() as cupy:
+        yield cupy

@@ -2,11 +2,12 @@
 
 Three layers:
 
-* ``kernels/*.cu`` really compile with ``nvcc`` for every instantiation the
-  wrappers request (skipped without ``nvcc``);
+* ``kernels/*.cu`` really compile, with NVRTC exactly as CuPy loads them
+  (no name expressions: plain ``extern "C"`` entry points) and with ``nvcc``,
+  every entry point present (``tests/run.sh`` fails the run if these skip);
 * the kernel bodies, compiled as plain C++ through ``tests/kernel_shim`` and
-  run thread by thread on the CPU, match the NumPy reference path (skipped
-  without ``g++``);
+  run thread by thread on the CPU, match the NumPy reference path byte for
+  byte, single-field and multi-field kernels alike;
 * the wrappers, one test body per backend with NumPy as the reference
   (the CuPy parameter is marked ``gpu``).
 """
@@ -22,16 +23,21 @@ import numpy as np
 import pytest
 
 from dali_rehearsal.kernels import (
+    FIELD_KERNELS,
     KERNELS,
     WORD_TYPES,
+    copy_fields,
     copy_rows,
+    gather_fields,
     gather_rows,
-    name_expressions,
+    kernel_name,
+    kernel_names,
+    scatter_fields,
     scatter_rows,
     source_path,
     word_type_for,
 )
-from dali_rehearsal.kernels.movement import launch_config
+from dali_rehearsal.kernels.movement import FIELD_DTYPE, fields_launch_config, launch_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNEL_SOURCES = sorted((ROOT / "kernels").glob("*.cu"))
@@ -58,14 +64,30 @@ def test_source_path_missing():
         source_path("no_such_kernel")
 
 
-def test_name_expressions():
-    expressions = name_expressions("movement")
-    assert len(expressions) == len(KERNEL_NAMES) * len(WORD_TYPES)
-    assert "copy_rows<dr_word16>" in expressions
-    assert "gather_rows<unsigned int>" in expressions
-    assert "scatter_rows<unsigned char>" in expressions
+def test_kernel_names():
+    names = kernel_names("movement")
+    assert len(names) == len(KERNEL_NAMES) * len(WORD_TYPES) + len(FIELD_KERNELS["movement"])
+    assert len(set(names)) == len(names)
+    assert "copy_rows_w16" in names and kernel_name("copy_rows", 16) == "copy_rows_w16"
+    assert "gather_rows_w4" in names
+    assert "scatter_rows_w1" in names
+    assert {"copy_fields", "gather_fields", "scatter_fields"} <= set(names)
     with pytest.raises(KeyError, match="unknown kernel source"):
-        name_expressions("no_such_kernel")
+        kernel_names("no_such_kernel")
+    with pytest.raises(ValueError, match="word size"):
+        kernel_name("copy_rows", 3)
+
+
+@pytest.mark.parametrize("path", KERNEL_SOURCES, ids=lambda p: p.name)
+def test_every_entry_point_is_extern_c(path):
+    """Plain symbol names: the module compiles without NVRTC name expressions,
+    so CuPy's on-disk kernel cache serves later processes (issue: CuPy before
+    v14 skips that cache when name expressions are given)."""
+    text = path.read_text()
+    assert "template <typename W>\n__global__" not in text
+    globals_ = re.findall(r"__global__ void (\w+)\(", text)
+    assert globals_ == [] or all(
+        re.search(r'extern "C" __global__ void ' + name + r"\(", text) for name in globals_)
 
 
 @pytest.mark.parametrize("path", KERNEL_SOURCES, ids=lambda p: p.name)
@@ -125,51 +147,40 @@ def _nvrtc():
 @pytest.mark.parametrize("arch", ["compute_70", "compute_80", "compute_90"])
 @pytest.mark.parametrize("name", sorted(KERNELS))
 def test_kernels_compile_with_nvrtc_as_cupy_loads_them(name, arch):
-    """The GPU backend compiles each .cu with NVRTC through cupy.RawModule and
-    its name expressions. NVRTC needs no GPU, so CI checks that exact step:
-    no host headers, every template instantiation found by name."""
+    """The GPU backend compiles each .cu with NVRTC through cupy.RawModule,
+    without name expressions. NVRTC needs no GPU, so CI checks that exact
+    step: no host headers, every entry point present under its own name.
+    CuPy and the NVRTC library come with the `test` extra: this must not skip."""
     nvrtc = _nvrtc()
     if nvrtc is None:
-        pytest.skip("NVRTC library not available (pip install nvidia-cuda-nvrtc-cu12)")
+        pytest.fail("NVRTC not available through CuPy: install the `test` extra "
+                    "(cupy-cuda12x and nvidia-cuda-nvrtc-cu12)")
+    from dali_rehearsal.kernels import _COMPILE_OPTIONS
     prog = nvrtc.createProgram(source_path(name).read_text(), f"{name}.cu", [], [])
-    expressions = name_expressions(name)
-    for expression in expressions:
-        nvrtc.addNameExpression(prog, expression)
     try:
-        nvrtc.compileProgram(prog, ["-std=c++14", f"-arch={arch}"])
+        nvrtc.compileProgram(prog, [*_COMPILE_OPTIONS, f"-arch={arch}"])
     except Exception as e:
         pytest.fail(f"NVRTC rejected {name}.cu: {e}\n{nvrtc.getProgramLog(prog)}")
-    lowered = [nvrtc.getLoweredName(prog, expression) for expression in expressions]
-    assert len(set(lowered)) == len(expressions)
     ptx = nvrtc.getPTX(prog)
     ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    for symbol in lowered:
-        assert f".entry {symbol}" in ptx
+    entries = re.findall(r"^\.visible \.entry (\w+)\(", ptx, flags=re.MULTILINE)
+    assert sorted(entries) == sorted(kernel_names(name))
 
 
 @pytest.mark.parametrize("path", KERNEL_SOURCES, ids=lambda p: p.name)
 def test_cu_compiles_with_nvcc(path, tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        pytest.skip("nvcc not on PATH")
-    expressions = name_expressions(path.stem)
-    # Taking each kernel's address instantiates it, exactly like the NVRTC
-    # name expressions that cupy.RawModule registers.
-    unit = tmp_path / f"instantiate_{path.stem}.cu"
-    unit.write_text(
-        f'#include "{path}"\n'
-        "void* dr_instantiations[] = {\n"
-        + "".join(f"    (void*)&{expr},\n" for expr in expressions)
-        + "};\n")
+        pytest.fail("nvcc is not on PATH (the development and CI machines have CUDA 13's)")
     ptx = tmp_path / f"{path.stem}.ptx"
     result = subprocess.run(
         [nvcc, "-std=c++14", "--ptx", "-arch=compute_80",
-         "--Werror", "all-warnings", str(unit), "-o", str(ptx)],
+         "--Werror", "all-warnings", str(path), "-o", str(ptx)],
         capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
     assert result.returncode == 0, result.stderr
     entries = re.findall(r"^\.visible \.entry (\w+)\(", ptx.read_text(),
                          flags=re.MULTILINE)
-    assert len(set(entries)) == len(expressions), entries
+    assert sorted(entries) == sorted(kernel_names(path.stem))
 
 
 # --------------------------------------------------------------------------
@@ -181,7 +192,7 @@ def shim(tmp_path_factory):
     """The movement kernels compiled for the CPU, loaded with ctypes."""
     gxx = shutil.which("g++")
     if gxx is None:
-        pytest.skip("g++ not on PATH")
+        pytest.fail("g++ is not on PATH (the development and CI machines have it)")
     library = tmp_path_factory.mktemp("kernel_shim") / "movement_shim.so"
     result = subprocess.run(
         [gxx, "-O1", "-shared", "-fPIC", "-std=c++14", "-Wall", "-Werror",
@@ -190,15 +201,18 @@ def shim(tmp_path_factory):
         capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
     assert result.returncode == 0, result.stderr
     lib = ctypes.CDLL(str(library))
-    dims = [ctypes.c_uint] * 3
+    dims = [ctypes.c_uint] * 4
     ptr, i64 = ctypes.c_void_p, ctypes.c_longlong
     for word in WORD_SIZES:
-        getattr(lib, f"copy_rows_{word}").argtypes = dims + [
+        getattr(lib, f"shim_copy_rows_w{word}").argtypes = dims + [
             ptr, ptr, i64, i64, i64]
-        getattr(lib, f"gather_rows_{word}").argtypes = dims + [
+        getattr(lib, f"shim_gather_rows_w{word}").argtypes = dims + [
             ptr, ptr, ptr, i64, i64, i64]
-        getattr(lib, f"scatter_rows_{word}").argtypes = dims + [
+        getattr(lib, f"shim_scatter_rows_w{word}").argtypes = dims + [
             ptr, ptr, ptr, ptr, i64, i64]
+    lib.shim_copy_fields.argtypes = dims + [ptr, i64, i64]
+    lib.shim_gather_fields.argtypes = dims + [ptr, ptr, i64, i64]
+    lib.shim_scatter_fields.argtypes = dims + [ptr, ptr, ptr, i64]
     return lib
 
 
@@ -239,7 +253,7 @@ def _run(shim, kernel, src, dst, *, index=None, src_index=None,
         (gx, gy, _), (bx, _, _) = launch_config(row_words, n_rows)
     else:
         gx, gy, bx = config
-    getattr(shim, f"{kernel}_{word}")(gx, gy, bx, *args)
+    getattr(shim, f"shim_{kernel_name(kernel, word)}")(gx, gy, 1, bx, *args)
     return word
 
 
@@ -339,6 +353,107 @@ def test_emulated_kernel_picks_word_type(shim, kernel, dtype, row_shape,
     rng = np.random.default_rng(len(row_shape) + misalign)
     used = _check_emulation(shim, kernel, rng, row_shape, dtype, misalign)
     assert used == word
+
+
+# Multi-field kernels: every field of a step in one launch, through a
+# descriptor table (FIELD_DTYPE rows, the layout of struct dr_field).
+FIELD_LAYOUTS = {
+    "image_label_logits_task": [((28, 28, 3), np.uint8, 0), ((), np.int64, 0),
+                                ((28,), np.float32, 0), ((), np.int32, 0)],
+    "odd_rows_misaligned": [((5, 3), np.uint8, 1), ((3,), np.uint16, 2),
+                            ((7, 2), np.float64, 8), ((), np.uint8, 3)],
+    "one_field": [((37,), np.uint8, 0)],
+}
+FIELD_KERNEL_NAMES = FIELD_KERNELS["movement"]
+
+
+def _fields_scenario(kernel, rng, layout):
+    """Fields of one layout: ``(srcs, dsts, kwargs, written rows, guard buffers)``."""
+    n_src = 7 if kernel == "copy_fields" else 6
+    srcs, dsts, guards = [], [], []
+    for row_shape, dtype, misalign in FIELD_LAYOUTS[layout]:
+        src_buf, src = _guarded(rng, (n_src, *row_shape), dtype, misalign)
+        dst_buf, dst = _guarded(rng, (N_DST, *row_shape), dtype, misalign)
+        srcs.append(src)
+        dsts.append(dst)
+        guards.append((src_buf, dst_buf, dst))
+    if kernel == "copy_fields":
+        kwargs, written = {"dst_offset": 3}, np.arange(3, 3 + n_src)
+    elif kernel == "gather_fields":
+        kwargs, written = {"index": SRC_INDEX, "dst_offset": 2}, np.arange(2, 2 + len(SRC_INDEX))
+    else:
+        kwargs, written = {"src_index": SRC_INDEX, "dst_index": DST_INDEX}, DST_INDEX
+    return srcs, dsts, kwargs, written, guards
+
+
+def _fields_table(srcs, dsts):
+    """The descriptor table the CuPy wrapper uploads, over host pointers."""
+    records = []
+    for s, d in zip(srcs, dsts):
+        row_bytes = s.itemsize * math.prod(s.shape[1:])
+        word = word_type_for(row_bytes, s.ctypes.data, d.ctypes.data)
+        records.append((s.ctypes.data, d.ctypes.data, row_bytes // word, word))
+    return np.array(records, dtype=FIELD_DTYPE)
+
+
+def _run_fields(shim, kernel, srcs, dsts, kwargs, config=None):
+    table = _fields_table(srcs, dsts)
+    if kernel == "copy_fields":
+        n_rows = len(srcs[0])
+        args = (kwargs["dst_offset"],)
+    elif kernel == "gather_fields":
+        n_rows = len(kwargs["index"])
+        args = (kwargs["index"].ctypes.data, n_rows, kwargs["dst_offset"])
+    else:
+        n_rows = len(kwargs["src_index"])
+        args = (kwargs["src_index"].ctypes.data, kwargs["dst_index"].ctypes.data, n_rows)
+    if kernel == "copy_fields":
+        args = (n_rows,) + args
+    if config is None:
+        (gx, gy, gz), (bx, _, _) = fields_launch_config(int(table["row_words"].max()), n_rows,
+                                                       len(table))
+    else:
+        (gx, gy, bx), gz = config, len(table)
+    getattr(shim, f"shim_{kernel}")(gx, gy, gz, bx, table.ctypes.data, *args)
+    return table
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("layout", list(FIELD_LAYOUTS))
+@pytest.mark.parametrize("kernel", FIELD_KERNEL_NAMES)
+def test_emulated_field_kernels_match_numpy(shim, kernel, layout, config):
+    """One launch moves every field, each with its own row size and word
+    size, byte for byte like the NumPy path; nothing else is touched."""
+    rng = np.random.default_rng(len(layout) + len(config))
+    srcs, dsts, kwargs, written, guards = _fields_scenario(kernel, rng, layout)
+    saved = [(sb.copy(), db.copy(), d.copy()) for sb, db, d in guards]
+    expected = [d.copy() for d in dsts]
+    reference = {"copy_fields": copy_fields, "gather_fields": gather_fields,
+                 "scatter_fields": scatter_fields}[kernel]
+    if kernel == "scatter_fields":
+        reference(srcs, kwargs["src_index"], expected, kwargs["dst_index"])
+    elif kernel == "gather_fields":
+        reference(srcs, kwargs["index"], expected, dst_offset=kwargs["dst_offset"])
+    else:
+        reference(srcs, expected, **kwargs)
+    table = _run_fields(shim, kernel, srcs, dsts, kwargs, CONFIGS[config])
+    if layout == "image_label_logits_task":
+        assert table["word_bytes"].tolist() == [16, 8, 16, 4]     # a word size per field
+    untouched = np.setdiff1d(np.arange(N_DST), written)
+    for d, e, (sb, db, dst), (saved_sb, saved_db, original) in zip(dsts, expected, guards, saved):
+        np.testing.assert_array_equal(d.view(np.uint8), e.view(np.uint8))
+        np.testing.assert_array_equal(d[untouched], original[untouched])
+        np.testing.assert_array_equal(sb, saved_sb)
+        outside = np.ones(len(db), dtype=bool)
+        start = dst.ctypes.data - db.ctypes.data
+        outside[start:start + dst.nbytes] = False
+        np.testing.assert_array_equal(db[outside], saved_db[outside])
+
+
+def test_fields_launch_config_puts_fields_on_z():
+    (gx, gy, gz), (bx, by, bz) = fields_launch_config(147, 56, 4)
+    assert (gz, by, bz) == (4, 1, 1)
+    assert ((gx, gy, 1), (bx, 1, 1)) == launch_config(147, 56)
 
 
 # --------------------------------------------------------------------------
@@ -488,15 +603,16 @@ def test_mixed_backends_rejected():
 
 
 @pytest.mark.gpu
-def test_cupy_explicit_stream_and_module_cache():
+def test_cupy_explicit_stream_and_kernel_cache():
     import cupy
 
-    from dali_rehearsal.kernels import get_module
+    from dali_rehearsal.kernels import get_kernel, get_module
 
     module = get_module("movement")
     assert get_module("movement", cupy.cuda.Device().id) is module
-    for expression in name_expressions("movement"):
-        module.get_function(expression)
+    device = cupy.cuda.Device().id
+    for name in kernel_names("movement"):
+        assert get_kernel("movement", name, device) is get_kernel("movement", name, device)
     rng = np.random.default_rng(4)
     src = _random(rng, 20, "uint8_hwc")
     dst = cupy.zeros((N_BUFFER, 28, 28, 3), dtype=np.uint8)
@@ -504,3 +620,60 @@ def test_cupy_explicit_stream_and_module_cache():
     copy_rows(cupy.asarray(src), dst, dst_offset=1, stream=stream)
     stream.synchronize()
     np.testing.assert_array_equal(dst[1:21].get(), src)
+
+
+# --------------------------------------------------------------------------
+# Multi-field wrappers, NumPy as the reference for every backend
+# --------------------------------------------------------------------------
+
+def _field_arrays(rng, n_rows):
+    return [_random(rng, n_rows, sample) for sample in SAMPLES]
+
+
+@pytest.mark.parametrize("kernel", FIELD_KERNEL_NAMES)
+def test_field_wrappers(xp, kernel):
+    rng = np.random.default_rng(5)
+    srcs = _field_arrays(rng, 24)
+    storage = _field_arrays(rng, N_BUFFER)
+    index = rng.integers(0, 24, 16).astype(np.int64)
+    slots = rng.permutation(N_BUFFER)[:16].astype(np.int64)
+    expected = [d.copy() for d in storage]
+    out = [xp.asarray(d) for d in storage]
+    if kernel == "copy_fields":
+        for e, s in zip(expected, srcs):
+            e[30:54] = s
+        copy_fields([xp.asarray(s) for s in srcs], out, dst_offset=30)
+    elif kernel == "gather_fields":
+        for e, s in zip(expected, srcs):
+            e[3:19] = s[index]
+        gather_fields([xp.asarray(s) for s in srcs], index, out, dst_offset=3)
+    else:
+        for e, s in zip(expected, srcs):
+            e[slots] = s[index]
+        scatter_fields([xp.asarray(s) for s in srcs], index, out, slots)
+    _synchronize(xp)
+    for o, e in zip(out, expected):
+        np.testing.assert_array_equal(_host(o), e)
+
+
+def test_field_wrapper_errors(xp):
+    rows = [xp.zeros((4, 3), dtype=np.float32), xp.zeros(4, dtype=np.int64)]
+    buffer = [xp.zeros((8, 3), dtype=np.float32), xp.zeros(8, dtype=np.int64)]
+    with pytest.raises(ValueError, match="2 source fields but 1 destination"):
+        copy_fields(rows, buffer[:1])
+    with pytest.raises(ValueError, match="same number of rows"):
+        copy_fields([rows[0], buffer[1]], buffer)
+    with pytest.raises(ValueError, match="out of bounds"):
+        copy_fields(rows, buffer, dst_offset=5)
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        copy_fields(rows, buffer[::-1])
+    with pytest.raises(IndexError, match=r"index values must lie in \[0, 8\)"):
+        gather_fields(buffer, [0, 8], rows)
+    with pytest.raises(IndexError, match="dst_index values"):
+        scatter_fields(rows, [0], buffer, [8])
+    with pytest.raises(ValueError, match="lengths differ"):
+        scatter_fields(rows, [0, 1], buffer, [0])
+    with pytest.raises(TypeError, match="int64"):
+        gather_fields(buffer, np.array([0.5]), rows)
+    copy_fields([], [])                                  # nothing to move
+    gather_fields(buffer, np.zeros(0, np.int64), rows)
