@@ -877,7 +877,8 @@ def _prepare_elastic(buffer, own_policy, path, entries, capacities, seed,
         shard = _Shard(path, entry)
         shards.append(shard)
         saved = _check_settings(shard.state["settings"])
-        _compare(buffer, saved, ("num_representatives", "policy", "label_index", "sampling"))
+        # The sampler starts afresh: the sampling mode may differ.
+        _compare(buffer, saved, ("num_representatives", "policy", "label_index"))
         checker = make_policy(saved["policy"], saved["capacity"], np.random.default_rng(0))
         states.append(_check(shard.state, checker))
     layouts = {None if s.spec is None else tuple((f.shape, f.dtype.str) for f in s.spec)
