@@ -50,7 +50,6 @@ and a failure on one process raises on every process.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -656,6 +655,10 @@ def _read_manifest(path: str) -> dict:
     if body.get("format") != DIR_FORMAT or body.get("version") != DIR_VERSION:
         raise CheckpointError(f"{file}: unsupported checkpoint format "
                               f"{body.get('format')!r} version {body.get('version')!r}")
+    save_id = body.get("save_id")
+    if not isinstance(save_id, str) or not save_id or \
+            any(ch not in "0123456789abcdef" for ch in save_id):
+        raise CheckpointError(f"{file}: bad save id {save_id!r}")
     shards = body.get("shards")
     n = body.get("world_size")
     if not isinstance(n, int) or n < 1 or not isinstance(shards, list) or len(shards) != n \
