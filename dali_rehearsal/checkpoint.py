@@ -136,7 +136,7 @@ def capture(buffer, policy) -> dict:
 def _torch():
     try:
         import torch
-    except ImportError:
+    except Exception:  # not installed, or an installation that does not import
         return None
     return torch
 
@@ -339,6 +339,8 @@ def _check_sampler_state(sampler, state) -> dict:
     for key, ref in current.items():
         value = state[key]
         what = f"sampler state {key!r}"
+        if ref is None or value is None:
+            continue            # an optional value: the sampler's own business
         if isinstance(ref, dict) and "bit_generator" in ref:
             bitgen = getattr(np.random, str(ref["bit_generator"]))
             try:
