@@ -258,6 +258,9 @@ class ClassBalanced(InsertionPolicy):
 
     #: labels below this are looked up in a table, larger ones by binary search
     _TABLE_LIMIT = 1 << 16
+    #: the slot lists are compacted when they take more than this many times
+    #: the capacity (lists that outgrow their room move to the end)
+    _ARENA_SLACK = 8
 
     def __init__(self, capacity: int, rng: np.random.Generator):
         super().__init__(capacity, rng)
@@ -347,7 +350,7 @@ class ClassBalanced(InsertionPolicy):
             return
         new_room = np.maximum(2 * need[short], 16)
         total = int(new_room.sum())
-        if self._arena_used + total > 8 * self.capacity + 64 * len(self._room) + 64:
+        if self._arena_used + total > self._ARENA_SLACK * (self.capacity + 8 * len(self._room)):
             room = np.maximum(2 * np.maximum(need, self._count), 16)
             self._layout(self._arena, self._base, self._count, room)
             return

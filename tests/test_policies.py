@@ -327,6 +327,14 @@ def test_vectorised_offer_takes_the_sequential_decisions(name, stream, capacity)
             np.testing.assert_array_equal(policy.slot_labels[members], c)
 
 
+@pytest.mark.parametrize("stream", ["class-incremental", "one-class-floods-then-new-ones"])
+def test_vectorised_offer_with_slot_lists_compacted_at_every_growth(stream, monkeypatch):
+    """The per-class slot lists move and are compacted as classes grow: the
+    decisions stay those of the reference."""
+    monkeypatch.setattr(ClassBalanced, "_ARENA_SLACK", 0)
+    test_vectorised_offer_takes_the_sequential_decisions("class_balanced", stream, 24)
+
+
 def test_class_balanced_large_batches_keep_over_share_classes_uniform():
     """Large batches in which a new class takes slots from an over-share class
     while that class's own samples keep arriving in the same batch: the kept
