@@ -307,6 +307,24 @@ def test_a_sampler_that_refuses_its_state_changes_nothing(monkeypatch):
     assert buffer.size == 24
 
 
+def test_global_sampler_state_is_checked_before_it_is_applied():
+    """The state of a global sampler (shared seed, round number): every value
+    is checked against the sampler's own state before anything is applied."""
+    rng = np.random.default_rng(0)
+
+    class GlobalShaped:                 # the keys and kinds GlobalSampler.state_dict() has
+        def state_dict(self):
+            return {"rng": rng.bit_generator.state, "seed": 12, "round": 40}
+
+    good = {"rng": np.random.default_rng(1).bit_generator.state, "seed": 3, "round": 7}
+    assert checkpoint._check_sampler_state(GlobalShaped(), good) == good
+    for bad, match in [({**good, "round": -1}, "round"), ({**good, "seed": "3"}, "seed"),
+                       ({**good, "extra": 1}, "keys"), ({"rng": good["rng"]}, "keys"),
+                       ({**good, "rng": {**good["rng"], "uinteger": -1}}, "random state")]:
+        with pytest.raises(CheckpointError, match=match):
+            checkpoint._check_sampler_state(GlobalShaped(), bad)
+
+
 # ============================================================ directories
 def _shard_files(path):
     return sorted(p for p in Path(path).iterdir() if p.name.startswith("shard-"))
