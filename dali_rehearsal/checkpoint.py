@@ -538,7 +538,9 @@ def _write_shard(f, state: dict) -> None:
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
         for name, array in arrays.items():
-            with z.open(name + ".npy", "w", force_zip64=True) as member:
+            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            # (a fixed date: the same buffer state gives the same bytes)
+            with z.open(info, "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.ascontiguousarray(array),
                                           allow_pickle=False)
 
@@ -669,6 +671,10 @@ def _read_manifest(path: str) -> dict:
     for s in shards:
         if not isinstance(s.get("file"), str) or os.path.basename(s["file"]) != s["file"]:
             raise CheckpointError(f"{file}: bad shard file name {s.get('file')!r}")
+        sha = s.get("sha256")
+        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef"
+                                                              for c in sha):
+            raise CheckpointError(f"{file}: bad checksum for shard {s['rank']}")
         _compare_entry(s, n)
     return body
 
@@ -802,7 +808,7 @@ def load(buffer, policy, wrote, path, *, resize: bool = False) -> None:
                         f"the saved buffers have capacity={sorted(saved)}, these "
                         f"{sorted(set(capacities))}; load(path, resize=True) redistributes "
                         "the samples into buffers of another capacity")
-                seed = [everyone[0]["entropy"], int(manifest["save_id"], 16)]
+                seed = [everyone[0]["entropy"]] + [int(e["sha256"][:16], 16) for e in entries]
                 prepared = _prepare_elastic(buffer, policy, path, entries, capacities, seed,
                                             shards)
         except Exception as e:  # reported to every process
