@@ -8,6 +8,7 @@ import weakref
 
 import numpy as np
 
+from . import checkpoint
 from ._backend import Backend, get_backend, on_device, to_host
 from .policies import make_policy
 from .sampling import Representatives, make_sampler, world_of
@@ -347,47 +348,49 @@ class RehearsalBuffer:
         return tuple(out)
 
     # ------------------------------------------------------------ checkpoints
+    # The formats, checks and collectives live in dali_rehearsal.checkpoint.
     def state_dict(self) -> dict:
-        """Everything needed to resume this buffer: the stored samples (host
-        copies), the policy's bookkeeping and the random streams.
+        """This process's shard as a dict of arrays and plain values: the
+        stored samples (host copies), the policy's bookkeeping, the random
+        streams and the settings.
 
-        Take it between tasks, when no stage is preparing batches.
+        The arrays are CPU ``torch`` tensors when PyTorch can be imported
+        (``torch.save`` then ``torch.load(..., weights_only=True)`` round-trips
+        the dict), NumPy arrays otherwise. Take it between tasks, when no
+        stage is preparing batches. See :mod:`dali_rehearsal.checkpoint`.
         """
-        self.wait_for_writes()
-        state = {
-            "format": 1, "capacity": self.capacity,
-            "num_representatives": self.num_representatives, "policy": self.policy,
-            "label_index": self.label_index, "rank": self.rank, "world_size": self.world_size,
-            "spec": None if self.spec is None else [(f.shape, f.dtype.str) for f in self.spec],
-            "fields": None if not self.store.allocated else self.store.read(self.size),
-            "policy_state": self._policy.state_dict(),
-            "sampler": self._sampler.state_dict(),
-        }
-        return state
+        return checkpoint.state_dict(self, self._policy)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores a :meth:`state_dict` into this (new, empty) buffer."""
-        if self.store.allocated:
-            raise RuntimeError("load_state_dict() needs a buffer that has not stored anything")
-        if state.get("format") != 1:
-            raise ValueError("not a RehearsalBuffer state (unknown format)")
-        for key in ("capacity", "policy", "label_index", "rank", "world_size"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"the saved buffer has {key}={state[key]!r}, this one "
-                                 f"{getattr(self, key)!r}")
-        self.num_representatives = int(state["num_representatives"])
-        if state["spec"] is not None:
-            spec = tuple(FieldSpec(tuple(shape), np.dtype(dtype)) for shape, dtype in state["spec"])
-            size = int(state["policy_state"]["size"])
-            for f, saved in zip(spec, state["fields"]):
-                if saved.shape != (size,) + f.shape:
-                    raise ValueError("the saved samples do not match the saved layout")
-            self.store.allocate(spec)
-            stream = self._backend.current_stream()
-            self.store.write(state["fields"], stream)
-            self._wrote(stream)
-        self._policy.load_state_dict(state["policy_state"])
-        self._sampler.load_state_dict(state["sampler"])
+        """Restores a :meth:`state_dict` into this new buffer (before its first
+        step), built with the same settings on the same rank of as many
+        processes; the same batches follow.
+
+        Everything is checked first: a corrupted, inconsistent or mismatched
+        state raises :class:`~dali_rehearsal.checkpoint.CheckpointError` (a
+        ``ValueError``) and leaves the buffer as it was.
+        """
+        checkpoint.load_state_dict(self, self._policy, self._wrote, state)
+
+    def save(self, path) -> None:
+        """Writes a checkpoint directory at ``path`` (NumPy files and JSON, no
+        pickle, no PyTorch): atomically, with checksums. With ``comm`` this is
+        a collective call: every process writes its shard into the same
+        directory (a filesystem every process can reach)."""
+        checkpoint.save(self, self._policy, path)
+
+    def load(self, path, *, resize: bool = False) -> None:
+        """Restores a checkpoint directory written by :meth:`save` into this new
+        buffer (collective with ``comm``).
+
+        On as many processes with the same capacities, each process resumes
+        its own shard exactly. On another number of processes the samples are
+        redistributed: all of them when they fit, else a uniform subsample
+        (per class for ``"class_balanced"``). ``resize=True`` also allows
+        buffers of another capacity. Checked first: a bad checkpoint raises on
+        every process and changes nothing.
+        """
+        checkpoint.load(self, self._policy, self._wrote, path, resize=resize)
 
     def attach_stage(self, stage) -> None:
         """A new DALI stage feeds this buffer: the previous one stops preparing

@@ -312,43 +312,4 @@ def test_gpu_device_without_gpu_raises():
     assert dr.RehearsalBuffer(capacity=10, num_representatives=1, device=None).device == "cpu"
 
 
-@pytest.mark.parametrize("policy", sorted(dr.POLICIES))
-def test_checkpoint_resumes_with_exactly_the_same_batches(xp, device, policy):
-    """A buffer saved mid-stream (pickled like a checkpoint) and loaded into a
-    new buffer continues exactly as the original: same samples, same labels,
-    same representatives."""
-    import pickle
-    stream = Stream(seed=3)
-    batches = [stream.batch(8) for _ in range(30)]
-    kwargs = dict(capacity=40, num_representatives=5, policy=policy, device=device, seed=9)
-    original = dr.RehearsalBuffer(**kwargs)
-    for batch in batches[:15]:
-        original.mix(*(xp.asarray(a) for a in batch))
-    state = pickle.loads(pickle.dumps(original.state_dict()))
-    resumed = dr.RehearsalBuffer(**kwargs)
-    resumed.load_state_dict(state)
-    assert resumed.size == original.size and resumed.num_seen == original.num_seen
-    assert resumed.class_counts() == original.class_counts()
-    for batch in batches[15:]:
-        a = original.mix(*(xp.asarray(x) for x in batch))
-        b = resumed.mix(*(xp.asarray(x) for x in batch))
-        stream.check(b)
-        for x, y in zip(a, b):
-            np.testing.assert_array_equal(to_host(x), to_host(y))
-
-
-def test_checkpoint_of_an_empty_buffer_and_mismatches():
-    empty = dr.RehearsalBuffer(capacity=10, num_representatives=2, device="cpu", seed=0)
-    fresh = dr.RehearsalBuffer(capacity=10, num_representatives=2, device="cpu", seed=1)
-    fresh.load_state_dict(empty.state_dict())
-    assert fresh.size == 0 and fresh.spec is None
-    stream = Stream()
-    empty.mix(*stream.batch(4))
-    state = empty.state_dict()
-    with pytest.raises(ValueError, match="capacity=10"):
-        dr.RehearsalBuffer(capacity=11, num_representatives=2, device="cpu").load_state_dict(state)
-    with pytest.raises(ValueError, match="policy"):
-        dr.RehearsalBuffer(capacity=10, num_representatives=2, policy="reservoir",
-                           device="cpu").load_state_dict(state)
-    with pytest.raises(RuntimeError, match="not stored anything"):
-        empty.load_state_dict(state)
+# Checkpoints (state dicts, directories, validation, elastic restore): tests/test_checkpoint.py

@@ -230,3 +230,233 @@ def test_class_balanced_uses_free_slots_before_dropping_anything():
     policy.offer(np.array([0, 0, 0, 2, 2, 2, 2], dtype=np.int64))
     # three classes share 12 slots: class 0 and 2 took their 4 from class 1
     assert policy.class_counts() == {0: 4, 1: 4, 2: 4}
+
+
+# ------------------------------------------------------- vectorised = one at a time
+class _SequentialReference:
+    """The policies' documented decisions, one sample at a time, in plain
+    Python: the vectorised policies must take exactly these decisions with the
+    same random stream, for any batching."""
+
+    def __init__(self, name, capacity, rng):
+        self.name, self.capacity, self.rng = name, capacity, rng
+        self.size = self.num_seen = 0
+        self.order, self.seen, self.lists, self.quota = [], {}, {}, {}
+
+    def _below(self, bound):
+        return min(int(self.rng.random() * bound), bound - 1)
+
+    def _shuffle_over_share(self):
+        for c in self.order:
+            if len(self.lists[c]) > self.quota[c]:
+                self.lists[c] = self.rng.permutation(np.array(self.lists[c], np.int64)).tolist()
+
+    def offer_one(self, label):
+        self.num_seen += 1
+        if self.name == "reservoir":
+            if self.size < self.capacity:
+                self.size += 1
+                return self.size - 1
+            j = self._below(self.num_seen)
+            return j if j < self.capacity else -1
+        if label not in self.seen:
+            self.order.append(label)
+            self.seen[label], self.lists[label] = 0, []
+            base, extra = divmod(self.capacity, len(self.order))
+            self.quota = {c: base + (i < extra) for i, c in enumerate(self.order)}
+            if self.size == self.capacity:
+                self._shuffle_over_share()
+        self.seen[label] += 1
+        mine = self.lists[label]
+        if self.size < self.capacity:
+            mine.append(self.size)
+            self.size += 1
+            if self.size == self.capacity:
+                self._shuffle_over_share()
+            return mine[-1] if mine else self.size - 1
+        if len(mine) < self.quota[label]:
+            giver = max(self.order, key=lambda c: len(self.lists[c]) - self.quota[c])
+            mine.append(self.lists[giver].pop())       # the end of a shuffled list
+            return mine[-1]
+        if self.quota[label] == 0:
+            return -1
+        j = self._below(self.seen[label])
+        return mine[j] if j < len(mine) else -1
+
+
+def _label_streams():
+    rng = np.random.default_rng(42)
+    tasks = np.concatenate([rng.permutation(np.repeat([2 * t, 2 * t + 1], 60)) for t in range(5)])
+    return {
+        "class-incremental": tasks,
+        "random-4-classes": rng.integers(0, 4, 500),
+        "more-classes-than-slots": rng.integers(0, 15, 400),
+        "large-and-small-labels": rng.choice([3, 70_000, 2**40, 9, 2**62], 400),
+        "one-class-floods-then-new-ones": np.concatenate([np.zeros(80, np.int64),
+                                                          rng.integers(0, 6, 300)]),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("stream", sorted(_label_streams()))
+@pytest.mark.parametrize("capacity", [1, 7, 24])
+def test_vectorised_offer_takes_the_sequential_decisions(name, stream, capacity):
+    """Random batch sizes (1 to 70): every batch's writes are the last write
+    per slot of the one-at-a-time reference, and the state agrees after it."""
+    labels = _label_streams()[stream]
+    policy = make_policy(name, capacity, np.random.default_rng(3))
+    reference = _SequentialReference(name, capacity, np.random.default_rng(3))
+    sizes = np.random.default_rng(capacity).integers(1, 71, size=len(labels))
+    start = 0
+    while start < len(labels):
+        batch = labels[start:start + int(sizes[start])]
+        batch_index, slots = policy.offer(batch)
+        last = {}
+        for i, label in enumerate(batch.tolist()):
+            slot = reference.offer_one(label)
+            if slot >= 0:
+                last.pop(slot, None)
+                last[slot] = i
+        expected = sorted((i, s) for s, i in last.items())
+        assert list(zip(batch_index.tolist(), slots.tolist())) == expected
+        assert policy.size == reference.size and policy.num_seen == reference.num_seen
+        start += len(batch)
+    if name == "class_balanced":
+        assert policy.class_counts() == {c: len(s) for c, s in reference.lists.items() if s}
+        for c, members in reference.lists.items():
+            np.testing.assert_array_equal(policy.slot_labels[members], c)
+
+
+@pytest.mark.parametrize("stream", ["class-incremental", "one-class-floods-then-new-ones"])
+def test_vectorised_offer_with_slot_lists_compacted_at_every_growth(stream, monkeypatch):
+    """The per-class slot lists move and are compacted as classes grow: the
+    decisions stay those of the reference."""
+    monkeypatch.setattr(ClassBalanced, "_ARENA_SLACK", 0)
+    test_vectorised_offer_takes_the_sequential_decisions("class_balanced", stream, 24)
+
+
+def test_class_balanced_large_batches_keep_over_share_classes_uniform():
+    """Large batches in which a new class takes slots from an over-share class
+    while that class's own samples keep arriving in the same batch: the kept
+    class-0 samples stay a uniform sample of every class-0 sample offered."""
+    capacity, batch = 16, 40
+    n0_alone, n_mixed = 40, 80
+    counts = np.zeros(n0_alone + n_mixed // 2, dtype=np.int64)
+    for run in range(RUNS):
+        rng = np.random.default_rng(50_000 + run)
+        labels = np.concatenate([np.zeros(n0_alone, np.int64),
+                                 rng.permutation(np.repeat([0, 1], n_mixed // 2))])
+        policy = ClassBalanced(capacity, np.random.default_rng(run))
+        owner = _replay(policy, labels, batch)
+        if run < 20:
+            _check_slot_labels(policy, labels, owner)
+        assert policy.class_counts() == {0: 8, 1: 8}
+        class0 = np.flatnonzero(labels == 0)
+        rank_of = np.full(len(labels), -1)
+        rank_of[class0] = np.arange(len(class0))
+        counts[rank_of[owner[labels[owner] == 0]]] += 1
+    expected = RUNS * 8 / len(counts)
+    assert chisquare(counts, np.full(len(counts), expected)).pvalue > ALPHA
+
+
+# ------------------------------------------------------------------------ state
+def _used(name, seed=0, n=300, capacity=20):
+    policy = make_policy(name, capacity, np.random.default_rng(seed))
+    labels = np.random.default_rng(seed + 1).integers(0, 6, n)
+    for k in range(0, n, 13):
+        policy.offer(labels[k:k + 13])
+    return policy
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_state_round_trip_continues_with_the_same_decisions(name):
+    original = _used(name)
+    state = original.state_dict()
+    for value in state.values():      # arrays and plain values only
+        assert isinstance(value, (np.ndarray, int, dict)), type(value)
+    restored = make_policy(name, 20, np.random.default_rng(99))
+    restored.load_state_dict(state)
+    assert restored.class_counts() == original.class_counts()
+    labels = np.random.default_rng(7).integers(0, 8, 200)
+    for k in range(0, 200, 11):
+        a, b = original.offer(labels[k:k + 11]), restored.offer(labels[k:k + 11])
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(original.slot_labels, restored.slot_labels)
+
+
+def _tampered(name):
+    """(description, state changer) pairs for a used policy's state."""
+    def set_(key, value):
+        def change(state):
+            state[key] = value
+        return change
+
+    def edit(key, fn):
+        def change(state):
+            state[key] = fn(state[key].copy())
+        return change
+
+    def at(index, value):
+        def fn(a):
+            a[index] = value
+            return a
+        return fn
+
+    cases = [
+        ("size beyond capacity", set_("size", 21)),
+        ("negative size", set_("size", -1)),
+        ("negative num_seen", set_("num_seen", -5)),
+        ("num_seen below size", set_("num_seen", 3)),
+        ("negative label in a slot", edit("slot_labels", at(2, -4))),
+        ("label in a free slot", set_("size", 19)),
+        ("slot_labels too short", edit("slot_labels", lambda a: a[:-1])),
+        ("slot_labels of floats", edit("slot_labels", lambda a: a.astype(np.float64))),
+        ("bad random state", edit("rng", lambda r: {**r, "bit_generator": "MT19937"})),
+        ("random state of a wrong type", set_("rng", [1, 2, 3])),
+        ("missing key", lambda state: state.pop("num_seen")),
+        ("unexpected key", set_("surprise", 1)),
+    ]
+    if name == "class_balanced":
+        cases += [
+            ("label disagrees with its class", edit("slot_labels", at(0, 99))),
+            ("slot listed twice", edit("class_slots", at(1, 0))),
+            ("slot out of range", edit("class_slots", at(0, 999))),
+            ("negative class count", edit("class_counts", at(0, -1))),
+            ("count above seen", edit("class_seen", at(0, 0))),
+            ("repeated class", edit("class_labels", at(1, 0))),
+            ("seen not summing to num_seen", edit("class_seen", at(0, 10**6))),
+        ]
+    return cases
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_invalid_states_are_rejected_without_change(name):
+    for description, change in _tampered(name):
+        policy = _used(name, seed=5)
+        before = policy.state_dict()
+        state = _used(name, seed=6).state_dict()
+        change(state)
+        with pytest.raises(ValueError):
+            policy.load_state_dict(state)
+            pytest.fail(f"accepted: {description}")
+        after = policy.state_dict()
+        for key in before:
+            np.testing.assert_array_equal(np.asarray(before[key], dtype=object),
+                                          np.asarray(after[key], dtype=object), err_msg=key)
+        policy.load_state_dict(_used(name, seed=6).state_dict())   # a good state still loads
+        assert policy.class_counts() == _used(name, seed=6).class_counts()
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_state_from_samples_is_a_valid_state(name):
+    policy = make_policy(name, 10, np.random.default_rng(0))
+    labels = np.array([4, 1, 4, 4, 2, 1], np.int64)
+    state = policy.state_from_samples(labels, num_seen=40, class_labels=[1, 4, 2, 8],
+                                      class_seen=[10, 20, 5, 5])
+    policy.load_state_dict(state)
+    assert policy.size == 6 and policy.num_seen == 40
+    assert policy.class_counts() == {1: 2, 2: 1, 4: 3}
+    np.testing.assert_array_equal(policy.slot_labels[:6], labels)
+    policy.offer(np.full(30, 8, np.int64))          # free slots first, then shares
+    assert policy.size == 10

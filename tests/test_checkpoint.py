@@ -1,0 +1,711 @@
+"""Buffer checkpoints: state dicts (torch.save with weights_only=True),
+checkpoint directories (no pickle, atomic, checksummed), validation of every
+field before anything changes, elastic restore on another number of processes.
+
+Samples name themselves (see tests/mpi_programs/checkpoint.py): every restored
+row can be checked against the sample it claims to be, field by field.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+import dali_rehearsal as dr
+from dali_rehearsal import checkpoint
+from dali_rehearsal._backend import to_host
+from dali_rehearsal.checkpoint import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+PROGRAM = ROOT / "tests" / "mpi_programs" / "checkpoint.py"
+_spec = importlib.util.spec_from_file_location("checkpoint_program", PROGRAM)
+prog = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(prog)
+
+TIMEOUT = 240
+ALPHA = 1e-3
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def _buffer(policy="class_balanced", device="cpu", **kwargs):
+    settings = dict(capacity=24, num_representatives=5, policy=policy, device=device, seed=8)
+    settings.update(kwargs)
+    return dr.RehearsalBuffer(**settings)
+
+
+def _fed(policy="class_balanced", steps=12, b=7, device="cpu", **kwargs):
+    """A buffer after ``steps`` steps of ``b`` samples."""
+    buffer = _buffer(policy, device, **kwargs)
+    prog.feed(buffer, 0, steps, b)
+    return buffer
+
+
+def _continue(buffer, steps=8, start=12):
+    """A digest of the next ``steps`` steps (every row's fields checked)."""
+    return prog.feed(buffer, 0, steps, 7, start=start)
+
+
+def _plain(value):
+    """A state as JSON-able values (arrays and tensors as lists)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "shape"):
+        return _np(value).tolist()
+    return value
+
+
+def _fingerprint(buffer):
+    """Everything a failed load must leave as it was: the whole state, the
+    storage and the settings."""
+    return (json.dumps(_plain(buffer.state_dict()), sort_keys=True), buffer.store.allocated,
+            buffer.spec, buffer.num_representatives, buffer.sampler.started)
+
+
+# ============================================================ round trips
+@pytest.mark.parametrize("policy", sorted(dr.POLICIES))
+@pytest.mark.parametrize("via", ["torch-weights-only", "numpy-pickle", "directory"])
+def test_round_trip_resumes_with_exactly_the_same_batches(xp, device, policy, via, tmp_path,
+                                                          monkeypatch):
+    original = _fed(policy, device=device)
+    resumed = _buffer(policy, device)
+    if via == "torch-weights-only":
+        torch = _torch()
+        blob = io.BytesIO()
+        torch.save({"model": {"w": torch.zeros(3)}, "buffer": original.state_dict()}, blob)
+        blob.seek(0)
+        resumed.load_state_dict(torch.load(blob, weights_only=True)["buffer"])
+    elif via == "numpy-pickle":
+        monkeypatch.setattr(checkpoint, "_torch", lambda: None)      # no PyTorch installed
+        state = original.state_dict()
+        assert all(isinstance(f, np.ndarray) for f in state["fields"])
+        resumed.load_state_dict(pickle.loads(pickle.dumps(state)))
+    else:
+        original.save(tmp_path / "ckpt")
+        resumed.load(tmp_path / "ckpt")
+    assert resumed.size == original.size and resumed.num_seen == original.num_seen
+    assert resumed.class_counts() == original.class_counts()
+    np.testing.assert_array_equal(resumed.stored_labels(), original.stored_labels())
+    for a, b in zip(original.stored(), resumed.stored()):
+        np.testing.assert_array_equal(to_host(a), to_host(b))
+    assert _continue(original) == _continue(resumed)
+
+
+def test_state_dict_holds_only_tensors_and_plain_values():
+    torch = _torch()
+    buffer = _fed()
+
+    def walk(value, where):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                assert isinstance(k, str), f"{where}: key {k!r}"
+                walk(v, f"{where}.{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+        else:
+            assert value is None or isinstance(value, (str, int, float, bool, torch.Tensor)), \
+                f"{where}: {type(value).__name__}"
+
+    state = buffer.state_dict()
+    walk(state, "state")
+    blob = io.BytesIO()
+    torch.save(state, blob)
+    blob.seek(0)
+    torch.load(blob, weights_only=True)        # no allow-listing needed
+
+
+def test_fields_torch_cannot_hold_travel_as_bytes():
+    """Extended precision and non-native byte order (NumPy kinds f and i)."""
+    torch = _torch()
+    buffer = _buffer(capacity=10)
+    ids = np.arange(6)
+    fields = (np.stack([ids, ids], 1).astype(np.uint8), ids % 3,
+              ids.astype(np.longdouble)[:, None] / 3, ids.astype(">i4"))
+    buffer.add(*fields)
+    state = buffer.state_dict()
+    assert [e["encoding"] for e in state["layout"]] == ["array", "array", "bytes", "bytes"]
+    blob = io.BytesIO()
+    torch.save(state, blob)
+    blob.seek(0)
+    resumed = _buffer(capacity=10)
+    resumed.load_state_dict(torch.load(blob, weights_only=True))
+    for a, b in zip(buffer.stored(), resumed.stored()):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("how", ["state_dict", "directory"])
+def test_empty_buffer_round_trip(how, tmp_path):
+    empty = _buffer(seed=0)
+    fresh = _buffer(seed=1)
+    if how == "state_dict":
+        fresh.load_state_dict(empty.state_dict())
+    else:
+        empty.save(tmp_path / "empty")
+        fresh.load(tmp_path / "empty")
+    assert fresh.size == 0 and fresh.spec is None
+    # the random streams came with it: the same batches follow
+    assert prog.feed(empty, 0, 5, 4) == prog.feed(fresh, 0, 5, 4)
+
+
+def test_loading_into_a_used_buffer_is_refused():
+    used = _fed()
+    with pytest.raises(RuntimeError, match="not stored anything"):
+        used.load_state_dict(_fed().state_dict())
+
+
+# ============================================================ tampering
+def _np(value):
+    """A NumPy copy of an array or a tensor."""
+    return np.array(value.numpy() if hasattr(value, "numpy") else value)
+
+
+def _tamperings(policy):
+    """(name, change) pairs: each makes a valid state invalid."""
+    def label_field(state):
+        return state["settings"]["label_index"]
+
+    def edit_field(i, fn):
+        def change(state):
+            state["fields"][i] = fn(_np(state["fields"][i]))
+        return change
+
+    def edit_policy(key, fn):
+        def change(state):
+            state["policy"][key] = fn(_np(state["policy"][key]))
+        return change
+
+    def set_in(path, value):
+        def change(state):
+            target = state
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = value
+        return change
+
+    def at(index, value):
+        def fn(a):
+            a[index] = value
+            return a
+        return fn
+
+    cases = {
+        "truncated: last field missing": lambda s: s["fields"].pop(),
+        "truncated: last row of a field missing": edit_field(2, lambda a: a[:-1]),
+        "label field disagrees with slot labels": lambda s: edit_field(
+            label_field(s), at(0, (int(_np(s["fields"][label_field(s)])[0]) + 1) % 4))(s),
+        "negative label": lambda s: (edit_field(1, at(0, -3))(s),
+                                     edit_policy("slot_labels", at(0, -3))(s)),
+        "negative num_seen": set_in(("policy", "num_seen"), -1),
+        "negative size": set_in(("policy", "size"), -2),
+        "size beyond capacity": set_in(("policy", "size"), 999),
+        "extra field": lambda s: s["fields"].append(_np(s["fields"][0])),
+        "layout with a field less": lambda s: s["layout"].pop(),
+        "wrong field shape": edit_field(0, lambda a: a.reshape(len(a), 2, 2)),
+        "wrong field dtype": edit_field(2, lambda a: a.astype(np.float64)),
+        "wrong layout dtype": set_in(("layout", 3, "dtype"), "<i8"),
+        "fields of another type": set_in(("fields",), "not a list"),
+        "malformed policy random state": set_in(("policy", "rng", "state", "state"), "x"),
+        "policy random state of another generator": set_in(
+            ("policy", "rng", "bit_generator"), "MT19937"),
+        "malformed sampler random state": set_in(("sampler", "rng", "has_uint32"), "yes"),
+        "sampler state without its random state": lambda s: s["sampler"].pop("rng"),
+        "capacity mismatch": set_in(("settings", "capacity"), 30),
+        "policy mismatch": set_in(("settings", "policy"),
+                                  "reservoir" if policy == "class_balanced"
+                                  else "class_balanced"),
+        "num_representatives mismatch": set_in(("settings", "num_representatives"), 4),
+        "label_index mismatch": set_in(("settings", "label_index"), 0),
+        "world_size mismatch": set_in(("settings", "world_size"), 2),
+        "unknown version": set_in(("version",), 99),
+        "not a buffer state": set_in(("format",), "something else"),
+    }
+    if policy == "class_balanced":
+        cases.update({
+            "slot index out of range": edit_policy("class_slots", at(0, 999)),
+            "slot listed twice": edit_policy("class_slots", at(1, 0)),
+            "negative class count": edit_policy("class_counts", at(0, -1)),
+            "negative class seen": edit_policy("class_seen", at(0, -5)),
+            "class counts disagree with size": edit_policy("class_counts", at(0, 0)),
+        })
+    return cases
+
+
+@pytest.mark.parametrize("policy", sorted(dr.POLICIES))
+@pytest.mark.parametrize("form", ["numpy", "torch"])
+def test_every_tampered_state_is_rejected_and_changes_nothing(policy, form, monkeypatch):
+    """Each tampering raises a clear error, the buffer is exactly as before,
+    and a retry with the good state then resumes with the same batches."""
+    if form == "torch":
+        _torch()
+    else:
+        monkeypatch.setattr(checkpoint, "_torch", lambda: None)
+    original = _fed(policy)
+    good = original.state_dict()
+    for name, change in _tamperings(policy).items():
+        state = pickle.loads(pickle.dumps(good))
+        change(state)
+        buffer = _buffer(policy)
+        before = _fingerprint(buffer)
+        with pytest.raises(ValueError) as info:
+            buffer.load_state_dict(state)
+        assert str(info.value), name
+        assert _fingerprint(buffer) == before, f"{name}: the buffer changed"
+        buffer.load_state_dict(pickle.loads(pickle.dumps(good)))         # retry
+        assert buffer.size == original.size, name
+    assert _continue(original) == _continue(buffer)
+
+
+def test_mismatch_errors_name_the_setting():
+    state = _fed().state_dict()
+    with pytest.raises(CheckpointError, match="num_representatives=5, this one 4"):
+        _buffer(num_representatives=4).load_state_dict(state)
+    with pytest.raises(CheckpointError, match="capacity=24, this one 25"):
+        _buffer(capacity=25).load_state_dict(state)
+    with pytest.raises(CheckpointError, match="policy='class_balanced', this one 'reservoir'"):
+        _buffer("reservoir").load_state_dict(state)
+    with pytest.raises(CheckpointError, match="label_index=1, this one 0"):
+        _buffer(label_index=0).load_state_dict(state)
+
+
+def test_a_sampler_that_refuses_its_state_changes_nothing(monkeypatch):
+    """A sampler whose load_state_dict fails half-way is rolled back."""
+    state = _fed().state_dict()
+    buffer = _buffer()
+    before = _fingerprint(buffer)
+    sampler = buffer.sampler
+    real = type(sampler).load_state_dict
+    calls = []
+
+    def half_way(self, s):
+        calls.append(s)
+        real(self, s)                   # applies the random state, then fails
+        if len(calls) == 1:
+            raise KeyError("something the sampler needed")
+
+    monkeypatch.setattr(type(sampler), "load_state_dict", half_way)
+    with pytest.raises(CheckpointError, match="sampler refused"):
+        buffer.load_state_dict(state)
+    assert _fingerprint(buffer) == before
+    buffer.load_state_dict(state)
+    assert buffer.size == 24
+
+
+def test_global_sampler_state_is_checked_before_it_is_applied():
+    """The state of a global sampler (shared seed, round number): every value
+    is checked against the sampler's own state before anything is applied."""
+    rng = np.random.default_rng(0)
+
+    class GlobalShaped:                 # the keys and kinds GlobalSampler.state_dict() has
+        def state_dict(self):
+            return {"rng": rng.bit_generator.state, "seed": 12, "round": 40}
+
+    good = {"rng": np.random.default_rng(1).bit_generator.state, "seed": 3, "round": 7}
+    assert checkpoint._check_sampler_state(GlobalShaped(), good) == good
+    for bad, match in [({**good, "round": -1}, "round"), ({**good, "seed": "3"}, "seed"),
+                       ({**good, "extra": 1}, "keys"), ({"rng": good["rng"]}, "keys"),
+                       ({**good, "rng": {**good["rng"], "uinteger": -1}}, "random state")]:
+        with pytest.raises(CheckpointError, match=match):
+            checkpoint._check_sampler_state(GlobalShaped(), bad)
+
+
+# ============================================================ directories
+def _shard_files(path):
+    return sorted(p for p in Path(path).iterdir() if p.name.startswith("shard-"))
+
+
+def test_directory_holds_no_pickle(tmp_path):
+    buffer = _fed("reservoir")
+    buffer.save(tmp_path / "c")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["body"]["world_size"] == 1
+    (shard,) = _shard_files(tmp_path / "c")
+    with np.load(shard, allow_pickle=False) as arrays:        # plain .npy members
+        meta = json.loads(arrays["meta"].tobytes())
+        assert meta["settings"]["capacity"] == 24
+        assert arrays["fields.0"].shape == (24, 4) and arrays["fields.2"].dtype == np.float32
+
+
+@pytest.mark.parametrize("where", ["shard", "manifest"])
+def test_corrupted_file_is_an_error_not_data(where, tmp_path):
+    original = _fed()
+    original.save(tmp_path / "good")
+    original.save(tmp_path / "bad")
+    target = _shard_files(tmp_path / "bad")[0] if where == "shard" \
+        else tmp_path / "bad" / "manifest.json"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01                                  # one bit flipped
+    target.write_bytes(bytes(data))
+    buffer = _buffer()
+    before = _fingerprint(buffer)
+    with pytest.raises(CheckpointError, match="corrupted"):
+        buffer.load(tmp_path / "bad")
+    assert _fingerprint(buffer) == before
+    buffer.load(tmp_path / "good")
+    assert _continue(original) == _continue(buffer)
+
+
+def _rewrite_shard(path, change):
+    """Rewrites the single shard of ``path`` with ``change`` applied to its
+    state and a matching checksum: well-formed files, inconsistent content."""
+    (shard,) = _shard_files(path)
+    manifest = json.loads((path / "manifest.json").read_text())["body"]
+    buffer = _buffer()
+    buffer.load(path)
+    state = buffer.state_dict()
+    state["fields"] = [_np(f) for f in state["fields"]]
+    state["policy"] = {k: _np(v) if hasattr(v, "shape") else v
+                       for k, v in state["policy"].items()}
+    change(state)
+    with open(shard, "wb") as f:
+        writer = checkpoint._HashingWriter(f)
+        checkpoint._write_shard(writer, state)
+    manifest["shards"][0]["sha256"] = writer.sha256.hexdigest()
+    manifest["shards"][0]["bytes"] = writer.nbytes
+    (path / "manifest.json").write_bytes(checkpoint._manifest_bytes(manifest))
+
+
+@pytest.mark.parametrize("name", ["label field disagrees with slot labels",
+                                  "truncated: last row of a field missing",
+                                  "slot index out of range", "negative num_seen",
+                                  "malformed sampler random state"])
+def test_inconsistent_shard_with_valid_checksum_is_rejected(name, tmp_path):
+    original = _fed()
+    original.save(tmp_path / "c")
+    _rewrite_shard(tmp_path / "c", _tamperings("class_balanced")[name])
+    buffer = _buffer()
+    before = _fingerprint(buffer)
+    with pytest.raises(CheckpointError):
+        buffer.load(tmp_path / "c")
+    assert _fingerprint(buffer) == before
+
+
+def test_missing_checkpoint_and_missing_shard(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        _buffer().load(tmp_path / "nothing")
+    _fed().save(tmp_path / "c")
+    _shard_files(tmp_path / "c")[0].unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        _buffer().load(tmp_path / "c")
+
+
+def test_directory_settings_mismatch(tmp_path):
+    _fed().save(tmp_path / "c")
+    with pytest.raises(CheckpointError, match="num_representatives"):
+        _buffer(num_representatives=3).load(tmp_path / "c")
+    with pytest.raises(CheckpointError, match="policy"):
+        _buffer("reservoir").load(tmp_path / "c")
+    with pytest.raises(CheckpointError, match="resize=True"):
+        _buffer(capacity=12).load(tmp_path / "c")
+
+
+# ============================================================ interrupted saves
+def _snapshot(buffer):
+    return [np.array(to_host(f)) for f in buffer.stored()], buffer.num_seen
+
+
+def _assert_restores(path, expected, policy="class_balanced"):
+    buffer = _buffer(policy)
+    buffer.load(path)
+    fields, num_seen = expected
+    assert buffer.num_seen == num_seen
+    for a, b in zip(fields, buffer.stored()):
+        np.testing.assert_array_equal(a, to_host(b))
+
+
+@pytest.mark.parametrize("fail_on", ["shard", "manifest"])
+def test_failed_rename_leaves_the_previous_checkpoint(fail_on, tmp_path, monkeypatch):
+    buffer = _fed()
+    path = tmp_path / "c"
+    buffer.save(path)
+    saved = _snapshot(buffer)
+    _continue(buffer, steps=3)             # the buffer moves on
+    real = os.replace
+
+    def failing(src, dst):
+        if os.path.basename(dst).startswith(fail_on):
+            raise OSError("disk full (simulated)")
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"):
+        buffer.save(path)
+    monkeypatch.setattr(checkpoint.os, "replace", real)
+    assert not [p for p in path.iterdir() if ".tmp-" in p.name]
+    _assert_restores(path, saved)
+    buffer.save(path)                                    # a later save works
+    assert len(_shard_files(path)) == 1
+    _assert_restores(path, _snapshot(buffer))
+
+
+_KILLED_SAVE = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {root!r})
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("prog", {program!r})
+    prog = importlib.util.module_from_spec(spec); spec.loader.exec_module(prog)
+    import dali_rehearsal as dr
+    from dali_rehearsal import checkpoint
+    buffer = dr.RehearsalBuffer(capacity=24, num_representatives=5, device="cpu", seed=8)
+    prog.feed(buffer, 0, 12, 7)
+    buffer.save({path!r})
+    prog.feed(buffer, 0, 3, 7, start=12)
+    real = os.replace
+    def die(src, dst):
+        if os.path.basename(dst).startswith({target!r}):
+            os._exit(17)                # killed after the write, before the rename
+        return real(src, dst)
+    checkpoint.os.replace = die
+    buffer.save({path!r})
+""")
+
+
+@pytest.mark.parametrize("target", ["shard", "manifest"])
+def test_process_killed_mid_save_leaves_the_previous_checkpoint(target, tmp_path):
+    path = tmp_path / "c"
+    code = _KILLED_SAVE.format(root=str(ROOT), program=str(PROGRAM), path=str(path),
+                               target=target)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    assert any(".tmp-" in p.name for p in path.iterdir()) or target == "manifest"
+    expected = _fed()                                  # the state of the first save
+    _assert_restores(path, _snapshot(expected))
+    expected.save(path)                                   # the next save cleans up
+    assert not [p for p in path.iterdir() if ".tmp-" in p.name]
+    assert len(_shard_files(path)) == 1
+
+
+# ============================================================ elastic restore
+def run(n, scenario, out_dir, *args, timeout=TIMEOUT):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    try:
+        proc = subprocess.run(["mpiexec", "-n", str(n), sys.executable, str(PROGRAM), scenario,
+                               str(out_dir)] + [str(a) for a in args], capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"mpiexec -n {n} {scenario} hung (> {timeout} s): {e.stdout}\n{e.stderr}")
+    paths = sorted(Path(out_dir).glob(f"{scenario}-*.json"))
+    assert proc.returncode == 0 and len(paths) == n, (proc.returncode, proc.stdout,
+                                                      proc.stderr[-3000:])
+    results = [json.loads(p.read_text()) for p in paths]
+    for p in paths:
+        p.unlink()
+    return sorted(results, key=lambda r: r["rank"])
+
+
+def _save(n, path, out_dir, policy, capacity, steps=12):
+    if n == 1:
+        result = [prog.save(None, str(out_dir), str(path), policy, capacity, steps)]
+        result[0]["rank"] = 0
+        return result
+    return run(n, "save", out_dir, path, policy, capacity, steps)
+
+
+def _load(m, path, out_dir, policy, capacity, seed=0, resize="0"):
+    if m == 1:
+        result = [prog.load(None, str(out_dir), str(path), policy, capacity, seed, resize)]
+        result[0]["rank"] = 0
+        return result
+    return run(m, "load", out_dir, path, policy, capacity, seed, resize)
+
+
+def _check_elastic(saved, restored, new_capacity, policy):
+    """Content: every restored sample is a saved one with its own label (its
+    other fields were checked against it by the program), none twice; all of
+    them when they fit, else equal class shares (class_balanced) or a full
+    buffer (reservoir). Bookkeeping: consistent and the offers preserved."""
+    saved_ids = [i for r in saved for i in r["ids"]]
+    restored_ids = [i for r in restored for i in r["ids"]]
+    labels_of = dict(zip(saved_ids, prog.label_of(saved_ids).tolist()))
+    for r in saved:
+        assert r["labels"] == prog.label_of(r["ids"]).tolist()
+    assert len(restored_ids) == len(set(restored_ids)), "a sample restored twice"
+    assert set(restored_ids) <= set(saved_ids), "a restored sample was never saved"
+    for r in restored:
+        assert r["labels"] == [labels_of[i] for i in r["ids"]]
+        assert r["continued"]
+    total = min(len(saved_ids), new_capacity * len(restored))
+    assert len(restored_ids) == total
+    if len(saved_ids) <= new_capacity * len(restored):
+        assert set(restored_ids) == set(saved_ids)          # the union, all of it
+    sizes = [r["size"] for r in restored]
+    assert max(sizes) - min(sizes) <= 1 and max(sizes) <= new_capacity   # spread evenly
+    assert sum(r["num_seen"] for r in restored) == sum(r["num_seen"] for r in saved)
+    if policy == "class_balanced":
+        saved_per_class = np.bincount([labels_of[i] for i in saved_ids], minlength=4)
+        per_class = np.bincount([labels_of[i] for i in restored_ids], minlength=4)
+        if total < len(saved_ids):
+            # equal shares: the classes that lost samples hold shares within one
+            # of each other, and a class that kept all of its samples no more
+            cut = per_class < saved_per_class
+            assert per_class[cut].max() - per_class[cut].min() <= 1, per_class
+            assert (per_class[~cut] <= per_class[cut].max()).all(), per_class
+        classes = restored[0]["policy"]["class_labels"]
+        for r in restored:
+            assert r["policy"]["class_labels"] == classes     # every class known everywhere
+            per_shard = np.bincount(r["labels"], minlength=4)[classes]
+            np.testing.assert_array_equal(r["policy"]["class_counts"], per_shard)
+        seen = np.sum([r["policy"]["class_seen"] for r in restored], axis=0)
+        saved_seen = {}
+        for r in saved:
+            for c, n in zip(r["policy"]["class_labels"], r["policy"]["class_seen"]):
+                saved_seen[c] = saved_seen.get(c, 0) + n
+        assert dict(zip(classes, seen.tolist())) == saved_seen
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("policy", sorted(dr.POLICIES))
+@pytest.mark.parametrize("n, m", [(2, 1), (1, 2), (2, 4), (4, 2)])
+def test_elastic_restore_content(n, m, policy, tmp_path):
+    capacity = 30
+    path = tmp_path / "ckpt"
+    saved = _save(n, path, tmp_path, policy, capacity)
+    assert all(r["size"] == capacity for r in saved)
+    restored = _load(m, path, tmp_path, policy, capacity)
+    _check_elastic(saved, restored, capacity, policy)
+
+
+@pytest.mark.mpi
+def test_round_trip_on_two_processes_resumes_the_same_batches(tmp_path):
+    for policy in sorted(dr.POLICIES):
+        results = run(2, "roundtrip", tmp_path, policy)
+        for r in results:
+            assert r["digests"][0] == r["digests"][1] == r["digests"][2], policy
+        assert results[0]["digests"][0] != results[1]["digests"][0]
+
+
+@pytest.mark.mpi
+def test_corrupted_shard_on_one_rank_fails_every_rank_without_change(tmp_path):
+    results = run(2, "corrupt", tmp_path, "class_balanced")
+    for r in results:
+        assert r["error"] is not None and "corrupted" in r["error"], r
+        assert r["unchanged"] and r["same"], r
+
+
+@pytest.fixture(scope="module")
+def two_shard_checkpoints(tmp_path_factory):
+    """2-process checkpoints of both policies (capacity 20 per process)."""
+    out = tmp_path_factory.mktemp("two-shards")
+    made = {}
+    for policy in sorted(dr.POLICIES):
+        path = out / policy
+        made[policy] = (path, _save(2, path, out, policy, 20, steps=10))
+    return made
+
+
+def _ids_of(buffer):
+    return prog.ident(buffer.stored(0)).tolist()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("policy", sorted(dr.POLICIES))
+def test_shrinking_restore_is_a_uniform_subsample(policy, two_shard_checkpoints):
+    """2 -> 1 with the same capacity per process: half the samples go. Over
+    many loads (different seeds) every saved sample is kept equally often
+    (within its class for class_balanced), and each class keeps its share."""
+    path, saved = two_shard_checkpoints[policy]
+    saved_ids = [i for r in saved for i in r["ids"]]
+    labels_of = dict(zip(saved_ids, prog.label_of(saved_ids).tolist()))
+    counts = dict.fromkeys(saved_ids, 0)
+    runs = 600
+    for seed in range(runs):
+        buffer = dr.RehearsalBuffer(capacity=20, num_representatives=3, policy=policy,
+                                    device="cpu", seed=seed)
+        buffer.load(path)
+        if policy == "class_balanced":
+            assert buffer.class_counts() == {0: 5, 1: 5, 2: 5, 3: 5}
+        for i in _ids_of(buffer):
+            counts[i] += 1
+    groups = [saved_ids] if policy == "reservoir" else \
+        [[i for i in saved_ids if labels_of[i] == c] for c in range(4)]
+    for ids in groups:
+        observed = np.array([counts[i] for i in ids])
+        expected = np.full(len(ids), observed.sum() / len(ids))
+        assert chisquare(observed, expected).pvalue > ALPHA, observed
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("policy", sorted(dr.POLICIES))
+def test_insertion_after_shrinking_restore_stays_uniform(policy, two_shard_checkpoints):
+    """After 2 -> 1, the restored buffer holds its samples as a sample of every
+    offer the two processes saw: ``m`` more samples of a class are then kept
+    with probability share / (seen + m) each, and a saved sample with
+    probability share / stored * seen / (seen + m), as if one buffer had seen
+    the whole stream. Fails if the offers were not carried over."""
+    path, saved = two_shard_checkpoints[policy]
+    saved_ids = [i for r in saved for i in r["ids"]]
+    labels_of = dict(zip(saved_ids, prog.label_of(saved_ids).tolist()))
+    seen_total = sum(r["num_seen"] for r in saved)
+    m, runs, cls = 60, 600, 2
+    new_ids = 900_000 + np.arange(m)
+    counts = {i: 0 for i in saved_ids + new_ids.tolist()}
+    for seed in range(runs):
+        buffer = dr.RehearsalBuffer(capacity=20, num_representatives=3, policy=policy,
+                                    device="cpu", seed=seed)
+        buffer.load(path)
+        images, _, logits, task = prog.make_batch(new_ids)
+        labels = np.full(m, cls, np.int64)
+        for k in range(0, m, 7):
+            buffer.add(images[k:k + 7], labels[k:k + 7], logits[k:k + 7], task[k:k + 7])
+        for i in _ids_of(buffer):
+            counts[i] += 1
+    if policy == "class_balanced":
+        seen = sum(n for r in saved for c, n in zip(r["policy"]["class_labels"],
+                                                    r["policy"]["class_seen"]) if c == cls)
+        old = [i for i in saved_ids if labels_of[i] == cls]
+        share = 5
+    else:
+        seen, old, share = seen_total, saved_ids, 20
+    expected_old = runs * share / len(old) * seen / (seen + m)
+    expected_new = runs * share / (seen + m)
+    observed = np.array([counts[i] for i in old] + [counts[i] for i in new_ids.tolist()])
+    expected = np.array([expected_old] * len(old) + [expected_new] * m)
+    expected *= observed.sum() / expected.sum()
+    assert chisquare(observed, expected).pvalue > ALPHA, (observed, expected)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("policy", ["class_balanced"])
+def test_four_to_two_subsample_is_uniform_per_class(policy, tmp_path):
+    """4 -> 2 with the same capacity per process, many collective loads: each
+    saved sample of a class is restored equally often."""
+    path = tmp_path / "ckpt"
+    saved = _save(4, path, tmp_path, policy, 12, steps=8)
+    saved_ids = [i for r in saved for i in r["ids"]]
+    labels_of = dict(zip(saved_ids, prog.label_of(saved_ids).tolist()))
+    loads = 150
+    (result, _) = run(2, "selection_counts", tmp_path, path, policy, 12, loads)
+    counts = {int(k): v for k, v in result["counts"].items()}
+    assert set(counts) <= set(saved_ids)
+    assert sum(counts.values()) == loads * 24
+    for c in range(4):
+        ids = [i for i in saved_ids if labels_of[i] == c]
+        observed = np.array([counts.get(i, 0) for i in ids])
+        assert chisquare(observed, np.full(len(ids), observed.sum() / len(ids))).pvalue > ALPHA
+
+
+def test_elastic_restore_with_resize(tmp_path):
+    """Same number of processes, another capacity (resize=True)."""
+    saved = _save(1, tmp_path / "c", tmp_path, "class_balanced", 30)
+    smaller = _load(1, tmp_path / "c", tmp_path, "class_balanced", 10, resize="1")
+    _check_elastic(saved, smaller, 10, "class_balanced")
+    larger = _load(1, tmp_path / "c", tmp_path, "class_balanced", 50, resize="1")
+    _check_elastic(saved, larger, 50, "class_balanced")
