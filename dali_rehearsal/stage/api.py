@@ -10,9 +10,32 @@ from .mixer import Mixer
 
 __all__ = ["rehearsal", "stage_of", "steps_per_epoch", "epoch_size"]
 
-#: mixing pipeline -> its stages (weak keys: a pipeline that is dropped takes
-#: its entry with it; a stage holds no reference to its mixing pipeline)
+#: mixing pipeline -> its stages. This is what keeps a stage alive: the weak
+#: key lets a dropped pipeline take its stages with it at once (a stage holds
+#: no reference to its mixing pipeline).
 _stages: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class _Callback:
+    """What DALI's ``external_source`` calls: a weak handle on the stage.
+
+    DALI's external_source objects (operator instances and their group)
+    reference each other, so they, and the callback they hold, live until
+    the garbage collector runs. Holding the stage weakly there lets the stage,
+    its worker thread and its source pipeline go as soon as the mixing
+    pipeline is dropped.
+    """
+
+    __slots__ = ("_stage", "__weakref__")
+
+    def __init__(self, stage: Mixer):
+        self._stage = weakref.ref(stage)
+
+    def __call__(self):
+        stage = self._stage()
+        if stage is None:
+            raise RuntimeError("the rehearsal stage of this pipeline was freed")
+        return stage()
 
 _CHECKPOINT_ADVICE = (
     "The rehearsal stage does not take part in DALI's checkpointing: a restored pipeline "
@@ -149,7 +172,7 @@ def rehearsal(source, *, buffer: RehearsalBuffer, reader_name: str | None = None
     if replay_flag:
         dtypes.append(types.UINT8)
         ndims.append(0)         # one scalar per row
-    kwargs = dict(source=mixer, num_outputs=num_outputs + int(replay_flag), batch=True,
+    kwargs = dict(source=_Callback(mixer), num_outputs=num_outputs + int(replay_flag), batch=True,
                   device=buffer.device)
     if any(t != types.NO_TYPE for t in dtypes):
         kwargs["dtype"] = dtypes
