@@ -88,6 +88,7 @@ def test_a_dropped_stage_is_freed_at_once_and_its_thread_stops(files, no_gc):
     buffer.close()
 
 
+@pytest.mark.slow
 def test_a_new_stage_per_task_for_200_tasks_keeps_threads_and_memory_flat(files, no_gc):
     buffer = dr.RehearsalBuffer(capacity=20, num_representatives=2, device="cpu", seed=0)
     samples = []
