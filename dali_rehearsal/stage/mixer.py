@@ -214,9 +214,14 @@ class Mixer:
         try:
             self._fetch()
         except StopIteration:
-            # a reader source does not end; an external_source inside it did
-            # and the source was reset: its reader goes on
-            self._fetch()
+            # A reader does not end; an external_source beside it did, and the
+            # source was reset: its reader goes on.
+            try:
+                self._fetch()
+            except StopIteration:
+                raise RuntimeError(
+                    f"the source pipeline raised StopIteration twice in a row although its "
+                    f"reader {self.reader_name!r} sets the epoch") from None
 
     def _fill(self, step: _Step) -> None:
         if self.plan is None:
@@ -293,7 +298,7 @@ class Mixer:
         """Fills the rows the buffer could not (it holds fewer than ``r``
         samples) with copies of this batch's fresh rows, flagged FILLER."""
         store, end = self.buffer.store, self.out_batch_size
-        while rows < end:
+        while rows < end and fresh > 0:
             k = min(fresh, end - rows)
             store.copy([o[:k] for o in out], out, rows, self._stream)
             if self.replay_flag:

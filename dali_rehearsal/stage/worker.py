@@ -89,7 +89,8 @@ class Worker:
                 break
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():
-                    raise RuntimeError("the rehearsal stage's worker has stopped") from None
+                    raise RuntimeError("the rehearsal stage's worker has stopped (the stage "
+                                       "failed earlier or was stopped)") from None
         if item is END:
             raise StopIteration
         if isinstance(item, BaseException):
