@@ -35,7 +35,7 @@ class _Callback:
         stage = self._stage()
         if stage is None:
             raise RuntimeError("the rehearsal stage of this pipeline was freed")
-        return stage()
+        return stage.handover.with_layouts(stage())
 
 _CHECKPOINT_ADVICE = (
     "The rehearsal stage does not take part in DALI's checkpointing: a restored pipeline "

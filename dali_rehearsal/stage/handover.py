@@ -48,7 +48,9 @@ which does not wait for a non-blocking stream), and its copy path
 **Metadata.** DALI operators downstream may depend on the layout of their
 inputs (DALI conditionals require both branches to agree, and several
 operators read the channel axis from it). Each output whose source output had
-a layout is handed over as a ``TensorList`` with that layout (no copy).
+a layout is handed over as a ``TensorList`` with that layout (no copy), in
+DALI's thread (:meth:`Handover.with_layouts`): the stage itself deals in plain
+arrays of its backend.
 """
 
 from __future__ import annotations
@@ -87,12 +89,26 @@ class Handover:
         self._next = (i + 1) % self.depth
         return self._ring[i], self._flags[i]
 
+    def _order(self) -> None:
+        """The ordering point of the hand-over (see the module docstring):
+        every device operation that wrote the batch is complete on return."""
+        self.buffer.backend.synchronize(self.stream)
+
+    def publish(self, out, flags, rows: int, *, with_flag: bool) -> list:
+        """The batch as it leaves the stage, ordered: the first ``rows`` rows of
+        every field, then the flags."""
+        self._order()
+        result = [o[:rows] for o in out]
+        if with_flag:
+            result.append(flags[:rows])
+        return result
+
     def set_layouts(self, layouts) -> None:
         """Remembers the source's output layouts (``""`` for none)."""
         if self._wrap is not None or layouts is None:
             return
         if not any(layouts):
-            self._wrap = [None] * len(layouts)
+            self._wrap = []
             return
         be = self.buffer.backend
         if be.is_gpu:
@@ -105,20 +121,12 @@ class Handover:
 
             def wrap(a, layout):
                 return TensorListCPU(a, layout)
-        self._wrap = [(lambda a, _l=layout: wrap(a, _l)) if layout else None
-                      for layout in layouts]
+        self._wrap = [(i, layout, wrap) for i, layout in enumerate(layouts) if layout]
 
-    def _order(self) -> None:
-        """The ordering point of the hand-over (see the module docstring):
-        every device operation that wrote the batch is complete on return."""
-        self.buffer.backend.synchronize(self.stream)
-
-    def publish(self, out, flags, rows: int, *, with_flag: bool) -> list:
-        """The batch as DALI's ``external_source`` receives it: the first
-        ``rows`` rows of every field (with their layouts), then the flags."""
-        self._order()
-        wrap = self._wrap or [None] * len(out)
-        result = [o[:rows] if w is None else w(o[:rows]) for o, w in zip(out, wrap)]
-        if with_flag:
-            result.append(flags[:rows])
-        return result
+    def with_layouts(self, batch: list) -> list:
+        """``batch`` as DALI's ``external_source`` receives it: the outputs that
+        had a layout in the source wrapped, without a copy, in DALI tensor lists
+        that carry it (called in DALI's thread, on published batches only)."""
+        for i, layout, wrap in self._wrap or ():
+            batch[i] = wrap(batch[i], layout)
+        return batch
