@@ -18,7 +18,6 @@ the stage, for several epochs with ``auto_reset``. What must hold:
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 
 import numpy as np
 import pytest

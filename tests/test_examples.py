@@ -36,7 +36,8 @@ def _run(code: str, tmp_path) -> str:
     env["DALI_DISABLE_NVML"] = "1"
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (f"--- stdout\n{proc.stdout[-4000:]}\n"
+                                  f"--- stderr\n{proc.stderr[-4000:]}")
     return proc.stdout
 
 

@@ -37,6 +37,7 @@ class _Callback:
             raise RuntimeError("the rehearsal stage of this pipeline was freed")
         return stage.handover.with_layouts(stage())
 
+
 _CHECKPOINT_ADVICE = (
     "The rehearsal stage does not take part in DALI's checkpointing: a restored pipeline "
     "would start its epoch and its buffer from scratch without a word. Checkpoint the buffer "
