@@ -1,10 +1,10 @@
 """A new stage per task, for many tasks: nothing accumulates.
 
 The README tells users to build new source and mixing pipelines for every task
-over the same buffer. With the garbage collector switched off (so that nothing
-relies on it), each dropped stage must be freed at once, its worker thread must
-stop, and its source pipeline (with DALI's threads) must go with it: the
-process's thread count and resident memory stay flat.
+over the same buffer. Each dropped stage must be freed at once, without the
+garbage collector (tested with it switched off), its worker thread must stop,
+and its source pipeline (with DALI's threads) must go with it: over 200 tasks
+the process's thread count and resident memory stay flat.
 """
 
 from __future__ import annotations
@@ -89,7 +89,11 @@ def test_a_dropped_stage_is_freed_at_once_and_its_thread_stops(files, no_gc):
 
 
 @pytest.mark.slow
-def test_a_new_stage_per_task_for_200_tasks_keeps_threads_and_memory_flat(files, no_gc):
+def test_a_new_stage_per_task_for_200_tasks_keeps_threads_and_memory_flat(files):
+    """As users run it: the collector on, never called. (With the collector off,
+    DALI's own graph objects, which reference each other, stay: a few hundred KiB
+    per task, with or without the stage. A stage that kept its source pipeline
+    alive cost 1.5 MiB and 5 threads per task.)"""
     buffer = dr.RehearsalBuffer(capacity=20, num_representatives=2, device="cpu", seed=0)
     samples = []
     for task in range(200):
@@ -107,6 +111,6 @@ def test_a_new_stage_per_task_for_200_tasks_keeps_threads_and_memory_flat(files,
     (threads_50, rss_50), (threads_200, rss_200) = samples
     # The first 50 tasks let allocators and caches reach their working size.
     assert threads_200 <= threads_50 + 1, samples
-    assert rss_200 - rss_50 < 16, samples       # MiB over 150 tasks
+    assert rss_200 - rss_50 < 8, samples        # MiB over 150 tasks
     assert buffer.num_seen > 0
     buffer.close()
