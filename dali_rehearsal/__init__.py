@@ -14,13 +14,13 @@ from ._backend import gpu_available
 from .buffer import RehearsalBuffer
 from .storage import FieldSpec
 from .policies import POLICIES
-from .stage import LastBatchPolicy
+from .stage import LastBatchPolicy, epoch_size, steps_per_epoch
 from .streams import ClassIncremental, LabelledFiles, Task
 
 __version__ = "0.1.0"
 
 __all__ = ["RehearsalBuffer", "FieldSpec", "LastBatchPolicy", "POLICIES", "fn", "streams",
            "datasets", "ClassIncremental", "LabelledFiles", "Task", "gpu_available",
-           "__version__"]
+           "steps_per_epoch", "epoch_size", "__version__"]
 
 _logging.getLogger("dali_rehearsal").addHandler(_logging.NullHandler())
