@@ -72,8 +72,14 @@ class TorchTransport(Transport):
             return self._dist.new_group(ranks=self._ranks, backend=backend, timeout=timeout,
                                         use_local_synchronization=True)
         except Exception as e:   # a member never arrived: the store barrier timed out
+            if "timeout" in str(e).lower() and self.timeout is not None:
+                raise RemoteError(
+                    f"rank {self.rank}: no answer from the other processes within "
+                    f"{self.timeout:g} s while waiting for the other processes to create their "
+                    f"exchange {backend} process group ({type(e).__name__}: {e})",
+                    broken=True) from e
             raise RemoteError(f"rank {self.rank}: creating the exchange's {backend} process "
-                              f"group failed: {type(e).__name__}: {e}") from e
+                              f"group failed: {type(e).__name__}: {e}", broken=True) from e
 
     def agreement(self) -> dict:
         return {"exchange data path": "nccl (device buffers)" if self.device_buffers

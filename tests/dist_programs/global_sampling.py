@@ -99,13 +99,12 @@ import dali_rehearsal as dr  # noqa: E402
 from dali_rehearsal._backend import to_host  # noqa: E402
 
 
-def ident_batch(step, b, rank=None):
+def ident_batch(step, b, label_dtype=np.int32):
     """A batch whose content names it: id = rank * 1e6 + step * 1000 + i;
     image rows repeat the id, label = id % 7, logits = id / 2."""
-    rank = RANK if rank is None else rank
-    ids = rank * 1_000_000 + step * 1000 + np.arange(b, dtype=np.int64)
+    ids = RANK * 1_000_000 + step * 1000 + np.arange(b, dtype=np.int64)
     images = np.repeat(ids[:, None], 5, axis=1)
-    labels = (ids % 7).astype(np.int32)
+    labels = (ids % 7).astype(label_dtype)
     logits = (ids / 2.0).astype(np.float64)[:, None].repeat(2, axis=1)
     return images, labels, logits
 
@@ -217,6 +216,8 @@ def failure(kind):
     stats = new_stats()
     result = {"kind": kind, "t_start": time.time()}
     step = -1
+    # uint64 labels on every rank, so that only the value of the label fails
+    label_dtype = np.uint64 if kind == "big_labels" else np.int32
     try:
         buf = dr.RehearsalBuffer(capacity=capacity, num_representatives=4, device=DEVICE,
                                  seed=seed, comm=COMM, timeout=TIMEOUT)
@@ -225,7 +226,7 @@ def failure(kind):
         return result
     if fail and kind in LEAVING:               # no `with`, no `finally`: the buffer stays open
         for step in range(FAIL_STEP):
-            batch = ident_batch(step, 3)
+            batch = ident_batch(step, 3, label_dtype)
             check(buf.mix(*batch), step, batch, stats)
         result.update(planned=kind, t_fail=time.time(), **stats)
         write(result)
@@ -234,7 +235,7 @@ def failure(kind):
     try:
         with buf:
             for step in range(steps):
-                batch = ident_batch(step, 3)
+                batch = ident_batch(step, 3, label_dtype)
                 if fail and step == FAIL_STEP:
                     result["t_fail"] = time.time()
                     batch = _fail(kind, buf, batch)
@@ -420,7 +421,7 @@ def stage_failure():
                 for _ in it:
                     steps += 1
     except Exception as e:
-        return dict(_record(e, steps))
+        return dict(_record(e, steps), steps=steps)
     return {"error": None, "steps": steps}
 
 
