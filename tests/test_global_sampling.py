@@ -314,3 +314,47 @@ def test_mismatched_settings_raise_the_same_error_on_every_rank(transport, kind,
             assert r["step"] == 0, r          # the first step: mix knows the layout
         else:
             assert r["step"] == -1, r         # at construction
+
+
+# ---------------------------------------------------------------- transports
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("n", [2, 4])
+def test_the_transports_blocking_collectives(transport, n, tmp_path):
+    """``make_transport(comm)`` offers barrier and allgather_bytes over both
+    libraries (collective checkpoints use them)."""
+    results, _ = run(transport, n, "collectives", tmp_path,
+                     launcher=None if transport == "mpi" else "spawn")
+    expected = [(bytes([p]) * (3 * p)).hex() for p in range(n)]
+    for p, r in results.items():
+        assert (r["rank_seen"], r["size_seen"]) == (p, n)
+        assert r["gathered"] == expected
+        assert r["name"] == ("mpi" if transport == "mpi" else "torch-gloo")
+
+
+def test_a_communicator_of_another_kind_is_refused():
+    import dali_rehearsal as dr
+    with pytest.raises(TypeError, match="comm must be an mpi4py communicator .* or a "
+                                        "torch.distributed process group"):
+        dr.RehearsalBuffer(capacity=4, num_representatives=2, device="cpu", comm=object())
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-1.0, ValueError), ("60", TypeError),
+                                        (True, TypeError)])
+def test_the_timeout_is_checked(bad, error):
+    from dali_rehearsal.exchange.transport import check_timeout
+    with pytest.raises(error, match="timeout must be None or a number of seconds > 0"):
+        check_timeout(bad)
+    assert check_timeout(None) is None and check_timeout(5) == 5.0
+
+
+def test_the_launchers_environment_says_how_many_processes(monkeypatch):
+    from dali_rehearsal.exchange import launch as env
+    for name, _ in env.SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert env.launched_processes() is None
+    monkeypatch.setenv("PMI_SIZE", "1")
+    assert env.launched_processes() is None
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert env.launched_processes() == (4, "OMPI_COMM_WORLD_SIZE")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert env.launched_processes() == (2, "WORLD_SIZE")

@@ -57,6 +57,9 @@ def _linger():
 atexit.register(_linger)
 
 if TRANSPORT == "mpi":
+    if os.environ.get("DR_TEST_MPI_THREAD"):      # e.g. "funneled": no progress thread
+        import mpi4py
+        mpi4py.rc.thread_level = os.environ["DR_TEST_MPI_THREAD"]
     from mpi4py import MPI
     COMM = MPI.COMM_WORLD
     RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
@@ -148,7 +151,8 @@ def pairing():
     sampler = buf.sampler
     result = dict(stats, staged=getattr(sampler, "staged", None),
                   transport_name=sampler.transport.name,
-                  device_buffers=sampler.transport.device_buffers)
+                  device_buffers=sampler.transport.device_buffers,
+                  threaded=sampler.transport.threaded)
     buf.close()
     return result
 
@@ -425,7 +429,18 @@ def stage_failure():
     return {"error": None, "steps": steps}
 
 
-SCENARIOS = {f.__name__: f for f in (pairing, uniform, reproducible, seed_per_rank, uneven,
+def collectives():
+    """The transport's blocking collectives (checkpoints use them)."""
+    from dali_rehearsal.exchange import make_transport
+    with make_transport(COMM, timeout=TIMEOUT) as t:
+        t.barrier()
+        got = t.allgather_bytes(bytes([RANK]) * (3 * RANK))      # rank 0 sends nothing
+        t.barrier()
+        return {"rank_seen": t.rank, "size_seen": t.size, "name": t.name,
+                "gathered": [g.hex() for g in got]}
+
+
+SCENARIOS = {f.__name__: f for f in (collectives, pairing, uniform, reproducible, seed_per_rank, uneven,
                                      stage_failure)}
 FAILURES = ("raise_in_mix", "raise_outside", "close_early", "one_fewer", "uncaught", "sys_exit",
             "exit", "interrupt", "sigkill", "hang", "float_labels", "big_labels",
