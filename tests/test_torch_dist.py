@@ -87,3 +87,27 @@ def test_nccl_failures_stop_every_rank(tmp_path):
     assert results[1]["error"] == "ValueError"
     assert results[0]["error"] == "RemoteError"
     assert "rank 1 failed (ValueError: labels must be non-negative" in results[0]["message"]
+
+
+@pytest.mark.torchrun
+@pytest.mark.slow
+def test_profile_global_sampling_runs_under_torchrun(tmp_path):
+    """The profiling script takes torchrun's launch: global sampling over the
+    torch transport against local sampling, with the exchange's own figures."""
+    import json
+    out = tmp_path / "gs.json"
+    tiny = ["--images", "40", "--image-size", "32", "--batch-size", "8", "--representatives",
+            "2", "--steps", "3", "--warmup", "1", "--repeats", "2", "--no-progress",
+            "--compute-ms", "5", "--grad-mb", "0.25", "--device", "cpu", "--out", out]
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "profile_global_sampling.py"
+    done = launch("torchrun", 2, [script, *tiny], timeout=400,
+                  extra_env={"DALI_REHEARSAL_CACHE": tmp_path / "cache"})
+    assert done[0].returncode == 0, output(done)
+    data = json.loads(out.read_text())
+    assert data["launcher"] == "torchrun" and data["world_size"] == 2
+    assert set(data["variants"]) == {"global", "local"}
+    assert data["headline"]["transport"] == "torch-gloo"
+    ex = data["exchange"]["global"]
+    assert ex["transport"] == "torch-gloo" and ex["rounds_per_rank"] > 0
+    assert ex["mean_round_ms"] > 0 and ex["kib_received_per_round"] > 0
+    assert out.with_suffix(".png").exists()
