@@ -102,8 +102,10 @@ class TorchTransport(Transport):
 
     def iallgather(self, send, recv):
         out = self._torch.from_numpy(recv.reshape(-1))
-        return [self._dist.all_gather_single(out, self._torch.from_numpy(send),
-                                             group=self._control, async_op=True)]
+        # all_gather_single is the newer name of all_gather_into_tensor
+        gather = getattr(self._dist, "all_gather_single", None) or \
+            self._dist.all_gather_into_tensor
+        return [gather(out, self._torch.from_numpy(send), group=self._control, async_op=True)]
 
     def ialltoallv(self, send, send_counts, recv, recv_counts):
         return [self._dist.all_to_all_single(
