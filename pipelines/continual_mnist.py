@@ -56,10 +56,19 @@ if (pathlib.Path(__file__).resolve().parents[1] / "dali_rehearsal" / "__init__.p
 
 
 # ----------------------------------------------------------------------------- options
+class _Help(argparse.HelpFormatter):
+    """Shows each option's default once: appended, unless the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or not action.option_strings or action.default is None
+                or action.default is False or action.default == argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
     p.add_argument("--modes", default=",".join(MODES),
                    help="comma-separated subset of " + ",".join(MODES))
     p.add_argument("--epochs", type=int, default=3, help="epochs per task (every mode)")
@@ -87,7 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="output folder, written by rank 0 (default: outputs/continual_mnist for "
                         "one process, outputs/continual_mnist-Nproc for N processes)")
     p.add_argument("--num-threads", type=int, default=None,
-                   help="DALI CPU threads per pipeline (default: 1 under MPI, else 2)")
+                   help="DALI CPU threads per pipeline (default: 1 with several processes, "
+                        "else 2)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="PyTorch CPU threads (default: cores per process - 1, at least 1, "
                         "leaving room for DALI's threads)")
