@@ -62,7 +62,8 @@ class RehearsalBuffer:
         seed: seed of the insertion and sampling random streams (a
             non-negative integer); same seed and data give the same batches.
             With ``comm`` each process derives its own streams from
-            ``(seed, rank)``.
+            ``(seed, rank)``; the draws of global sampling use rank 0's seed, so
+            a seed that differs per rank is safe.
         comm: a communicator for global sampling across processes (see
             :mod:`dali_rehearsal.exchange`); ``None`` or a communicator of
             size 1 is the single-process buffer.
@@ -418,8 +419,8 @@ class RehearsalBuffer:
         ``RemoteError``; when the others stopped first (one of them closed
         after fewer steps, or failed in a step this process never used), this
         raises that ``RemoteError`` (it is logged instead when ``close`` runs
-        while an exception is being handled). Never waits longer than the
-        buffer's ``timeout`` for the others.
+        while an exception is being handled). Each of its waits for the others
+        is bounded by the buffer's ``timeout``.
         """
         stage = self._stage() if self._stage is not None else None
         if stage is not None:
