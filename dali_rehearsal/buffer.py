@@ -63,7 +63,8 @@ class RehearsalBuffer:
         seed: seed of the insertion and sampling random streams (a
             non-negative integer); same seed and data give the same batches.
             With ``comm`` each process derives its own streams from
-            ``(seed, rank)``.
+            ``(seed, rank)``; the draws of global sampling use rank 0's seed, so
+            a seed that differs per rank is safe.
         comm: a communicator for global sampling across processes (see
             :mod:`dali_rehearsal.exchange`); ``None`` or a communicator of
             size 1 is the single-process buffer.
@@ -71,13 +72,21 @@ class RehearsalBuffer:
             all processes' shards) or ``"local"`` (from this process's shard only).
         cuda_aware: with ``comm`` and ``device="gpu"``: pass device buffers to the
             transport (``True``), stage them through pinned host memory
-            (``False``) or detect what the library supports (``None``, default).
+            (``False``) or detect what the library supports (``None``, default:
+            CUDA-aware MPI, or an NCCL process group).
+        timeout: with ``comm``: seconds a process waits for the others in any
+            collective step of the exchange (construction, each step's round,
+            ``close``) before raising ``RemoteError`` (default 600; ``None``
+            waits forever). It bounds the wait for a process that stopped
+            answering without a word (killed, hung); failures a process can
+            report reach the others at once.
     """
 
     def __init__(self, *, capacity: int, num_representatives: int,
                  policy: str = "class_balanced", device: str | None = None,
                  label_index: int = 1, seed: int | None = None, comm=None,
-                 sampling: str = "global", cuda_aware: bool | None = None):
+                 sampling: str = "global", cuda_aware: bool | None = None,
+                 timeout: float | None = 600.0):
         self.capacity = _check_int("capacity", capacity, 1)
         self.num_representatives = _check_int("num_representatives", num_representatives, 0)
         self.label_index = _check_int("label_index", label_index, 0)
@@ -102,7 +111,7 @@ class RehearsalBuffer:
         self.sampling = sampling
         self._sampler = make_sampler(self, comm=comm, sampling=sampling, seed=self.seed,
                                      rng=np.random.default_rng(sample_seq),
-                                     cuda_aware=cuda_aware)
+                                     cuda_aware=cuda_aware, timeout=timeout)
         self.rank = self._sampler.rank
         self.world_size = self._sampler.world_size
         self._stage = None          # weak reference to the DALI stage feeding this buffer
@@ -407,8 +416,14 @@ class RehearsalBuffer:
     def close(self) -> None:
         """Stops the stage's worker and the background exchange; idempotent.
 
-        With ``comm``, every process must close its buffer (as it must run the
-        same steps): the stage's worker stops at the same step on every rank.
+        With ``comm``, every process closes its buffer after the same steps:
+        the stage's worker stops at the same step on every rank. A process
+        that closes while the others still exchange makes them raise
+        ``RemoteError``; when the others stopped first (one of them closed
+        after fewer steps, or failed in a step this process never used), this
+        raises that ``RemoteError`` (it is logged instead when ``close`` runs
+        while an exception is being handled). Each of its waits for the others
+        is bounded by the buffer's ``timeout``.
         """
         stage = self._stage() if self._stage is not None else None
         if stage is not None:

@@ -32,14 +32,16 @@ class Representatives:
     """The representatives of one step, ready to be written into the output.
 
     Either ``slots`` into the local storage (gathered on write) or ``rows``,
-    one array per field holding the received samples.
+    one array per field holding the received samples. ``ready`` (GPU) is an
+    event after which ``rows`` hold the samples (None: they already do).
     """
 
-    def __init__(self, count: int, *, slots=None, rows=None, origin=None):
+    def __init__(self, count: int, *, slots=None, rows=None, origin=None, ready=None):
         self.count = int(count)
         self.slots = slots
         self.rows = rows
         self.origin = origin      # (rank, slot) pairs, for tests and diagnostics
+        self.ready = ready
 
     def write_into(self, store, out, offset: int, stream=None) -> None:
         """Writes the representatives into ``out`` from row ``offset``,
@@ -49,6 +51,7 @@ class Representatives:
         if self.rows is None:
             store.gather(self.slots, out, offset, stream)
         else:
+            store.backend.wait_event(stream, self.ready)
             store.copy([r[: self.count] for r in self.rows], out, offset, stream)
 
 
@@ -123,18 +126,46 @@ class LocalSampler:
 
 
 def world_of(comm) -> tuple[int, int]:
-    """``(rank, size)`` of a communicator (``(0, 1)`` for ``None``)."""
+    """``(rank, size)`` of a communicator: an mpi4py communicator, a
+    torch.distributed process group, or ``None`` (``(0, 1)``).
+
+    Raises when ``comm`` has one process although the launcher started
+    several that its library does not know about (``torchrun`` with
+    ``MPI.COMM_WORLD``): global sampling would silently stay local.
+    """
     if comm is None:
         return 0, 1
-    return int(comm.Get_rank()), int(comm.Get_size())
+    from .exchange.launch import check_world
+    from .exchange.transport import world_of as transport_world
+    rank, size = transport_world(comm)
+    check_world(comm, size)
+    return rank, size
 
 
 def make_sampler(buffer, *, comm, sampling: str, seed, rng: np.random.Generator,
-                 cuda_aware=None):
+                 cuda_aware=None, timeout: float | None = 600.0):
     """The sampler for a buffer's settings: global over ``comm`` when it has
-    several processes and ``sampling == "global"``, else local."""
+    several processes and ``sampling == "global"``, else local.
+
+    With several processes, construction is a collective call: the processes
+    check that they agree (:mod:`dali_rehearsal.exchange`), whether they
+    sample globally or locally. ``comm=None`` in a job the launcher started
+    with several processes warns (once) that each samples its own shard.
+    ``timeout`` bounds every wait for the other processes (seconds; None: no
+    limit; the default is :data:`dali_rehearsal.exchange.DEFAULT_TIMEOUT`).
+    """
+    from .exchange.launch import warn_unshared
+    from .exchange.transport import check_timeout
+    timeout = check_timeout(timeout)
+    if comm is None:
+        warn_unshared()
+        return LocalSampler(buffer, rng)
     rank, size = world_of(comm)
-    if comm is not None and size > 1 and sampling == "global":
+    if size > 1 and sampling == "global":
         from .exchange import GlobalSampler
-        return GlobalSampler(buffer, comm, rng, seed=seed, cuda_aware=cuda_aware)
+        return GlobalSampler(buffer, comm, rng, seed=seed, cuda_aware=cuda_aware,
+                             timeout=timeout)
+    if size > 1:
+        from .exchange import handshake
+        handshake(comm, {"sampling": sampling}, timeout=timeout)
     return LocalSampler(buffer, rng, rank=rank, world_size=size)

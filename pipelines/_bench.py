@@ -1,12 +1,14 @@
 """Shared helpers of the profiling scripts in ``pipelines/``.
 
-Environment capture (library versions, CPU model, GPU), MPI detection without
-importing mpi4py outside ``mpiexec``, timing statistics, the printed table,
-JSON output and a bar chart. Nothing here depends on DALI.
+Environment capture (library versions, CPU model, GPU), launcher detection
+(``mpiexec`` or ``torchrun``, without importing mpi4py or initialising
+torch.distributed in a plain run), timing statistics, the printed table, JSON
+output, a bar chart and the help formatter. Nothing here depends on DALI.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -17,8 +19,9 @@ import sys
 
 import numpy as np
 
-__all__ = ["environment", "cpu_model", "mpi_world", "stats", "table", "write_json",
-           "bar_chart", "parse_hw", "out_paths", "gpu_name"]
+__all__ = ["environment", "cpu_model", "mpi_world", "launched_world", "torch_from_mpi", "stats",
+           "table", "write_json", "bar_chart", "parse_hw", "out_paths", "gpu_name",
+           "HelpFormatter"]
 
 _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE",
                   "SLURM_NTASKS_PER_JOB_STEP")
@@ -90,6 +93,75 @@ def mpi_world():
         return None
     from mpi4py import MPI
     return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
+
+
+def torchrun_world_size() -> int:
+    """The number of processes torchrun (or torch.distributed's environment)
+    started; 1 in any other run."""
+    if not os.environ.get("MASTER_ADDR"):
+        return 1
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+class TorchBench:
+    """The MPI-like calls the scripts make for their own bookkeeping
+    (``Barrier``, ``gather``, ``Allreduce``), over torch.distributed's default
+    group: what a torchrun job has instead of an MPI communicator."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        self._dist = dist
+
+    def Barrier(self) -> None:
+        self._dist.barrier()
+
+    def gather(self, obj, root: int = 0):
+        out = [None] * self._dist.get_world_size() if self._dist.get_rank() == root else None
+        self._dist.gather_object(obj, out, dst=root)
+        return out
+
+    def Allreduce(self, send, recv) -> None:
+        import torch
+        recv[...] = send
+        self._dist.all_reduce(torch.from_numpy(recv))
+
+
+def _init_torch(**kwargs) -> None:
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                                **kwargs)
+
+
+def torch_from_mpi(comm) -> None:
+    """Initialises torch.distributed (gloo, plus NCCL with a GPU) over the
+    ranks of an MPI job: rank 0 picks the address and port and broadcasts them."""
+    address = None
+    if comm.Get_rank() == 0:
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            address = (socket.gethostname(), sock.getsockname()[1])
+    host, port = comm.bcast(address, root=0)
+    _init_torch(init_method=f"tcp://{host}:{port}", rank=comm.Get_rank(),
+                world_size=comm.Get_size())
+
+
+def launched_world():
+    """``(comm, bench)`` for this run. Under ``torchrun``: torch's default group
+    (initialised here, gloo, plus NCCL with a GPU) and a :class:`TorchBench`;
+    under ``mpiexec``: ``MPI.COMM_WORLD`` and a duplicate of it; a plain run:
+    ``(None, None)``. ``comm`` is what a RehearsalBuffer takes; ``bench``
+    carries the script's own barriers, gathers and all-reduces."""
+    if torchrun_world_size() > 1:
+        import torch.distributed as dist
+        _init_torch()
+        return dist.group.WORLD, TorchBench()
+    comm = mpi_world()
+    return comm, (comm.Dup() if comm is not None else None)
 
 
 def stats(step_times, counts=None) -> dict:
@@ -215,13 +287,22 @@ def endless(iterator):
 
 def ranks(comm) -> tuple[int, int, int, int]:
     """``(rank, world, local_rank, local_size)`` under mpiexec (MPICH or Open
-    MPI environment variables) or in a plain run (``comm`` None)."""
-    rank = comm.Get_rank() if comm is not None else 0
-    world = comm.Get_size() if comm is not None else 1
-    local_size = int(os.environ.get("MPI_LOCALNRANKS", os.environ.get(
-        "OMPI_COMM_WORLD_LOCAL_SIZE", world)))
-    local_rank = int(os.environ.get("MPI_LOCALRANKID", os.environ.get(
-        "OMPI_COMM_WORLD_LOCAL_RANK", rank)))
+    MPI environment variables), torchrun (``comm`` a torch process group) or
+    in a plain run (``comm`` None)."""
+    if comm is None:
+        rank, world = 0, 1
+    elif hasattr(comm, "Get_rank"):
+        rank, world = comm.Get_rank(), comm.Get_size()
+    else:
+        rank, world = comm.rank(), comm.size()
+
+    def env(names, default):
+        for name in names:
+            if os.environ.get(name):
+                return int(os.environ[name])
+        return default
+    local_size = env(("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"), world)
+    local_rank = env(("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"), rank)
     return rank, world, local_rank, local_size
 
 
@@ -243,6 +324,19 @@ def select_gpu(local_rank: int) -> int:
     except ImportError:
         pass
     return device_id
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends each option's default to its help once, unless the help text
+    already says what the default is (or there is none to show)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or not action.option_strings
+                or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def photo_root(args, rank: int, bench_comm):

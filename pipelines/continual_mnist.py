@@ -16,10 +16,17 @@ After each task the model is evaluated on the held-out test digits of every
 class seen so far. Rank 0 prints a table, writes ``results.json`` and
 ``accuracy.png`` to ``--out``.
 
-Runs on the CPU by default when no GPU is visible (``--device auto``); data
-parallel under MPI (``mpiexec -n 2 python pipelines/continual_mnist.py``): each
-rank reads its shard, gradients are averaged with ``comm.Allreduce`` and the
-rehearsal buffer samples globally across ranks (``--sampling global``).
+Runs on the CPU by default when no GPU is visible (``--device auto``). Data
+parallel under either launcher, with the same figures for the same seed::
+
+    mpiexec -n 2 python pipelines/continual_mnist.py
+    torchrun --nproc_per_node=2 pipelines/continual_mnist.py
+
+Each rank reads its shard, PyTorch's ``DistributedDataParallel`` averages the
+gradients (a gloo process group: torchrun's, or under mpiexec one initialised
+from the MPI rank and size), and the rehearsal buffer samples globally across
+ranks (``--sampling global``) over ``MPI.COMM_WORLD`` under mpiexec and over
+``torch.distributed.group.WORLD`` under torchrun.
 """
 
 from __future__ import annotations
@@ -49,10 +56,19 @@ if (pathlib.Path(__file__).resolve().parents[1] / "dali_rehearsal" / "__init__.p
 
 
 # ----------------------------------------------------------------------------- options
+class _Help(argparse.HelpFormatter):
+    """Shows each option's default once: appended, unless the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or not action.option_strings or action.default is None
+                or action.default is False or action.default == argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
     p.add_argument("--modes", default=",".join(MODES),
                    help="comma-separated subset of " + ",".join(MODES))
     p.add_argument("--epochs", type=int, default=3, help="epochs per task (every mode)")
@@ -76,16 +92,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "sometimes stops learning new tasks at all (a collapsed lower bound)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto: the GPU when DALI/CuPy and torch see one, else the CPU")
-    p.add_argument("--out", default="outputs/continual_mnist", help="output folder (rank 0)")
+    p.add_argument("--out", default=None,
+                   help="output folder, written by rank 0 (default: outputs/continual_mnist for "
+                        "one process, outputs/continual_mnist-Nproc for N processes)")
     p.add_argument("--num-threads", type=int, default=None,
-                   help="DALI CPU threads per pipeline (default: 1 under MPI, else 2)")
+                   help="DALI CPU threads per pipeline (default: 1 with several processes, "
+                        "else 2)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="PyTorch CPU threads (default: cores per process - 1, at least 1, "
                         "leaving room for DALI's threads)")
     p.add_argument("--sampling", choices=("global", "local"), default="global",
-                   help="rehearsal under MPI: draw representatives from all ranks' buffers "
-                        "or from this rank's only")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+                   help="rehearsal with several processes: draw representatives from all "
+                        "ranks' buffers or from this rank's only")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are off anyway when stdout or stderr is not "
+                        "a terminal)")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
@@ -109,24 +130,43 @@ def _policies():
 
 # -------------------------------------------------------------------------- processes
 class Dist:
-    """The process group: MPI when mpi4py is importable and the world size is > 1."""
+    """The job's processes: one, or several under mpiexec or torchrun.
 
-    def __init__(self):
+    With several processes, a torch.distributed process group (gloo; gloo and
+    NCCL on the GPU) carries DDP's gradient all-reduce: torchrun's own, or
+    under mpiexec one initialised from the MPI rank and size (rank 0 picks the
+    address and port and broadcasts them over MPI). The rehearsal buffer gets
+    the launcher's communicator: ``MPI.COMM_WORLD`` under mpiexec,
+    ``torch.distributed.group.WORLD`` under torchrun.
+    """
+
+    def __init__(self, gpu_possible: bool):
+        self.launcher = None
         self.comm = None
-        self.MPI = None
         self.rank, self.size = 0, 1
-        launched = any(os.environ.get(v) for v in (
-            "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"))
-        if not launched:          # a plain `python` run never initialises MPI
-            return
-        try:
-            from mpi4py import MPI
-        except ImportError:
-            return
-        comm = MPI.COMM_WORLD
-        if comm.Get_size() > 1:
-            self.comm, self.MPI = comm, MPI
-            self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        backend = "cpu:gloo,cuda:nccl" if gpu_possible else "gloo"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("MASTER_ADDR"):
+            import torch.distributed as dist
+            dist.init_process_group(backend)
+            self.launcher, self.comm = "torchrun", dist.group.WORLD
+        elif any(int(os.environ.get(v, "1") or 1) > 1 for v in _MPI_SIZE_VARIABLES):
+            from mpi4py import MPI      # a plain `python` run never initialises MPI
+            comm = MPI.COMM_WORLD
+            if comm.Get_size() > 1:
+                import torch.distributed as dist
+                address = None
+                if comm.Get_rank() == 0:
+                    import socket
+                    with socket.socket() as sock:
+                        sock.bind(("", 0))
+                        address = (socket.gethostname(), sock.getsockname()[1])
+                host, port = comm.bcast(address, root=0)
+                dist.init_process_group(backend, init_method=f"tcp://{host}:{port}",
+                                        rank=comm.Get_rank(), world_size=comm.Get_size())
+                self.launcher, self.comm = "mpiexec", comm
+        if self.comm is not None:
+            import torch.distributed as dist
+            self.rank, self.size = dist.get_rank(), dist.get_world_size()
 
     @property
     def enabled(self) -> bool:
@@ -134,41 +174,51 @@ class Dist:
 
     def barrier(self) -> None:
         if self.enabled:
-            self.comm.Barrier()
+            import torch.distributed as dist
+            dist.barrier()
+
+    def _reduce(self, value, op, dtype):
+        if not self.enabled:
+            return value
+        import torch
+        import torch.distributed as dist
+        t = torch.tensor([value], dtype=dtype)
+        dist.all_reduce(t, op=op)
+        return t.item()
 
     def max(self, value: float) -> float:
-        return self.comm.allreduce(value, op=self.MPI.MAX) if self.enabled else value
+        import torch.distributed as dist
+        return self._reduce(float(value), dist.ReduceOp.MAX, _torch().float64)
 
-    def sync_gradients(self, params, n_local: int, flat: np.ndarray) -> int:
-        """Turns the summed per-sample gradients of every rank into their mean
-        over all ranks' samples; returns the global sample count (0: every rank
-        has ended its epoch). One Allreduce on a flat buffer."""
+    def sum(self, value: int) -> int:
+        import torch.distributed as dist
+        return int(self._reduce(int(value), dist.ReduceOp.SUM, _torch().int64))
+
+    def wrap(self, model, device):
+        """The model DDP trains (the model itself for one process)."""
         if not self.enabled:
-            total = n_local
-        else:
-            pos = 0
-            for p in params:
-                k = p.numel()
-                flat[pos:pos + k] = p.grad.detach().reshape(-1).cpu().numpy()
-                pos += k
-            flat[pos] = n_local
-            self.comm.Allreduce(self.MPI.IN_PLACE, flat, op=self.MPI.SUM)
-            total = int(round(flat[pos]))
-            if total:
-                pos = 0
-                for p in params:
-                    k = p.numel()
-                    p.grad.copy_(_torch().from_numpy(flat[pos:pos + k]).view_as(p.grad))
-                    pos += k
-        if total:
-            for p in params:
-                p.grad.div_(total)
-        return total
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                       else None)
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+_MPI_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def _torch():
     import torch
     return torch
+
+
+def show_progress() -> bool:
+    """Progress bars only on a terminal: they would flood a log file."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
 
 
 # ------------------------------------------------------------------------------ model
@@ -182,10 +232,7 @@ def make_model(seed: int, device):
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),    # 32 x 7 x 7
         nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, NUM_CLASSES),
     )
-    model = model.to(device)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    return model
+    return model.to(device)
 
 
 # -------------------------------------------------------------------------- pipelines
@@ -283,58 +330,59 @@ class Trainer:
         self.num_threads = num_threads
 
     def new_model(self):
+        """(the model, what trains it: DDP over the ranks or the model, Adam)."""
         import torch
         model = make_model(self.args.seed, self.device)
-        opt = torch.optim.Adam(model.parameters(), lr=self.args.lr)
-        params = list(model.parameters())
-        flat = np.zeros(sum(p.numel() for p in params) + 1, dtype=np.float32)
-        return model, opt, params, flat
+        trained = self.dist.wrap(model, self.device)
+        return model, trained, torch.optim.Adam(trained.parameters(), lr=self.args.lr)
 
-    def run_epochs(self, it, model, opt, params, flat, pbar) -> int:
-        """Trains ``args.epochs`` epochs from a DALI iterator; every rank takes
-        the same number of optimizer steps (a rank out of data contributes zero
-        gradients until every rank has ended its epoch). Returns samples used."""
+    def run_epochs(self, it, trained, opt, pbar) -> int:
+        """Trains ``args.epochs`` epochs from a DALI iterator; returns the
+        samples used on this rank.
+
+        Every rank takes the same optimizer steps: a rank whose epoch has
+        ended joins the others' steps with a zero loss until every rank has
+        ended it, without reading into its next epoch. Each step's gradient is
+        the mean over all ranks' samples: DDP averages over ranks, so each
+        rank scales its summed loss by ranks / samples of the step.
+        """
+        import torch
         import torch.nn.functional as F
 
         seen = 0
-        model.train()
+        trained.train()
+        idle = torch.zeros(1, 1, 28, 28, device=self.device)
         for _ in range(self.args.epochs):
+            ended = False
             while True:
-                try:
-                    data = next(it)
-                except StopIteration:          # auto_reset: the next call starts a new epoch
-                    data = None
-                for p in params:
-                    p.grad.zero_()
-                n = 0
-                if data is not None:
+                data = None
+                if not ended:
+                    try:
+                        data = next(it)
+                    except StopIteration:      # auto_reset: the next call starts a new epoch
+                        ended = True
+                n = 0 if data is None else int(data[0]["labels"].shape[0])
+                total = self.dist.sum(n)
+                if total == 0:                 # every rank has ended its epoch
+                    break
+                opt.zero_grad(set_to_none=False)
+                if n:
                     x = data[0]["images"].to(self.device, non_blocking=True)
                     y = data[0]["labels"].reshape(-1).long().to(self.device, non_blocking=True)
-                    n = len(y)
-                    if n:
-                        loss = F.cross_entropy(model(x), y, reduction="sum")
-                        loss.backward()
-                        if pbar is not None:
-                            pbar.set_postfix(loss=f"{loss.item() / n:.3f}", refresh=False)
-                total = self.dist.sync_gradients(params, n, flat)
-                if total == 0:
-                    if data is not None:  # pragma: no cover - an empty batch mid-epoch
-                        continue
-                    break
+                    loss = F.cross_entropy(trained(x), y, reduction="sum")
+                    (loss * (self.dist.size / total)).backward()
+                    if pbar is not None:
+                        pbar.set_postfix(loss=f"{loss.item() / n:.3f}", refresh=False)
+                else:
+                    (trained(idle).sum() * 0.0).backward()     # joins DDP's all-reduce
                 opt.step()
                 seen += n
                 if pbar is not None:
                     pbar.update(1)
-                if data is None:
-                    # this rank ended its epoch; keep stepping with zero gradients
-                    # until all ranks have, without reading into the next epoch
-                    while self.dist.sync_gradients(params, 0, flat):
-                        opt.step()
-                    break
         return seen
 
     def progress(self, desc: str, total: int):
-        if self.dist.rank != 0 or self.args.no_progress:
+        if self.dist.rank != 0 or self.args.no_progress or not show_progress():
             return None
         from tqdm import tqdm
         return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
@@ -345,12 +393,12 @@ class Trainer:
         return -(-shard // self.args.batch_size) * self.args.epochs
 
 
-
     def warm_up(self) -> None:
         """One untimed step on random data, so that no mode pays PyTorch's first-call costs."""
         import torch
         import torch.nn.functional as F
-        model, opt, _, _ = self.new_model()
+        model = make_model(self.args.seed, self.device)
+        opt = torch.optim.Adam(model.parameters(), lr=self.args.lr)
         b = self.args.batch_size + self.args.representatives
         x = torch.randn(b, 1, 28, 28, device=self.device)
         F.cross_entropy(model(x), torch.zeros(b, dtype=torch.long, device=self.device)).backward()
@@ -370,11 +418,7 @@ def make_buffer(args, dist: Dist, gpu: bool):
                   policy=args.policy, device="gpu" if gpu else "cpu", seed=args.seed)
     if not dist.enabled:
         return dr.RehearsalBuffer(**kwargs)
-    try:
-        return dr.RehearsalBuffer(**kwargs, comm=dist.comm, sampling=args.sampling)
-    except ImportError as e:
-        raise RuntimeError(f"global sampling across ranks is not available ({e}); "
-                           "run with --sampling local") from e
+    return dr.RehearsalBuffer(**kwargs, comm=dist.comm, sampling=args.sampling)
 
 
 def evaluate(model, test, stream, t: int) -> tuple[float, list[float]]:
@@ -397,13 +441,13 @@ def evaluate(model, test, stream, t: int) -> tuple[float, list[float]]:
 
 def run_mode(mode: str, stream, trainer: Trainer, test) -> dict:
     args, dist = trainer.args, trainer.dist
-    model, opt, params, flat = trainer.new_model()
+    model, trained, opt = trainer.new_model()
     buffer = make_buffer(args, dist, trainer.gpu) if mode == "rehearsal" else None
     out = {"accuracy": [], "task_accuracy": [], "task_time_s": [], "samples": 0}
     try:
         for t, task in enumerate(stream):
             if mode == "scratch":
-                model, opt, params, flat = trainer.new_model()   # same init every time
+                model, trained, opt = trainer.new_model()   # same init every time
                 data = stream.cumulative(t)
             else:
                 data = task
@@ -420,7 +464,7 @@ def run_mode(mode: str, stream, trainer: Trainer, test) -> dict:
             else:
                 source = pipe = trainer.new_source(data, seed, normalize=True)
                 it = direct_iterator(pipe)
-            out["samples"] += trainer.run_epochs(it, model, opt, params, flat, pbar)
+            out["samples"] += trainer.run_epochs(it, trained, opt, pbar)
             elapsed = dist.max(time.perf_counter() - start)
             del it, pipe, source
             if pbar is not None:
@@ -440,9 +484,11 @@ def run_mode(mode: str, stream, trainer: Trainer, test) -> dict:
         if buffer is not None:
             out["buffer"] = {"size_rank0": buffer.size, "capacity_per_rank": buffer.capacity,
                              "policy": buffer.policy, "device": buffer.device,
-                             "sampling": buffer.sampling if dist.enabled else "local"}
+                             "sampling": buffer.sampling if dist.enabled else "local",
+                             "exchange": getattr(getattr(buffer.sampler, "transport", None),
+                                                 "name", None)}
             buffer.close()
-    out["samples"] = int(dist.comm.allreduce(out["samples"])) if dist.enabled else out["samples"]
+    out["samples"] = dist.sum(out["samples"])
     out["train_time_s"] = round(sum(out["task_time_s"]), 3)
     out["samples_per_s"] = round(out["samples"] / max(out["train_time_s"], 1e-9), 1)
     if out["accuracy"]:
@@ -462,18 +508,32 @@ def gap_closure(results: dict):
     return round((reh - inc) / (scr - inc), 4) if scr != inc else None
 
 
+#: What each column of the printed table means (printed under it).
+TABLE_LEGEND = (
+    "task k     accuracy after training on task k, on the test digits of the classes of "
+    "tasks 1..k",
+    "final      accuracy after the last task (the last task column)",
+    "avg-inc    average incremental accuracy: the mean of the task columns",
+    "train s    training time summed over the tasks (the slowest rank's); data preparation, "
+    "pipeline builds and evaluation are not counted",
+    "samples/s  samples trained on per second of training time: fresh and replayed, all ranks",
+)
+
+
 def format_table(results: dict, stream, closure) -> str:
     n = len(stream)
     head = (f"{'mode':<12}" + "".join(f"{'task ' + str(t + 1):>8}" for t in range(n))
             + f"{'final':>8}{'avg-inc':>9}{'train s':>9}{'samples/s':>11}")
-    lines = ["accuracy (%) on the held-out digits of all classes seen so far, after each task",
+    lines = ["accuracy (%) on the held-out test digits of all classes seen so far",
              head, "-" * len(head)]
     for mode, r in results.items():
         lines.append(f"{mode:<12}" + "".join(f"{100 * a:8.1f}" for a in r["accuracy"])
                      + f"{100 * r['final_accuracy']:8.1f}"
                      + f"{100 * r['avg_incremental_accuracy']:9.1f}"
                      + f"{r['train_time_s']:9.1f}{r['samples_per_s']:11.0f}")
-    lines.append(f"{'train s/task':<12}")
+    lines.append("-" * len(head))
+    lines += TABLE_LEGEND
+    lines.append("training time per task (s):")
     for mode, r in results.items():
         lines.append(f"  {mode:<10}" + "".join(f"{s:8.1f}" for s in r["task_time_s"]))
     if closure is not None:
@@ -531,28 +591,52 @@ def resolve_device(choice: str) -> bool:
     return have if choice == "auto" else choice == "gpu"
 
 
+def local_rank() -> int:
+    """This process's index on its machine, as the launcher says."""
+    for name in ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return 0
+
+
+def default_out(world: int) -> str:
+    """Single-process and multi-process runs never overwrite each other's outputs."""
+    return "outputs/continual_mnist" if world == 1 else f"outputs/continual_mnist-{world}proc"
+
+
 def main(argv=None) -> dict:
     """Runs the comparison; returns the results written to ``results.json``
     (on rank 0; an empty dict on the other ranks)."""
+    wall0 = time.perf_counter()
     args = parse_args(argv)
-    dist = Dist()
+    import torch
+    import dali_rehearsal as dr
+
+    gpu = resolve_device(args.device)
+    if gpu:
+        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
+    dist = Dist(gpu_possible=gpu)
+    try:
+        return run(args, dist, gpu, wall0)
+    finally:
+        dist.close()
+
+
+def run(args, dist: Dist, gpu: bool, wall0: float) -> dict:
+    import torch
+    import dali_rehearsal as dr
+
     if dist.size > 1:
         # b, r and the capacity are figures for all ranks together: each rank takes
         # its share, so a run has the same budget (steps per task, samples per
         # step, samples kept) at any world size.
         for name in ("batch_size", "representatives", "capacity"):
             setattr(args, name, -(-getattr(args, name) // dist.size))
+    if args.out is None:
+        args.out = default_out(dist.size)
     logging.basicConfig(level=logging.INFO if dist.rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    import torch
-    import dali_rehearsal as dr
-
-    gpu = resolve_device(args.device)
     if gpu:
-        n_gpu = torch.cuda.device_count()
-        local = int(os.environ.get("MPI_LOCALRANKID", os.environ.get(
-            "OMPI_COMM_WORLD_LOCAL_RANK", dist.rank)))
-        torch.cuda.set_device(local % n_gpu)
         device = torch.device("cuda", torch.cuda.current_device())
         device_name = torch.cuda.get_device_name(device)
     else:
@@ -561,7 +645,6 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.torch_threads
                               or max(1, (os.cpu_count() or 1) // dist.size - 1))
     num_threads = args.num_threads or (1 if dist.size > 1 else 2)
-    wall0 = time.perf_counter()
 
     # data: rank 0 writes the PNG folders once (cached), the others reuse them
     if dist.rank == 0:
@@ -575,24 +658,30 @@ def main(argv=None) -> dict:
                                  increment=args.increment, seed=args.seed)
     test = (load_test_set(test_root, num_threads=num_threads, gpu=gpu, device=device)
             if dist.rank == 0 else None)
-    log.info("%s; %d test digits; device %s; world size %d; modes %s", stream,
-             0 if test is None else len(test[1]), device_name, dist.size, ",".join(args.modes))
+    log.info("%s; %d test digits; device %s; %s; modes %s", stream,
+             0 if test is None else len(test[1]), device_name,
+             f"{dist.size} processes ({dist.launcher})" if dist.enabled else "1 process",
+             ",".join(args.modes))
 
     trainer = Trainer(args, dist, device, gpu, num_threads)
     trainer.warm_up()
     results = {mode: run_mode(mode, stream, trainer, test) for mode in args.modes}
-    wall = time.perf_counter() - wall0
+    wall = dist.max(time.perf_counter() - wall0)
     if dist.rank != 0:
         return {}
 
     closure = gap_closure(results)
     print(format_table(results, stream, closure), flush=True)
+    training = sum(r["train_time_s"] for r in results.values())
+    print(f"run time {wall:.1f} s, of which training {training:.1f} s (the rest: data "
+          "preparation, pipeline builds, evaluation)", flush=True)
     report = {
         "settings": {k: v for k, v in vars(args).items()},
         "versions": versions(),
         "device": "gpu" if gpu else "cpu",
         "device_name": device_name,
         "world_size": dist.size,
+        "launcher": dist.launcher,
         "threads": {"dali": num_threads, "torch": torch.get_num_threads()},
         "class_order": list(stream.class_order),
         "tasks": [list(t.classes) for t in stream],
@@ -609,8 +698,7 @@ def main(argv=None) -> dict:
              f"r={args.representatives}, capacity={args.capacity}x{dist.size}, "
              f"{args.epochs} epoch(s)/task, {report['device']} x{dist.size}")
     plot(results, stream, out / "accuracy.png", title)
-    log.info("wrote %s and %s (total wall %.1f s)", out / "results.json", out / "accuracy.png",
-             wall)
+    log.info("wrote %s and %s", out / "results.json", out / "accuracy.png")
     return report
 
 

@@ -1,30 +1,40 @@
 #!/usr/bin/env python
-"""What global sampling costs: step time with global vs local-only sampling.
+"""What global sampling costs: step time with global vs local-only sampling, per transport.
 
 Every rank runs the rehearsal stage on its shard of ImageNet-like JPEGs
 (read -> decode -> resize in the source pipeline, ``dr.fn.rehearsal`` and
 ``crop_mirror_normalize`` in the mixing pipeline, ``DALIGenericIterator``)
-with two buffers side by side, ``RehearsalBuffer(..., comm=MPI.COMM_WORLD,
-sampling="global")`` and ``sampling="local"``, and a simulated training step
-after every batch:
+with buffers side by side that differ only in where representatives come
+from, and a simulated training step after every batch:
 
-* ``--compute sleep`` (default): ``--compute-ms`` of idle CPU, like a GPU
-  training step, during which DALI and the exchange thread run;
-* ``--compute matmul``: a torch matmul loop calibrated to ``--compute-ms``,
-  which competes with them for the CPU;
-* then, unless ``--grad-mb 0``, an ``Allreduce`` of ``--grad-mb`` MiB of
-  float32 "gradients" that keeps the ranks in lockstep as data-parallel
-  training does.
+* ``global``: ``sampling="global"`` over the launcher's communicator
+  (``MPI.COMM_WORLD`` under mpiexec, ``torch.distributed.group.WORLD`` under
+  torchrun);
+* ``global_torch`` (under mpiexec, when PyTorch is installed): the same over
+  torch.distributed (gloo, initialised from the MPI ranks), so that one run
+  measures both transports;
+* ``local``: ``sampling="local"``, no exchange.
 
-The two variants run in interleaved segments (order alternating, ``--warmup``
-uncounted steps each); the figure is the ratio global/local of the mean step
-time, as the median of the per-repetition ratios. The exchange is overlapped
-once its cost is hidden behind the step: target ratio <= 1.05.
+The simulated step is ``--compute sleep`` (default: ``--compute-ms`` of idle
+CPU, like a GPU training step, during which DALI and the exchange thread run)
+or ``--compute matmul`` (a torch matmul loop calibrated to ``--compute-ms``,
+which competes with them for the CPU), then, unless ``--grad-mb 0``, an
+all-reduce of ``--grad-mb`` MiB of float32 "gradients" that keeps the ranks in
+lockstep as data-parallel training does.
 
-Run under ``mpiexec -n N``, or let the script launch itself for several N::
+The variants run in interleaved segments (order rotating, ``--warmup``
+uncounted steps each); the figure per transport is the ratio global/local of
+the mean step time, as the median of the per-repetition ratios (target <=
+1.05: the exchange is hidden behind the step). The exchange's own cost is
+reported too: the time its progress thread spends per round (overlapped with
+training, so not a cost to the step unless it is longer than the step) and
+the bytes it moves.
+
+Run under either launcher, or let the script launch itself for several N::
 
     mpiexec -n 2 python pipelines/profile_global_sampling.py
-    python pipelines/profile_global_sampling.py --launch 1,2,4
+    torchrun --nproc_per_node=2 pipelines/profile_global_sampling.py
+    python pipelines/profile_global_sampling.py --launch 1,2,4 --launcher torchrun
 """
 
 from __future__ import annotations
@@ -32,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import pathlib
 import shutil
 import subprocess
@@ -51,13 +60,12 @@ import dali_rehearsal as dr  # noqa: E402
 sys.path.insert(0, str(_HERE))
 import _bench  # noqa: E402
 
-VARIANTS = ("global", "local")
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
 
 # ----------------------------------------------------------------------------- one run
-def build(args, root, comm, rank, world, device, device_id, sampling):
+def build(args, root, comm, rank, world, device, device_id, sampling, seed_offset):
     """Buffer + pipelines + iterator of one variant; returns (next_batch, buffer)."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -65,7 +73,7 @@ def build(args, root, comm, rank, world, device, device_id, sampling):
     common = dict(num_threads=args.num_threads, device_id=device_id,
                   prefetch_queue_depth=args.prefetch)
     decode_device = "mixed" if device == "gpu" else "cpu"
-    seed = args.seed + 100 * (sampling == "local")
+    seed = args.seed + seed_offset
 
     @pipeline_def(batch_size=args.batch_size, seed=seed + rank, **common)
     def source():
@@ -134,16 +142,33 @@ def make_compute(args, device):
     return compute
 
 
+def variants_for(comm, world):
+    """``{variant: (communicator, sampling)}`` for this launch."""
+    if comm is None:
+        return {"global": (None, "global"), "local": (None, "local")}
+    out = {"global": (comm, "global")}
+    if hasattr(comm, "Get_rank"):          # mpiexec: the torch transport as well
+        try:
+            import torch.distributed as dist
+        except ImportError:
+            dist = None
+        if dist is not None:
+            _bench.torch_from_mpi(comm)
+            out["global_torch"] = (dist.group.WORLD, "global")
+    out["local"] = (comm, "local")
+    return out
+
+
 def run_once(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    comm = _bench.mpi_world()
+    comm, bench = _bench.launched_world()
     rank, world, local_rank, local_size = _bench.ranks(comm)
-    if comm is not None:
+    launcher = None if comm is None else ("mpiexec" if hasattr(comm, "Get_rank") else "torchrun")
+    if launcher == "mpiexec":
         from mpi4py import MPI
         if MPI.Query_thread() != MPI.THREAD_MULTIPLE and rank == 0:
             print("warning: MPI is not MPI_THREAD_MULTIPLE: the exchange cannot overlap",
                   file=sys.stderr)
-    bench_comm = comm.Dup() if comm is not None else None
     if args.num_threads is None:
         args.num_threads = _bench.threads_per_rank(local_size)
     device = args.device
@@ -153,11 +178,14 @@ def run_once(args) -> int:
     if args.capacity is None:
         args.capacity = max(args.representatives, 1, int(round(0.3 * args.images / world)))
 
-    root = _bench.photo_root(args, rank, bench_comm)
+    root = _bench.photo_root(args, rank, bench)
 
+    plan = variants_for(comm, world)
+    names = list(plan)
     variants = {}
-    for sampling in VARIANTS:
-        variants[sampling] = build(args, root, comm, rank, world, device, device_id, sampling)
+    for i, (name, (vcomm, sampling)) in enumerate(plan.items()):
+        variants[name] = build(args, root, vcomm, rank, world, device, device_id, sampling,
+                               seed_offset=100 * i)
     compute = make_compute(args, device)
     grad = np.ones(int(args.grad_mb * 2**20 / 4), dtype=np.float32)
     grad_out = np.empty_like(grad)
@@ -169,22 +197,23 @@ def run_once(args) -> int:
         delivered = int(batch["images"].shape[0])
         t1 = time.perf_counter()
         compute(batch)
-        if bench_comm is not None and grad.size:
-            bench_comm.Allreduce(grad, grad_out)
+        if bench is not None and grad.size:
+            bench.Allreduce(grad, grad_out)
         return t1 - t0, fresh, delivered
 
     from tqdm import tqdm
-    total = args.repeats * len(VARIANTS) * (args.warmup + args.steps)
+    total = args.repeats * len(names) * (args.warmup + args.steps)
     progress = tqdm(total=total, desc=f"global sampling, {world} rank(s)", unit="step",
-                    file=sys.stderr, disable=args.no_progress or rank != 0, dynamic_ncols=True)
-    raw = {v: [] for v in VARIANTS}
+                    file=sys.stderr, dynamic_ncols=True,
+                    disable=args.no_progress or rank != 0 or not sys.stderr.isatty())
+    raw = {v: [] for v in names}
     try:
         for rep in range(args.repeats):
-            order = VARIANTS if rep % 2 == 0 else VARIANTS[::-1]
+            order = names[rep % len(names):] + names[:rep % len(names)]
             for name in order:
                 next_batch, _ = variants[name]
-                if bench_comm is not None:
-                    bench_comm.Barrier()
+                if bench is not None:
+                    bench.Barrier()
                 for _ in range(args.warmup):
                     step(next_batch)
                     progress.update(1)
@@ -204,12 +233,16 @@ def run_once(args) -> int:
         progress.close()
     info = {}
     for name, (_, buffer) in variants.items():
-        info[name] = {"sampler": type(buffer.sampler).__name__, "size": buffer.size,
-                      "capacity": buffer.capacity, "world_size": buffer.world_size}
+        sampler = buffer.sampler
+        transport = getattr(sampler, "transport", None)
+        info[name] = {"sampler": type(sampler).__name__, "size": buffer.size,
+                      "capacity": buffer.capacity, "world_size": buffer.world_size,
+                      "transport": None if transport is None else transport.name,
+                      "exchange_stats": dict(getattr(sampler, "stats", {}) or {})}
         buffer.close()
 
     mine = {"rank": rank, "raw": raw, "buffers": info}
-    gathered = bench_comm.gather(mine, root=0) if bench_comm is not None else [mine]
+    gathered = bench.gather(mine, root=0) if bench is not None else [mine]
     if rank != 0:
         return 0
 
@@ -239,26 +272,51 @@ def run_once(args) -> int:
                 "fresh_samples": int(fresh), "delivered_samples": int(delivered),
                 "per_repeat_mean_step_ms": [v * 1e3 for v in per_rep]}
 
-    figs = {v: figures([g["raw"][v] for g in gathered]) for v in VARIANTS}
-    per = [g / l for g, l in zip(figs["global"]["per_repeat_mean_step_ms"],
-                                 figs["local"]["per_repeat_mean_step_ms"])]
-    ratio = {"median": float(np.median(per)), "min": float(np.min(per)),
-             "max": float(np.max(per)), "per_repeat": per,
-             "pooled": figs["global"]["mean_step_ms"] / figs["local"]["mean_step_ms"]}
-    per_rank = [{v: figures([g["raw"][v]]) for v in VARIANTS} for g in gathered]
+    figs = {v: figures([g["raw"][v] for g in gathered]) for v in names}
+    ratios = {}
+    for v in names:
+        if v == "local":
+            continue
+        per = [g / loc for g, loc in zip(figs[v]["per_repeat_mean_step_ms"],
+                                         figs["local"]["per_repeat_mean_step_ms"])]
+        ratios[v] = {"median": float(np.median(per)), "min": float(np.min(per)),
+                     "max": float(np.max(per)), "per_repeat": per,
+                     "pooled": figs[v]["mean_step_ms"] / figs["local"]["mean_step_ms"]}
+    exchange = {}
+    for v in names:
+        if v == "local" or gathered[0]["buffers"][v]["transport"] is None:
+            continue
+        per_rank = [g["buffers"][v]["exchange_stats"] for g in gathered]
+        rounds = sum(s.get("rounds", 0) for s in per_rank)
+        exchange[v] = {
+            "transport": gathered[0]["buffers"][v]["transport"],
+            "rounds_per_rank": rounds / len(per_rank),
+            "mean_round_ms": 1e3 * sum(s.get("round_seconds", 0.0) for s in per_rank)
+            / max(rounds, 1),
+            "kib_received_per_round": sum(s.get("bytes_received", 0) for s in per_rank)
+            / max(rounds, 1) / 1024}
+    per_rank = [{v: figures([g["raw"][v]]) for v in names} for g in gathered]
     settings = {k: v for k, v in vars(args).items() if k not in ("no_progress", "launch")}
-    settings.update(world_size=world, device=device, data_root=str(root))
+    settings.update(world_size=world, device=device, data_root=str(root), launcher=launcher)
+    main_ratio = ratios["global"]
     result = {
         "script": "profile_global_sampling",
         "environment": _bench.environment(device),
         "settings": settings,
         "world_size": world,
+        "launcher": launcher,
         "variants": figs,
-        "ratio_global_over_local": ratio,
-        "headline": {"global_over_local_step_time": ratio["median"],
-                     "overhead_pct": (ratio["median"] - 1) * 100, "target_overhead_pct": 5.0,
-                     "meets_target": ratio["median"] <= 1.05,
-                     "exchange": gathered[0]["buffers"]["global"]["sampler"]},
+        "ratio_global_over_local": main_ratio,
+        "ratios_over_local": ratios,
+        "exchange": exchange,
+        "headline": {"global_over_local_step_time": main_ratio["median"],
+                     "overhead_pct": (main_ratio["median"] - 1) * 100,
+                     "target_overhead_pct": 5.0, "meets_target": main_ratio["median"] <= 1.05,
+                     "exchange": gathered[0]["buffers"]["global"]["sampler"],
+                     "transport": gathered[0]["buffers"]["global"]["transport"],
+                     "overhead_pct_by_transport": {
+                         (gathered[0]["buffers"][v]["transport"] or v): (r["median"] - 1) * 100
+                         for v, r in ratios.items()}},
         "buffers": [g["buffers"] for g in gathered],
         "per_rank": per_rank,
     }
@@ -274,45 +332,61 @@ def run_once(args) -> int:
 # ------------------------------------------------------------------------ reporting
 def print_run(result) -> None:
     s = result["settings"]
-    print(f"\n{result['world_size']} rank(s), device={s['device']}, b={s['batch_size']}, "
-          f"r={s['representatives']}, {s['resize_size']}px samples, capacity {s['capacity']}/rank,"
-          f" compute {s['compute']} {s['compute_ms']} ms + allreduce {s['grad_mb']} MiB, "
-          f"{s['repeats']} x {s['steps']} steps (+{s['warmup']} warm-up), exchange: "
-          f"{result['headline']['exchange']}")
+    print(f"\n{result['world_size']} rank(s) ({result['launcher'] or 'one process'}), "
+          f"device={s['device']}, b={s['batch_size']}, r={s['representatives']}, "
+          f"{s['resize_size']}px samples, capacity {s['capacity']}/rank, compute {s['compute']} "
+          f"{s['compute_ms']} ms + all-reduce {s['grad_mb']} MiB, {s['repeats']} x {s['steps']} "
+          f"steps (+{s['warmup']} warm-up)")
     rows = []
-    for v in VARIANTS:
-        f = result["variants"][v]
-        rows.append([v, f["mean_step_ms"], f["median_step_ms"], f["p95_step_ms"],
-                     f["mean_input_wait_ms"], f["fresh_samples_per_s"]])
-    print(_bench.table(rows, ["sampling", "mean ms", "median ms", "p95 ms", "input wait ms",
-                              "fresh/s (sum)"]))
-    r = result["ratio_global_over_local"]
-    print(f"global/local step time: {r['median']:.3f} [{r['min']:.3f}..{r['max']:.3f}] "
-          f"-> overhead {(r['median'] - 1) * 100:+.1f}% (target <= +5%)")
+    for v, f in result["variants"].items():
+        ex = result["exchange"].get(v, {})
+        r = result["ratios_over_local"].get(v)
+        rows.append([v, ex.get("transport", "-"), f["mean_step_ms"], f["median_step_ms"],
+                     f["p95_step_ms"], f["mean_input_wait_ms"],
+                     "-" if r is None else r["median"],
+                     "-" if not ex else ex["mean_round_ms"],
+                     "-" if not ex else ex["kib_received_per_round"]])
+    print(_bench.table(rows, ["sampling", "transport", "mean ms", "median ms", "p95 ms",
+                              "input wait ms", "vs local", "round ms", "KiB/round"]))
+    print("vs local: mean step time over local sampling's (median of repetitions); round ms: "
+          "time the exchange thread spends per round, overlapped with the step; KiB/round: "
+          "sample bytes received per round and rank")
+    for v, r in result["ratios_over_local"].items():
+        print(f"{v}/local step time: {r['median']:.3f} [{r['min']:.3f}..{r['max']:.3f}] "
+              f"-> overhead {(r['median'] - 1) * 100:+.1f}% (target <= +5%)")
 
 
 def plot(results, png_path) -> None:
     groups = [f"{r['world_size']} rank{'s' if r['world_size'] > 1 else ''}" for r in results]
-    series = {v: [r["variants"][v]["mean_step_ms"] for r in results] for v in VARIANTS}
-    title = "mean step time, global vs local sampling: " + ", ".join(
+    names = [v for v in results[0]["variants"]]
+    series = {v: [r["variants"].get(v, {}).get("mean_step_ms", 0.0) for r in results]
+              for v in names}
+    title = "mean step time by sampling: " + ", ".join(
         f"{g} {r['ratio_global_over_local']['median']:.3f}" for g, r in zip(groups, results))
     _bench.bar_chart(png_path, groups, series, ylabel="mean step time (ms)", title=title)
 
 
 def launch(args, argv) -> int:
-    """Runs this script under ``mpiexec -n N`` for every N of ``--launch``."""
-    mpiexec = shutil.which(args.mpiexec)
-    if mpiexec is None:
-        raise SystemExit(f"{args.mpiexec} not found (pip install mpich mpi4py)")
+    """Runs this script under ``--launcher`` for every N of ``--launch``."""
     counts = [int(n) for n in args.launch.split(",") if n.strip()]
-    child_argv = _strip(argv, ("--launch", "--out", "--mpiexec", "--launch-timeout"))
+    child_argv = _strip(argv, ("--launch", "--out", "--mpiexec", "--launch-timeout",
+                               "--launcher"))
+    if args.launcher == "mpiexec":
+        mpiexec = shutil.which(args.mpiexec)
+        if mpiexec is None:
+            raise SystemExit(f"{args.mpiexec} not found (pip install mpich mpi4py)")
     json_path, png_path = _bench.out_paths(args.out)
     results, failures = [], []
+    script = str(pathlib.Path(__file__).resolve())
     with tempfile.TemporaryDirectory(prefix="profile_global_sampling-") as tmp:
         for n in counts:
             out = pathlib.Path(tmp) / f"n{n}.json"
-            cmd = [mpiexec, "-n", str(n), sys.executable, str(pathlib.Path(__file__).resolve()),
-                   *child_argv, "--out", str(out)]
+            if args.launcher == "mpiexec":
+                cmd = [mpiexec, "-n", str(n), sys.executable, script]
+            else:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       f"--nproc_per_node={n}", script]
+            cmd += [*child_argv, "--out", str(out)]
             print(f"$ {' '.join(cmd)}", flush=True)
             try:
                 proc = subprocess.run(cmd, timeout=args.launch_timeout)
@@ -332,8 +406,10 @@ def launch(args, argv) -> int:
                 "local_mean_step_ms": r["variants"]["local"]["mean_step_ms"],
                 "global_over_local": r["ratio_global_over_local"]["median"],
                 "overhead_pct": r["headline"]["overhead_pct"],
+                "overhead_pct_by_transport": r["headline"]["overhead_pct_by_transport"],
                 "meets_target": r["headline"]["meets_target"]} for r in results]
     combined = {"script": "profile_global_sampling", "mode": "launch",
+                "launcher": args.launcher,
                 "environment": _bench.environment(results[0]["settings"]["device"]),
                 "launch": counts, "summary": summary, "failures": failures, "runs": results,
                 "plot": str(png_path)}
@@ -364,38 +440,58 @@ def _strip(argv, options):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--launch", default=None,
-                   help="comma-separated process counts: run under mpiexec -n N for each")
-    p.add_argument("--mpiexec", default="mpiexec")
+                                formatter_class=_bench.HelpFormatter)
+    p.add_argument("--launch", default=None, metavar="N,N,...",
+                   help="comma-separated process counts: run this script under --launcher "
+                        "once for each, and combine the results")
+    p.add_argument("--launcher", default="mpiexec", choices=("mpiexec", "torchrun"),
+                   help="what --launch starts the runs with")
+    p.add_argument("--mpiexec", default="mpiexec", help="the mpiexec command for --launch")
     p.add_argument("--launch-timeout", type=float, default=1200.0,
-                   help="seconds per launched run")
-    p.add_argument("--batch-size", "-b", type=int, default=56)
-    p.add_argument("--representatives", "-r", type=int, default=7)
-    p.add_argument("--image-size", type=int, default=224, help="crop size")
+                   help="seconds each launched run may take")
+    p.add_argument("--batch-size", "-b", type=int, default=56,
+                   help="b: fresh samples per step and rank")
+    p.add_argument("--representatives", "-r", type=int, default=7,
+                   help="r: representatives per step and rank")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="crop size after the rehearsal stage")
     p.add_argument("--resize-size", type=int, default=None,
-                   help="stored sample size (default round(crop * 256 / 224))")
-    p.add_argument("--jpeg-size", default=None, help="JPEG HxW (default S x 1.25 S)")
-    p.add_argument("--images", type=int, default=1024, help="JPEGs in the data set (all ranks)")
+                   help="size of the stored samples (default: round(crop x 256 / 224))")
+    p.add_argument("--jpeg-size", default=None,
+                   help="HxW of the generated JPEGs (default: S x 1.25 S for stored size S)")
+    p.add_argument("--images", type=int, default=1024,
+                   help="JPEGs in the data set, all ranks together")
     p.add_argument("--capacity", type=int, default=None,
-                   help="buffer capacity per rank (default 30%% of the rank's shard)")
-    p.add_argument("--policy", default="reservoir", choices=sorted(dr.POLICIES))
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
-    p.add_argument("--num-threads", type=int, default=None)
-    p.add_argument("--prefetch", type=int, default=2)
-    p.add_argument("--compute", default="sleep", choices=("sleep", "matmul"))
+                   help="buffer capacity per rank (default: 30%% of the rank's shard)")
+    p.add_argument("--policy", default="reservoir", choices=sorted(dr.POLICIES),
+                   help="insertion policy of the buffers")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
+                   help="buffer and decoding device; auto: the GPU when CuPy sees one")
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="DALI threads per pipeline (default: the CPUs shared by the local "
+                        "ranks)")
+    p.add_argument("--prefetch", type=int, default=2, help="DALI prefetch_queue_depth")
+    p.add_argument("--compute", default="sleep", choices=("sleep", "matmul"),
+                   help="the simulated training step: idle (like a GPU step) or CPU-bound")
     p.add_argument("--compute-ms", type=float, default=150.0,
-                   help="simulated training compute per step")
-    p.add_argument("--matmul-size", type=int, default=512)
+                   help="milliseconds of simulated training compute per step")
+    p.add_argument("--matmul-size", type=int, default=512,
+                   help="matrix size of --compute matmul")
     p.add_argument("--grad-mb", type=float, default=4.0,
-                   help="MiB allreduced per step after the compute (0: none)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--out", default="outputs/profile_global_sampling.json")
-    p.add_argument("--no-progress", action="store_true")
+                   help="MiB of float32 all-reduced per step after the compute (0: none)")
+    p.add_argument("--steps", type=int, default=30,
+                   help="measured steps per variant and repetition")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="uncounted steps before each measured segment")
+    p.add_argument("--repeats", type=int, default=4,
+                   help="repetitions of the interleaved segments")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pipelines and buffers")
+    p.add_argument("--data-root", default=None,
+                   help="folder of JPEGs to read (default: generated photographs, cached)")
+    p.add_argument("--out", default="outputs/profile_global_sampling.json",
+                   help="JSON output; the plot goes beside it as .png")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is off anyway when stderr is not a terminal)")
     args = p.parse_args(argv)
     if args.resize_size is None:
         args.resize_size = int(round(args.image_size * 256 / 224))

@@ -369,9 +369,8 @@ def resolve_device(choice: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    comm = _bench.mpi_world()
+    comm, bench_comm = _bench.launched_world()      # mpiexec or torchrun; barriers, gathers
     rank, world, local_rank, local_size = _bench.ranks(comm)
-    bench_comm = comm.Dup() if comm is not None else None   # barriers, gathers
     if args.num_threads is None:
         args.num_threads = _bench.threads_per_rank(local_size)
     device = resolve_device(args.device)

@@ -2,8 +2,9 @@
 
 A real (if small) class-incremental run on held-out MNIST digits: rehearsal
 must clearly beat plain incremental training, and the report (JSON, PNG) must
-hold every figure for all three modes. The MPI test runs two ranks with
-global sampling across their buffers.
+hold every figure for all three modes. The multi-process tests run two ranks
+with DDP and global sampling across their buffers, under mpiexec and under
+torchrun, which must give the same figures for the same seed.
 """
 
 from __future__ import annotations
@@ -45,9 +46,18 @@ def cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_rehearsal_beats_incremental(tmp_path, cache):
+def test_rehearsal_beats_incremental(tmp_path, cache, capsys):
     out = tmp_path / "out"
-    report = _load_script().main(SHORT + ["--device", "cpu", "--out", str(out)])
+    script = _load_script()
+    report = script.main(SHORT + ["--device", "cpu", "--out", str(out)])
+
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("mode"))
+    assert header.split() == ["mode", "task", "1", "task", "2", "task", "3", "task", "4",
+                              "task", "5", "final", "avg-inc", "train", "s", "samples/s"]
+    for line in script.TABLE_LEGEND:                       # every column explained
+        assert line in printed
+    assert f"run time {report['total_wall_s']:.1f} s, of which training" in printed
 
     data = json.loads((out / "results.json").read_text())
     assert data == json.loads(json.dumps(report))          # main() returns what it wrote
@@ -102,6 +112,13 @@ def test_options_are_checked():
             script.parse_args(bad)
 
 
+def test_outputs_of_multi_process_runs_go_to_their_own_folder():
+    script = _load_script()
+    assert script.default_out(1) == "outputs/continual_mnist"
+    assert script.default_out(2) == "outputs/continual_mnist-2proc"
+    assert script.parse_args([]).out is None          # chosen once the world size is known
+
+
 def _have_mpi() -> bool:
     if shutil.which("mpiexec") is None:
         return False
@@ -112,32 +129,62 @@ def _have_mpi() -> bool:
     return True
 
 
-@pytest.mark.mpi
-@pytest.mark.slow
-@pytest.mark.skipif(not _have_mpi(), reason="mpiexec or mpi4py not available")
-@pytest.mark.parametrize("sampling", ["global", "local"])
-def test_two_ranks(tmp_path, sampling):
-    out = tmp_path / "out"
+# 48 training digits per class: 96 per task, 48 per rank; odd batches leave
+# a partial last step; 3 epochs. No --no-progress: bars must stay off when the
+# output is not a terminal.
+TWO_RANKS = ["--modes", "rehearsal", "--per-class", "60", "--epochs", "3", "--batch-size", "10",
+             "--representatives", "6", "--capacity", "40", "--device", "cpu"]
+
+
+def _two_ranks(launcher, tmp_path, sampling):
+    out = tmp_path / f"out-{launcher}-{sampling}"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["DALI_REHEARSAL_CACHE"] = str(tmp_path / "cache")
     env["DALI_DISABLE_NVML"] = "1"
     env.setdefault("MPLBACKEND", "Agg")
-    # 48 training digits per class: 96 per task, 48 per rank; odd batches leave
-    # a partial last step; 3 epochs
-    cmd = ["mpiexec", "-n", "2", sys.executable, str(SCRIPT), "--modes", "rehearsal",
-           "--per-class", "60", "--epochs", "3", "--batch-size", "10", "--representatives",
-           "6", "--capacity", "40", "--device", "cpu", "--sampling", sampling,
-           "--no-progress", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    args = [str(SCRIPT), *TWO_RANKS, "--sampling", sampling, "--out", str(out)]
+    if launcher == "mpiexec":
+        cmd = ["mpiexec", "-n", "2", sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                                   f"\n--- stderr\n{proc.stderr[-4000:]}")
+    assert "\r" not in proc.stderr + proc.stdout, "progress bars in a log"
     data = json.loads((out / "results.json").read_text())
-    assert data["world_size"] == 2
+    assert data["world_size"] == 2 and data["launcher"] == launcher
     r = data["modes"]["rehearsal"]
     assert len(r["accuracy"]) == 5 and r["accuracy"][0] >= 0.8
     assert r["buffer"]["sampling"] == sampling
     assert r["buffer"]["capacity_per_rank"] == 20      # --capacity is shared by the ranks
+    if sampling == "global":
+        assert r["buffer"]["exchange"] == ("mpi" if launcher == "mpiexec" else "torch-gloo")
     # both ranks' fresh samples (5 tasks x 96 x 3 epochs) plus the representatives
     assert r["samples"] > 5 * 96 * 3
     assert (out / "accuracy.png").read_bytes().startswith(PNG_SIGNATURE)
+    return data
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_mpi(), reason="mpiexec or mpi4py not available")
+def test_two_ranks_sampling_locally(tmp_path):
+    _two_ranks("mpiexec", tmp_path, "local")
+
+
+@pytest.mark.mpi
+@pytest.mark.torchrun
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_mpi(), reason="mpiexec or mpi4py not available")
+def test_mpiexec_and_torchrun_give_the_same_figures(tmp_path):
+    """DDP over gloo under both launchers; the buffers exchange over MPI under
+    mpiexec and over torch.distributed under torchrun: the same seed gives the
+    same samples, losses and accuracies."""
+    mpi = _two_ranks("mpiexec", tmp_path, "global")
+    torch = _two_ranks("torchrun", tmp_path, "global")
+    a, b = mpi["modes"]["rehearsal"], torch["modes"]["rehearsal"]
+    assert a["accuracy"] == b["accuracy"]
+    assert a["task_accuracy"] == b["task_accuracy"]
+    assert a["samples"] == b["samples"]

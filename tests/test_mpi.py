@@ -1,45 +1,69 @@
-"""Global sampling across real MPI processes (mpiexec on loopback, CPU backend)."""
+"""What is particular to the mpi4py transport: launches that do not match,
+``python -m mpi4py``, MPI without ``MPI_THREAD_MULTIPLE``, GPU buffers staged
+or CUDA-aware. The sampling guarantees themselves are tested over both
+transports in tests/test_global_sampling.py."""
 
-import json
-import os
-import subprocess
-import sys
+import shutil
+import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from dist_programs.launching import launch, output, read_results
 
 pytestmark = pytest.mark.mpi
 
-PROGRAM = Path(__file__).parent / "mpi_programs" / "global_sampling.py"
-TIMEOUT = 240
+HERE = Path(__file__).parent / "dist_programs"
+PROGRAM = HERE / "global_sampling.py"
+CHECKS = HERE / "launch_checks.py"
 
 
-def run(n, scenario, out_dir, timeout=TIMEOUT, **env_vars):
-    env = dict(os.environ, **env_vars)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    try:
-        proc = subprocess.run(["mpiexec", "-n", str(n), sys.executable, str(PROGRAM), scenario,
-                               str(out_dir)], capture_output=True, text=True, timeout=timeout,
-                              env=env)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"mpiexec -n {n} {scenario} hung (> {timeout} s): {e.stdout}\n{e.stderr}")
-    paths = sorted(Path(out_dir).glob(f"{scenario}-*.json"))
-    assert proc.returncode == 0 and len(paths) == n, (proc.returncode, proc.stdout,
-                                                      proc.stderr[-3000:])
-    results = [json.loads(p.read_text()) for p in paths]
-    for p in paths:
-        p.unlink()
-    return sorted(results, key=lambda r: r["rank"])
+def _mpiexec():
+    if shutil.which("mpiexec") is None:
+        pytest.skip("mpiexec not found")
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_representatives_are_earlier_samples_with_their_own_labels(n, tmp_path):
-    results = run(n, "pairing", tmp_path)
-    for r in results:
-        assert r["checked"] > 200
-        assert r["remote"] > 0.3 * r["checked"], "representatives should come from other ranks"
+@pytest.mark.torchrun
+def test_torchrun_with_an_mpi_comm_raises_a_clear_error(tmp_path):
+    """torchrun starts processes that are each an MPI world of one: a buffer
+    given MPI.COMM_WORLD there must refuse instead of sampling each shard alone."""
+    done = launch("torchrun", 2, [CHECKS, "mpi_comm_under_torchrun", tmp_path], timeout=300)
+    results = read_results(tmp_path, "mpi_comm_under_torchrun", 2)
+    assert set(results) == {0, 1}, output(done)
+    for r in results.values():
+        assert r["mpi_size"] == 1
+        assert r["error"] == "RuntimeError", r
+        assert "comm has a single process, but WORLD_SIZE=2 says this job was launched with 2 " \
+               "processes" in r["message"], r
+        assert "comm=torch.distributed.group.WORLD" in r["message"]
+
+
+def test_python_m_mpi4py_aborts_the_job_when_a_rank_fails_before_its_buffer(tmp_path):
+    """Rank 1 raises before building its buffer, so it never joins the exchange.
+    Under ``python -m mpi4py`` its uncaught exception aborts every rank at once,
+    long before rank 0's timeout (120 s) would end its wait."""
+    _mpiexec()
+    t0 = time.monotonic()
+    done = launch("mpiexec", 2, [CHECKS, "uncaught_before_buffer", tmp_path], timeout=300,
+                  python_args=("-m", "mpi4py"))
+    elapsed = time.monotonic() - t0
+    assert done[0].returncode != 0
+    assert "ZeroDivisionError: failed before building the buffer" in output(done)
+    assert read_results(tmp_path, "uncaught_before_buffer", 2) == {}    # nobody got to the end
+    assert elapsed < 90, elapsed
+
+
+def test_without_thread_multiple_the_exchange_runs_in_the_callers_thread(tmp_path):
+    """MPI initialised with MPI_THREAD_FUNNELED: no progress thread (a warning
+    says so), the same guarantees."""
+    _mpiexec()
+    done = launch("mpiexec", 2, [PROGRAM, "pairing", tmp_path], timeout=300,
+                  extra_env={"DR_TEST_TRANSPORT": "mpi", "DR_TEST_MPI_THREAD": "funneled"})
+    results = read_results(tmp_path, "pairing", 2)
+    assert set(results) == {0, 1}, output(done)
+    for r in results.values():
+        assert r["threaded"] is False
+        assert r["checked"] > 200 and r["mispaired"] == 0 and r["remote"] > 0
 
 
 @pytest.mark.gpu
@@ -47,75 +71,19 @@ def test_representatives_are_earlier_samples_with_their_own_labels(n, tmp_path):
 def test_gpu_buffers_exchange_their_samples(cuda_aware, tmp_path):
     """CuPy shards (several ranks may share one GPU): staged through pinned host
     memory, or passed to MPI directly when the library is CUDA-aware."""
+    _mpiexec()
     from dali_rehearsal.exchange import cuda_aware_mpi
     if cuda_aware == "1" and not cuda_aware_mpi():
         pytest.skip("this MPI library is not CUDA-aware")
-    results = run(2, "pairing", tmp_path, DR_TEST_DEVICE="gpu",
-                  DALI_REHEARSAL_CUDA_AWARE=cuda_aware)
-    for r in results:
-        assert r["checked"] > 200 and r["remote"] > 0
+    done = launch("mpiexec", 2, [PROGRAM, "pairing", tmp_path], timeout=300,
+                  extra_env={"DR_TEST_TRANSPORT": "mpi", "DR_TEST_DEVICE": "gpu",
+                             "DALI_REHEARSAL_CUDA_AWARE": cuda_aware})
+    results = read_results(tmp_path, "pairing", 2)
+    assert set(results) == {0, 1}, output(done)
+    for r in results.values():
+        assert r["checked"] > 200 and r["remote"] > 0 and r["mispaired"] == 0
         assert r["staged"] is (cuda_aware == "0")
-
-
-@pytest.mark.parametrize("n", [2, 4])
-def test_global_sampling_is_uniform_over_rank_and_slot(n, tmp_path):
-    from scipy.stats import chisquare
-    results = run(n, "uniform", tmp_path)
-    counts = np.concatenate([np.asarray(c) for c in results[0]["counts"]])
-    capacities = [4 * (k + 1) ** 2 for k in range(n)]
-    assert len(counts) == sum(capacities)
-    assert counts.sum() == results[0]["steps"] * n * 5
-    # one test over every (rank, slot): equal expected counts despite unequal shards
-    assert chisquare(counts).pvalue > 1e-3, counts
-    # and the share of each rank is proportional to its fill level
-    per_rank = np.add.reduceat(counts, np.cumsum([0] + capacities[:-1]))
-    expected = np.asarray(capacities) / sum(capacities) * counts.sum()
-    assert np.allclose(per_rank, expected, rtol=0.1), (per_rank, expected)
-
-
-@pytest.mark.parametrize("n", [2, 4])
-def test_same_seeds_give_the_same_batches(n, tmp_path):
-    first = [r["digest"] for r in run(n, "reproducible", tmp_path)]
-    second = [r["digest"] for r in run(n, "reproducible", tmp_path)]
-    assert first == second
-    assert len(set(first)) == n      # ranks differ from each other
-
-
-def test_checkpointed_shards_resume_with_the_same_batches(tmp_path):
-    results = run(2, "checkpoint", tmp_path)
-    for r in results:
-        assert r["digests"][0] == r["digests"][1]
-    assert results[0]["digests"][0] != results[1]["digests"][0]
-
-
-@pytest.mark.parametrize("n", [2, 4])
-def test_a_failing_rank_stops_every_rank(n, tmp_path):
-    results = run(n, "failure", tmp_path, timeout=120)
-    assert results[1]["error"] == "ValueError" and results[1]["step"] == 5
-    for r in results:
-        if r["rank"] != 1:
-            assert r["error"] == "RemoteError", r
-            assert r["step"] in (5, 6), r
-
-
-@pytest.mark.parametrize("n", [2, 4])
-def test_uneven_shards_end_epochs_together_without_loss(n, tmp_path, mnist):
-    (tmp_path / "mnist").symlink_to(Path(mnist[0]).parent)
-    results = run(n, "uneven", tmp_path)
-    steps = [r["steps"] for r in results]
-    assert all(s == steps[0] for s in steps), steps          # lockstep every epoch
-    for r in results:
-        assert r["wrong_labels"] == 0
-    for r in results:
-        assert r["in_order"], r                                # nothing lost, nothing repeated
-        assert r["remote_representatives"] > 0                 # global sampling reached others
-    # The shortest shard sets the epoch: it delivers each of its samples once per
-    # epoch; longer shards carry what is left into their next epoch.
-    shortest = results[0]
-    assert shortest["fresh"] == 4 * shortest["shard"]
-    assert steps[0] == [-(-shortest["shard"] // 4)] * 4
-    for r in results[1:]:
-        assert r["fresh"] == 4 * sum(steps[0])                 # full batches every step
+        assert r["device_buffers"] is (cuda_aware == "1")
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("yes", True), ("0", False),

@@ -1,14 +1,22 @@
-"""Global sampling across processes: the round protocol over a transport.
+"""Global sampling across processes: one round protocol, two transports.
 
-- :mod:`.rounds`: :class:`GlobalSampler`, the sampling logic (shared-seed
-  draws, rounds, lockstep epoch ends, error rounds), written once;
-- :mod:`.transport`: the :class:`Transport` interface the protocol and the
-  checkpoints use, and :func:`make_transport`, which picks an implementation
-  for the communicator the user passes;
-- :mod:`.mpi`: the mpi4py transport.
+- :mod:`.rounds`: :class:`GlobalSampler`, the sampling logic (agreement
+  checks, shared-seed draws, rounds, lockstep epoch ends, failure rounds,
+  timeouts), written once against the transport interface;
+- :mod:`.transport`: the :class:`Transport` interface and
+  :func:`make_transport`, which picks the implementation for the
+  communicator the user passes;
+- :mod:`.mpi`: the mpi4py transport (``comm=MPI.COMM_WORLD``);
+- :mod:`.torch`: the torch.distributed transport
+  (``comm=torch.distributed.group.WORLD``): gloo, or NCCL for GPU storage;
+- :mod:`.launch`: what the launcher's environment says about the job;
+- :mod:`.errors`: :class:`RemoteError` and :class:`MismatchError`.
 """
 
-from .rounds import GlobalSampler, RemoteError, cuda_aware_mpi
-from .transport import Transport, make_transport
+from .errors import MismatchError, RemoteError
+from .mpi import cuda_aware_mpi
+from .rounds import GlobalSampler, handshake
+from .transport import DEFAULT_TIMEOUT, Transport, make_transport
 
-__all__ = ["GlobalSampler", "RemoteError", "cuda_aware_mpi", "Transport", "make_transport"]
+__all__ = ["GlobalSampler", "RemoteError", "MismatchError", "cuda_aware_mpi", "Transport",
+           "make_transport", "handshake", "DEFAULT_TIMEOUT"]

@@ -1,37 +1,97 @@
-"""The mpi4py transport."""
+"""The mpi4py transport: non-blocking collectives on a duplicate communicator."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+
 import numpy as np
 
-from .transport import Transport
+from .transport import DEFAULT_TIMEOUT, Transport
 
-__all__ = ["MPITransport"]
+__all__ = ["MPITransport", "cuda_aware_mpi"]
+
+_ENV_CUDA_AWARE = "DALI_REHEARSAL_CUDA_AWARE"
+
+
+def cuda_aware_mpi() -> bool:
+    """Whether the MPI library mpi4py uses accepts CUDA device buffers.
+
+    ``DALI_REHEARSAL_CUDA_AWARE=1`` or ``0`` overrides the detection, which
+    asks the library itself (Open MPI's ``MPIX_Query_cuda_support``, MPICH's
+    ``MPIX_GPU_query_support``) and answers False when it cannot tell.
+    """
+    env = os.environ.get(_ENV_CUDA_AWARE)
+    if env is not None:
+        return env.strip().lower() in ("1", "true", "yes", "on")
+    try:
+        from mpi4py import MPI
+        lib = ctypes.CDLL(MPI.__file__)
+    except (ImportError, OSError):
+        return False
+    query = getattr(lib, "MPIX_Query_cuda_support", None)      # Open MPI
+    if query is not None:
+        query.restype = ctypes.c_int
+        return bool(query())
+    query = getattr(lib, "MPIX_GPU_query_support", None)       # MPICH >= 4
+    if query is not None:
+        supported = ctypes.c_int(0)
+        if query(ctypes.c_int(0), ctypes.byref(supported)) == 0:   # MPIX_GPU_SUPPORT_CUDA
+            return bool(supported.value)
+    return False
+
+
+def _displs(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
 
 class MPITransport(Transport):
-    """Collectives over a duplicate of an mpi4py communicator."""
+    """Collectives over a duplicate (``Idup``) of an mpi4py communicator.
 
-    def __init__(self, comm):
+    Device buffers are handed to MPI only when the library is CUDA-aware
+    (``device_buffers=None`` asks :func:`cuda_aware_mpi`). The progress thread
+    needs ``MPI_THREAD_MULTIPLE`` (mpi4py's default); without it
+    :attr:`threaded` is False and the exchange runs in the caller's thread.
+    """
+
+    name = "mpi"
+
+    def __init__(self, comm, *, timeout: float | None = DEFAULT_TIMEOUT,
+                 device_buffers: bool | None = False):
         from mpi4py import MPI
         self._MPI = MPI
-        self.comm = comm.Dup()
-        self.rank = self.comm.Get_rank()
-        self.size = self.comm.Get_size()
+        self.timeout = timeout
+        self.rank = int(comm.Get_rank())
+        self.size = int(comm.Get_size())
+        self.threaded = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+        self.device_buffers = (cuda_aware_mpi() if device_buffers is None
+                               else bool(device_buffers))
+        # Non-blocking duplicate: a process that never arrives (it failed before
+        # building its buffer) ends in a RemoteError after the timeout, not a hang.
+        self.comm = None
+        dup, request = comm.Idup()
+        self.wait([request], "the other processes to create their exchange communicator")
+        self.comm = dup
 
-    def barrier(self) -> None:
-        self.comm.Barrier()
+    def iallgather(self, send, recv):
+        return [self.comm.Iallgather(send, recv)]
 
-    def allgather_bytes(self, data: bytes) -> list[bytes]:
-        mine = np.frombuffer(bytes(data), dtype=np.uint8)
-        lengths = np.empty(self.size, dtype=np.int64)
-        self.comm.Allgather(np.array([len(mine)], dtype=np.int64), lengths)
-        displs = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        out = np.empty(int(lengths.sum()), dtype=np.uint8)
-        self.comm.Allgatherv(mine, [out, (lengths, displs), self._MPI.BYTE])
-        return [out[d:d + n].tobytes() for d, n in zip(displs, lengths)]
+    def ialltoallv(self, send, send_counts, recv, recv_counts):
+        sc = np.asarray(send_counts, dtype=np.int64)
+        rc = np.asarray(recv_counts, dtype=np.int64)
+        B = self._MPI.BYTE
+        return [self.comm.Ialltoallv([send, (sc, _displs(sc)), B],
+                                     [recv, (rc, _displs(rc)), B])]
 
-    def close(self) -> None:
-        if self.comm is not None:
-            self.comm.Free()
-            self.comm = None
+    def test(self, handles) -> bool:
+        return bool(self._MPI.Request.Testall(list(handles)))
+
+    def close(self, *, broken: bool = False) -> None:
+        comm, self.comm = self.comm, None
+        if comm is None:
+            return
+        try:
+            # Legal with pending operations too: MPI frees it once they end.
+            comm.Free()
+        except Exception:   # MPI already finalized at interpreter exit
+            pass

@@ -1,134 +1,318 @@
-"""Global sampling across processes with mpi4py.
+"""Global sampling across processes: the round protocol, over any transport.
 
-Each process keeps its own shard of the buffer. In every step, each process's
-representatives are drawn uniformly without replacement from the union of all
-shards, whatever their fill levels, and the samples (every field: image,
-label, extras) are fetched from their owners.
+Each process keeps its own shard of the buffer. In every step, each
+process's representatives are drawn uniformly without replacement from the
+union of all shards, whatever their fill levels, and the samples (every
+field: image, label, extras) are fetched from their owners. The protocol is
+written once against :class:`~.transport.Transport` and runs unchanged over
+mpi4py and torch.distributed.
 
-Design: a progress thread and non-blocking collectives on a private
-communicator, awaited by polling with short sleeps so that waiting for slower
-processes does not take a core from decoding and training.
-A round serves one step of every process:
+**Construction** is a collective call. The processes compare, once, what they
+must agree on (``sampling``, ``num_representatives``, ``policy``,
+``label_index``, the transport's data path) and take the seed of the shared
+draws from rank 0. A disagreement raises :class:`~.errors.MismatchError` on
+every process, with every process's value.
 
-1. ``Allgather`` of (shard size, active, error, sample bytes) of every process.
-2. Each process draws ``min(r, total)`` global indices uniformly without
+**A round** serves one step of every process:
+
+1. An allgather of one status row per process: what it is doing (a step, an
+   ended epoch, a failure, closing), its shard size, a hash of its settings
+   and of its sample layout (per field shape and dtype), the round number, its
+   step count, rank 0's seed, and whether it has a note (the reason it stops).
+2. Only when a row asks for it (a mismatch, a note): an allgather of a short
+   JSON note per process, from which every process builds the same error.
+3. Each process draws ``min(r, total)`` global indices uniformly without
    replacement from ``[0, total)`` and maps them to ``(owner, slot)``. The
-   draws come from a generator seeded by (shared seed, round, process), so
+   draws come from a generator seeded by (rank 0's seed, round, process), so
    every owner computes what every process asks of it: no request messages.
-3. Each owner gathers the requested rows of every field into a send buffer
-   (the gather kernel on the GPU), and one ``Alltoallv`` per field, all in
-   flight together, moves the bytes: device buffers directly when the MPI
-   library is CUDA-aware, through pinned host memory otherwise; NumPy buffers
-   as they are. Nothing is pickled.
+4. Each owner gathers the requested rows of every field into a send buffer
+   (the gather kernel on the GPU), and one all-to-all per field, all in flight
+   together, moves the bytes: device buffers directly when the transport
+   takes them (CUDA-aware MPI, NCCL), through pinned host memory otherwise;
+   NumPy buffers as they are. Nothing is pickled.
 
-The buffer opens the round for step ``t + 1`` right after inserting step
-``t``'s fresh samples, and waits for it only when step ``t + 1`` is built:
-the exchange runs while step ``t`` trains and step ``t + 1`` decodes, and a
-process's inserts never wait on other processes. Because a round is opened
-after the insert of the previous step and awaited before the insert of the
-next one, an owner always serves a consistent snapshot, with no lock.
+Every decision after step 1 is a function of the status table alone, so
+every process takes the same branch and the collectives always pair up.
 
-Lockstep: every process takes part in every round. A process whose epoch has
-ended says so in step 1 and every process ends its epoch at that step (the
-samples a longer shard has left open its next epoch: nothing is lost). A
-process whose step fails says so in the next round, and every process raises
-instead of waiting for it.
+**Overlap.** The buffer opens the round for step ``t + 1`` right after
+inserting step ``t``'s fresh samples and waits for it only when step ``t + 1``
+is built: the exchange runs in a progress thread while step ``t`` trains and
+step ``t + 1`` decodes. Because a round is opened after the insert of the
+previous step and awaited before the insert of the next one, an owner always
+serves a consistent snapshot, with no lock.
+
+**Stream order** (GPU). ``start(event=...)`` receives the event recorded
+after the step's writes (its scatter into the store, and before it the copy
+of the previous round's received rows into the output). The exchange stream
+waits for it before gathering, and the host waits for the exchange stream
+before it hands any memory to the transport (MPI and NCCL do not order
+themselves after our streams): a round's gathers never read rows still being
+written, and its receives never overwrite rows still being read. Staged rows
+are uploaded on the exchange stream and the representatives carry an event
+that the step's stream waits for before copying them.
+
+**Lockstep and failures.** Every process takes part in every round. A
+process whose epoch has ended says so and every process ends its epoch at
+that step (the samples a longer shard has left open its next epoch: nothing
+is lost). A process whose step fails, that closes its buffer, or that exits
+with its buffer open (at interpreter exit, by any route Python runs
+``atexit`` handlers on) says so in its next round; that round is the last one
+on every process, and every other process raises
+:class:`~.errors.RemoteError` naming it and its reason. A process that stops
+answering without a word (killed, hung) makes every wait of the others end
+after the timeout with :class:`RemoteError`.
 """
 
 from __future__ import annotations
 
-import ctypes
+import atexit
+import hashlib
+import json
 import logging
-import os
 import queue
+import sys
 import threading
 import time
+import weakref
 
 import numpy as np
 
 from ..sampling import Representatives
+from .errors import MismatchError, RemoteError
+from .transport import DEFAULT_TIMEOUT, Transport, make_transport
 
-__all__ = ["GlobalSampler", "cuda_aware_mpi", "RemoteError"]
+__all__ = ["GlobalSampler", "handshake"]
 
 log = logging.getLogger("dali_rehearsal")
 
-_ENV_CUDA_AWARE = "DALI_REHEARSAL_CUDA_AWARE"
+# What a process says in a round.
+ACTIVE, IDLE, FAILED, CLOSED, HELLO = 0, 1, 2, 3, 4
+_STOPPING = (FAILED, CLOSED)
+# Columns of the status row.
+_KIND, _SIZE, _SETTINGS, _LAYOUT, _ROUND, _STEPS, _SEED, _NOTE = range(8)
+_COLUMNS = 8
+#: Bytes of the note each process sends when a round needs notes.
+NOTE_BYTES = 4096
+_REASON_CHARS = 1500
 
 
-class RemoteError(RuntimeError):
-    """Another process's step failed; raised on every process."""
+def _hash(obj) -> int:
+    """A stable, non-zero 63-bit hash of a JSON-able value."""
+    digest = hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") & (2**63 - 1)) or 1
 
 
-def cuda_aware_mpi() -> bool:
-    """Whether the MPI library mpi4py uses accepts CUDA device buffers.
-
-    ``DALI_REHEARSAL_CUDA_AWARE=1`` or ``0`` overrides the detection, which
-    asks the library itself (Open MPI's ``MPIX_Query_cuda_support``, MPICH's
-    ``MPIX_GPU_query_support``) and answers False when it cannot tell.
-    """
-    env = os.environ.get(_ENV_CUDA_AWARE)
-    if env is not None:
-        return env.strip().lower() in ("1", "true", "yes", "on")
-    try:
-        from mpi4py import MPI
-        lib = ctypes.CDLL(MPI.__file__)
-    except (ImportError, OSError):
-        return False
-    query = getattr(lib, "MPIX_Query_cuda_support", None)      # Open MPI
-    if query is not None:
-        query.restype = ctypes.c_int
-        return bool(query())
-    query = getattr(lib, "MPIX_GPU_query_support", None)       # MPICH >= 4
-    if query is not None:
-        supported = ctypes.c_int(0)
-        if query(ctypes.c_int(0), ctypes.byref(supported)) == 0:   # MPIX_GPU_SUPPORT_CUDA
-            return bool(supported.value)
-    return False
+def describe_exception(exc: BaseException | None) -> str | None:
+    if exc is None:
+        return None
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text if len(text) <= _REASON_CHARS else text[:_REASON_CHARS] + "..."
 
 
+def _seed_of(seed) -> int:
+    """A 63-bit seed for the shared draws (fresh entropy for ``None``)."""
+    if seed is None:
+        return int(np.random.SeedSequence().entropy % 2**63)
+    seed = int(seed)
+    if seed < 2**63:
+        return seed
+    return int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] % 2**63)
+
+
+# ------------------------------------------------------------------ status
+def _status(transport: Transport, row: np.ndarray, what: str) -> np.ndarray:
+    table = np.empty((transport.size, _COLUMNS), dtype=np.int64)
+    transport.wait(transport.iallgather(row, table), what)
+    return table
+
+
+def _notes(transport: Transport, payload: dict, what: str) -> list[dict]:
+    """Every process's ``payload`` (a small JSON object), in rank order."""
+    data = json.dumps(payload).encode()
+    if len(data) > NOTE_BYTES:
+        payload = dict(payload, note=(payload.get("note") or "")[:200] + "...")
+        data = json.dumps(payload).encode()[:NOTE_BYTES]
+    mine = np.zeros(NOTE_BYTES, dtype=np.uint8)
+    mine[:len(data)] = np.frombuffer(data, dtype=np.uint8)
+    rows = np.empty((transport.size, NOTE_BYTES), dtype=np.uint8)
+    transport.wait(transport.iallgather(mine, rows), what)
+    out = []
+    for p in range(transport.size):
+        raw = rows[p].tobytes().rstrip(b"\0")
+        try:
+            out.append(json.loads(raw))
+        except ValueError:
+            out.append({"note": raw.decode(errors="replace")})
+    return out
+
+
+def _disagree(table: np.ndarray) -> bool:
+    known = table[table[:, _LAYOUT] != 0, _LAYOUT]
+    return (len(set(table[:, _SETTINGS].tolist())) > 1 or len(set(known.tolist())) > 1
+            or len(set(table[:, _ROUND].tolist())) > 1)
+
+
+def _layout_text(layout) -> str:
+    return " + ".join(f"{tuple(shape)} {np.dtype(dtype).name}" for shape, dtype in layout)
+
+
+def _mismatch_message(table: np.ndarray, notes: list[dict]) -> str:
+    """One message, the same on every process, naming each setting the
+    processes disagree on and every process's value."""
+    ranks = range(len(notes))
+
+    def values(pick):
+        return ", ".join(f"rank {p}: {pick(p)}" for p in ranks)
+
+    parts = []
+    settings = [n.get("settings") or {} for n in notes]
+    keys = sorted(set().union(*settings), key=lambda k: (k != "sampling", k))
+    for key in keys:
+        if key != "sampling" and not all(key in s for s in settings):
+            continue                      # local sampling has fewer settings
+        if len({json.dumps(s.get(key)) for s in settings}) > 1:
+            parts.append(f"{key} ({values(lambda p: repr(settings[p].get(key)))})")
+    layouts = {p: n.get("layout") for p, n in zip(ranks, notes) if n.get("layout")}
+    if len({json.dumps(v) for v in layouts.values()}) > 1:
+        counts = {p: len(v) for p, v in layouts.items()}
+        label = (settings[0].get("label_index") if settings else None)
+        if len(set(counts.values())) > 1:
+            parts.append("the number of fields per sample ("
+                         + ", ".join(f"rank {p}: {c}" for p, c in counts.items()) + ")")
+        else:
+            for i in range(next(iter(counts.values()))):
+                fields = {p: v[i] for p, v in layouts.items()}
+                if len({json.dumps(f) for f in fields.values()}) > 1:
+                    name = " (the labels)" if i == label else ""
+                    parts.append(f"the layout of field {i}{name} (" + ", ".join(
+                        f"rank {p}: {_layout_text([f])}" for p, f in fields.items()) + ")")
+    if len(set(table[:, _ROUND].tolist())) > 1:
+        parts.append("the round, i.e. the steps taken since the buffers were created or "
+                     "restored from a checkpoint (" + values(lambda p: int(table[p, _ROUND]))
+                     + ")")
+    if not parts:   # the hashes differ but the notes were cut: say what is known
+        parts.append("their settings (" + values(lambda p: json.dumps(settings[p])) + ")")
+    return ("global sampling: the processes disagree on " + "; ".join(parts)
+            + ". Every process must build its RehearsalBuffer with the same sampling, "
+            "num_representatives, policy and label_index, and feed samples of the same layout "
+            "(shape and dtype of every field).")
+
+
+def _stop_message(rank: int, round_no: int, table: np.ndarray, notes, stopped) -> tuple:
+    reasons = {}
+    for p in stopped:
+        note = (notes[p].get("note") if notes else None) or (
+            "failed" if table[p, _KIND] == FAILED else "closed its buffer")
+        reasons[p] = note
+    text = "; ".join(f"rank {p} {reasons[p]} (after {int(table[p, _STEPS])} steps)"
+                     for p in stopped)
+    return (f"global sampling stopped on rank {rank} in round {round_no} (after "
+            f"{int(table[rank, _STEPS])} steps here): {text}"), reasons
+
+
+def _settings_payload(settings: dict, layout) -> dict:
+    return {"settings": settings, "layout": layout}
+
+
+def handshake(comm, settings: dict, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+    """Checks once, at construction, that every process of ``comm`` has the
+    same ``settings``; used by buffers that sample locally on a multi-process
+    communicator, so that a process that samples globally does not wait for
+    one that never exchanges. Raises :class:`MismatchError` on every process."""
+    with make_transport(comm, timeout=timeout) as t:
+        row = np.zeros(_COLUMNS, dtype=np.int64)
+        row[_KIND], row[_SETTINGS] = HELLO, _hash(settings)
+        table = _status(t, row, "the other processes to build their buffers")
+        if _disagree(table):
+            notes = _notes(t, _settings_payload(settings, None), "the settings of the others")
+            raise MismatchError(_mismatch_message(table, notes))
+
+
+# ------------------------------------------------------------------ rounds
 class _Round:
     """One round: what this process says, and what comes back."""
 
-    def __init__(self, size: int, active: bool, error: bool, event=None):
-        self.number = -1            # set when submitted: the same on every process
+    def __init__(self, kind: int, *, size: int = 0, event=None, note: str | None = None):
+        self.kind = kind
         self.size = size
-        self.active = active
-        self.error = error
-        self.event = event          # CUDA event: the previous step's work is enqueued before it
+        self.event = event          # GPU event: the step's writes are queued before it
+        self.note = note            # why this process stops (FAILED, CLOSED)
+        self.number = -1            # set when submitted: the same on every process
+        self.steps = 0
         self.done = threading.Event()
         self.result: Representatives | None = None
         self.exception: BaseException | None = None
+        self.reported = False       # the caller has seen the result
+
+
+_live: "weakref.WeakSet[GlobalSampler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """A process that exits with a buffer open tells the others, so that they
+    raise instead of waiting for its next step."""
+    exc = getattr(sys, "last_value", None)     # set by an uncaught exception
+    reason = (f"exited with an uncaught exception ({describe_exception(exc)})" if exc
+              is not None else "exited without closing its buffer")
+    for sampler in list(_live):
+        try:
+            sampler.close(reason=reason, at_exit=True)
+        except BaseException:      # never let cleanup hide the exit status
+            pass
 
 
 class GlobalSampler:
-    """Uniform sampling from the union of every process's shard (see module doc)."""
+    """Uniform sampling from the union of every process's shard (see the
+    module documentation).
+
+    Args:
+        buffer: the :class:`~dali_rehearsal.RehearsalBuffer` (its public
+            state: ``size``, ``num_representatives``, ``policy``,
+            ``label_index``, ``spec``, ``store``, ``backend``).
+        comm: an mpi4py communicator or a torch.distributed process group.
+        rng: this process's own random stream (``buffer.sample``).
+        seed: this process's seed; the shared draws use rank 0's.
+        cuda_aware: GPU storage only: pass device memory to the transport
+            (True), stage it through pinned host memory (False), or decide
+            from what the library supports (None).
+        timeout: seconds any wait for the other processes may take before
+            :class:`RemoteError` (None: no limit).
+    """
 
     is_global = True
 
     def __init__(self, buffer, comm, rng: np.random.Generator, *, seed: int | None = None,
-                 cuda_aware: bool | None = None):
-        from mpi4py import MPI
-        self._MPI = MPI
+                 cuda_aware: bool | None = None, timeout: float | None = DEFAULT_TIMEOUT):
         self._buffer = buffer
-        self.rng = rng              # this process's own stream (buffer.sample)
-        self._comm = comm.Dup()
-        self.rank = self._comm.Get_rank()
-        self.world_size = self._comm.Get_size()
-        # The draws of every round derive from one seed shared by all processes.
-        if seed is None:
-            seed = int(np.random.SeedSequence().entropy % 2**63) if self.rank == 0 else None
-            seed = self._comm.bcast(seed, root=0)
-        self._seed = int(seed)
-        self._next_round = 0        # number of the next round to open
-        backend = buffer.backend
-        self.staged = backend.is_gpu and not (cuda_aware_mpi() if cuda_aware is None
-                                              else bool(cuda_aware))
+        self.rng = rng
+        backend = self._backend = buffer.backend
+        wants_device = (None if cuda_aware is None else bool(cuda_aware)) if backend.is_gpu \
+            else False
+        self.transport = make_transport(comm, timeout=timeout, device_buffers=wants_device)
+        self.timeout = self.transport.timeout
+        self.rank, self.world_size = self.transport.rank, self.transport.size
+        self._seed = _seed_of(seed)            # this process's proposal; rank 0's is used
+        self._lock = threading.Lock()
+        self._next_round = 0
+        self._steps = 0
         self._pending: _Round | None = None
-        self._failed = False        # an error round has been seen or sent
+        self._last: _Round | None = None
+        self._stopped: BaseException | None = None   # why the protocol ended (first cause)
+        self._broken = False                  # a collective may still be pending
+        self._aborted = False
         self._closed = False
-        self._threaded = MPI.Query_thread() == MPI.THREAD_MULTIPLE
         self._stream = backend.new_stream()
-        self._recv: dict[tuple, object] = {}
+        self._rows: dict = {}
+        self.stats = {"rounds": 0, "round_seconds": 0.0, "bytes_sent": 0, "bytes_received": 0}
+        try:
+            self._hello()
+            self.transport.open_data()
+        except BaseException:
+            self.transport.close(broken=True)
+            raise
+        self.staged = backend.is_gpu and not self.transport.device_buffers
+        self._threaded = self.transport.threaded
         self._queue: queue.Queue = queue.Queue()
         self._thread = None
         if self._threaded:
@@ -138,11 +322,34 @@ class GlobalSampler:
         else:
             log.warning("MPI is not initialised with MPI_THREAD_MULTIPLE: the global exchange "
                         "runs synchronously, not overlapped with training")
+        _live.add(self)
         if self.rank == 0:
-            log.info("global sampling over %d processes (%s transfers, %s)", self.world_size,
+            log.info("global sampling over %d processes (%s, %s transfers, %s, timeout %s)",
+                     self.world_size, self.transport.name,
                      "staged host" if self.staged else
-                     ("CUDA-aware" if backend.is_gpu else "host"),
-                     "progress thread" if self._threaded else "synchronous")
+                     ("device" if backend.is_gpu else "host"),
+                     "progress thread" if self._threaded else "synchronous",
+                     "none" if self.timeout is None else f"{self.timeout:g} s")
+
+    # ------------------------------------------------------------ settings
+    def _settings(self) -> dict:
+        b = self._buffer
+        return {"sampling": "global", "num_representatives": int(b.num_representatives),
+                "policy": b.policy, "label_index": int(b.label_index),
+                **self.transport.agreement()}
+
+    def _layout(self):
+        spec = self._buffer.spec
+        if spec is None:
+            return None
+        return [[list(f.shape), np.dtype(f.dtype).str] for f in spec]
+
+    def _hello(self) -> None:
+        rnd = _Round(HELLO)
+        rnd.number = self._next_round
+        table, _ = self._status_round(rnd, "the other processes to build their buffers")
+        #: The seed of the shared draws: rank 0's.
+        self.shared_seed = int(table[0, _SEED])
 
     # ------------------------------------------------------------ protocol
     @property
@@ -151,48 +358,106 @@ class GlobalSampler:
 
     def start(self, *, active: bool = True, event=None) -> None:
         """Opens the round for this process's next step. ``event`` marks the
-        end of the work that wrote into the store: the round's gathers wait
-        for it."""
-        if self._closed:
-            raise RuntimeError("the buffer has been closed")
-        if self._pending is not None:
-            raise RuntimeError("internal: a round is already open")
-        self._pending = self._submit(_Round(self._buffer.size, active, False, event))
+        end of the step's writes into the store (GPU): the round's gathers
+        and receives are ordered after it."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the buffer has been closed")
+            if self._stopped is not None:
+                raise self._stopped_error()
+            if self._aborted:
+                raise RemoteError(f"global sampling stopped on rank {self.rank}: a step of this "
+                                  "process failed", ranks=[self.rank])
+            if self._pending is not None:
+                raise RuntimeError("internal: a round is already open")
+            self._pending = self._submit(_Round(ACTIVE if active else IDLE,
+                                                size=self._buffer.size, event=event))
 
     def finish(self) -> Representatives | None:
         """Waits for the open round; None when some process ended its epoch."""
-        rnd, self._pending = self._pending, None
+        with self._lock:
+            rnd, self._pending = self._pending, None
         if rnd is None:
             raise RuntimeError("finish() called before start()")
         self._wait(rnd)
+        rnd.reported = True
         if rnd.exception is not None:
-            if isinstance(rnd.exception, RemoteError):
-                self._failed = True
             raise rnd.exception
+        self._steps += 1
         return rnd.result
 
     def abort(self) -> None:
-        """This process's step failed: tell every other process in the next round."""
-        if self._failed or self._closed:
-            return
-        self._failed = True
-        if self._pending is not None:        # others take part in the open round: finish it
-            self._wait(self._pending)
+        """This process's step failed (called while the exception is being
+        handled): tell every other process in the next round."""
+        exc = sys.exc_info()[1]
+        with self._lock:
+            if self._closed or self._aborted:
+                return
+            self._aborted = True
+            # An open round still runs: the others take part in it.
             self._pending = None
-        self._submit(_Round(self._buffer.size, False, True))   # others wait on it: do not
+            if self._stopped is None:
+                reason = describe_exception(exc)
+                self._submit(_Round(FAILED, size=self._buffer.size,
+                                    note=f"failed ({reason})" if reason else "failed"))
 
-    def close(self) -> None:
-        """Finishes the open round (every process opened it) and stops the thread."""
-        if self._closed:
+    def close(self, *, reason: str | None = None, at_exit: bool = False) -> None:
+        """Ends this process's part in global sampling; idempotent.
+
+        When the other processes are still exchanging, they raise
+        :class:`RemoteError` naming this one. When an earlier round (one this
+        process opened but never used) shows that another process stopped
+        first, this raises that :class:`RemoteError`, unless an exception is
+        already being handled (then it is logged). Every wait is bounded by
+        the timeout.
+        """
+        exc = sys.exc_info()[1]
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending, self._pending = self._pending, None
+            if self._stopped is None and not self._aborted:
+                if reason is None:
+                    handling = describe_exception(exc)
+                    reason = (f"closed its buffer while handling {handling}" if handling
+                              else "closed its buffer")
+                last = self._submit(_Round(CLOSED, size=self._buffer.size, note=reason))
+            else:
+                last = self._last            # e.g. the failure round of abort(): let it out
+        _live.discard(self)
+        try:
+            if last is not None:
+                self._wait(last)
+        finally:
+            self._shutdown()
+        if at_exit:
             return
-        if self._pending is not None:
-            self._wait(self._pending)
-            self._pending = None
-        self._closed = True
+        for rnd in (pending, last):
+            if rnd is None or rnd.reported or rnd.kind == FAILED:
+                continue
+            if isinstance(rnd.exception, (RemoteError, MismatchError)):
+                rnd.reported = True
+                if exc is None:
+                    raise rnd.exception
+                log.warning("rank %d: %s", self.rank, rnd.exception)
+                break
+
+    def _shutdown(self) -> None:
+        alive = False
         if self._thread is not None:
             self._queue.put(None)
-            self._thread.join()
-        self._comm.Free()
+            self._thread.join(timeout=10.0)
+            alive = self._thread.is_alive()
+        self.transport.close(broken=self._broken or alive)
+
+    def _stopped_error(self) -> RemoteError:
+        cause = self._stopped
+        err = RemoteError(f"global sampling has stopped: {cause}",
+                          ranks=getattr(cause, "ranks", ()), reasons=getattr(cause, "reasons",
+                                                                             None))
+        err.__cause__ = cause
+        return err
 
     @property
     def resume_round(self) -> int:
@@ -200,18 +465,20 @@ class GlobalSampler:
         return self._pending.number if self._pending is not None else self._next_round
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "seed": self._seed,
+        return {"rng": self.rng.bit_generator.state, "seed": self.shared_seed,
                 "round": self.resume_round}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
-        self._seed = int(state["seed"])
+        self._seed = self.shared_seed = int(state["seed"])
         self._next_round = int(state["round"])
 
     # ------------------------------------------------------------- threads
-
     def _submit(self, rnd: _Round) -> _Round:
+        """Queues ``rnd`` (the lock is held)."""
         rnd.number, self._next_round = self._next_round, self._next_round + 1
+        rnd.steps = self._steps
+        self._last = rnd
         if self._threaded:
             self._queue.put(rnd)
         else:
@@ -219,10 +486,14 @@ class GlobalSampler:
         return rnd
 
     def _wait(self, rnd: _Round) -> None:
-        rnd.done.wait()
+        # Every wait of the progress thread is bounded by the timeout, so the
+        # round ends; only a dead thread could leave it pending.
+        while not rnd.done.wait(0.5):
+            if self._thread is not None and not self._thread.is_alive():
+                raise RemoteError(f"rank {self.rank}: the exchange thread has stopped")
 
     def _serve_forever(self) -> None:
-        self._buffer.backend.use_device()
+        self._backend.use_device()
         while True:
             rnd = self._queue.get()
             if rnd is None:
@@ -230,51 +501,81 @@ class GlobalSampler:
             self._run(rnd)
 
     def _run(self, rnd: _Round) -> None:
+        t0 = time.perf_counter()
         try:
-            if self._stream is not None:
-                with self._stream:
-                    if rnd.event is not None:
-                        self._stream.wait_event(rnd.event)
-                    rnd.result = self._round(rnd)
-            else:
-                rnd.result = self._round(rnd)
+            if self._stopped is not None:
+                # An earlier round ended the protocol on every process: nothing
+                # more is sent; a step waiting for this round raises.
+                if rnd.kind in (ACTIVE, IDLE):
+                    rnd.exception = self._stopped_error()
+                return
+            rnd.result = self._round(rnd)
         except BaseException as e:  # handed to the waiting step
             rnd.exception = e
+            if self._stopped is None:
+                self._stopped = e
+            if not isinstance(e, (RemoteError, MismatchError)) or getattr(e, "broken", False):
+                self._broken = True      # collectives of this round may still be pending
         finally:
+            self.stats["rounds"] += 1
+            self.stats["round_seconds"] += time.perf_counter() - t0
             rnd.done.set()
 
     # --------------------------------------------------------------- round
+    def _status_round(self, rnd: _Round, what: str):
+        """Steps 1 and 2: the status table, and the notes when needed.
+        Returns ``(table, notes)``; raises on a mismatch or a stop."""
+        t = self.transport
+        settings, layout = self._settings(), self._layout()
+        row = np.zeros(_COLUMNS, dtype=np.int64)
+        row[_KIND], row[_SIZE] = rnd.kind, rnd.size
+        row[_SETTINGS] = _hash(settings)
+        row[_LAYOUT] = 0 if layout is None else _hash(layout)
+        row[_ROUND], row[_STEPS], row[_SEED] = rnd.number, rnd.steps, self._seed
+        row[_NOTE] = int(bool(rnd.note))
+        table = _status(t, row, what)
+        notes = None
+        mismatch = _disagree(table)
+        if mismatch or table[:, _NOTE].any():
+            payload = _settings_payload(settings, layout)
+            payload["note"] = rnd.note
+            notes = _notes(t, payload, f"the notes of round {rnd.number}")
+        if mismatch:
+            raise MismatchError(_mismatch_message(table, notes))
+        return table, notes
+
     def _round(self, rnd: _Round) -> Representatives | None:
-        comm, MPI, buffer = self._comm, self._MPI, self._buffer
-        spec = buffer.spec
-        row_bytes = -1 if spec is None else sum(f.nbytes for f in spec)
-        mine = np.array([rnd.size, int(rnd.active), int(rnd.error), row_bytes], dtype=np.int64)
-        table = np.empty((self.world_size, 4), dtype=np.int64)
-        self._complete(comm.Iallgather(mine, table))
-        failed = np.flatnonzero(table[:, 2])
-        if failed.size:
-            raise RemoteError(f"the step failed on rank(s) {failed.tolist()}; stopping on "
-                              f"rank {self.rank} too")
-        if not table[:, 1].all():
+        if rnd.event is not None:
+            self._backend.wait_event(self._stream, rnd.event)
+        table, notes = self._status_round(rnd, f"the status of round {rnd.number}")
+        kinds = table[:, _KIND]
+        stopped = [p for p in range(self.world_size) if kinds[p] in _STOPPING]
+        if stopped:
+            # The last round on every process.
+            message, reasons = _stop_message(self.rank, rnd.number, table, notes, stopped)
+            error = RemoteError(message, ranks=stopped, reasons=reasons)
+            self._stopped = error
+            others_failed = [p for p in stopped if p != self.rank and kinds[p] == FAILED]
+            if rnd.kind == FAILED or (rnd.kind == CLOSED and not others_failed):
+                return None
+            raise error
+        if (kinds == IDLE).any():
             return None
-        sizes = table[:, 0]
-        layouts = set(table[sizes > 0, 3].tolist())
-        if len(layouts) > 1 or (layouts and spec is not None and layouts != {row_bytes}):
-            raise RuntimeError(f"processes store samples of different layouts "
-                               f"(bytes per sample: {table[:, 3].tolist()})")
+        return self._serve(rnd, table)
+
+    def _serve(self, rnd: _Round, table: np.ndarray) -> Representatives:
+        sizes = table[:, _SIZE]
         total = int(sizes.sum())
-        k = min(buffer.num_representatives, total)
-        round_no = rnd.number
-        if k and spec is None:
-            raise RuntimeError("internal: representatives requested before the first batch")
-        if k == 0:
+        k = min(int(self._buffer.num_representatives), total)
+        # A process that has not seen a batch yet cannot receive rows (its
+        # layout is unknown): no process draws in such a round.
+        if k == 0 or not table[:, _LAYOUT].all():
             return Representatives(0, rows=None, origin=np.empty((0, 2), np.int64))
-        # Every process's draws follow from the shared seed and the round
-        # number, so each owner knows what to serve without being asked.
+        seed = int(table[0, _SEED])
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         wanted, serve_counts = [], np.zeros(self.world_size, dtype=np.int64)
         for p in range(self.world_size):
-            picks = self._draw(round_no, p, total, k)
+            picks = _draw(seed, rnd.number, p, total, k)
             owners = np.searchsorted(starts, picks, side="right") - 1
             if p == self.rank:
                 slots = (picks - starts[owners]).astype(np.int64)
@@ -284,85 +585,66 @@ class GlobalSampler:
             wanted.append(served)
             serve_counts[p] = len(served)
         wanted = np.concatenate(wanted).astype(np.int64)
-        rows = self._move_rows(wanted, serve_counts, request_counts, k)
-        return Representatives(k, rows=rows, origin=origin)
+        rows, ready = self._move_rows(rnd, wanted, serve_counts, request_counts, k)
+        return Representatives(k, rows=rows, origin=origin, ready=ready)
 
-    def _draw(self, round_no: int, rank: int, total: int, k: int) -> np.ndarray:
-        """Rank ``rank``'s draws in round ``round_no``: ``k`` distinct global
-        indices, uniform over ``[0, total)``, in increasing order (grouped by owner)."""
-        rng = np.random.default_rng([self._seed, round_no, rank])
-        return np.sort(rng.choice(total, size=k, replace=False))
-
-    def _complete(self, *requests) -> None:
-        """Waits for non-blocking collectives without spinning on a core.
-
-        A blocking MPI call busy-polls while it waits for the other processes,
-        taking a core from decoding and training. In the progress thread,
-        polling with short sleeps costs at most a millisecond of latency. The
-        synchronous fallback (no MPI_THREAD_MULTIPLE) waits plainly.
-        """
-        requests = list(requests)
-        if not self._threaded:
-            self._MPI.Request.Waitall(requests)
-            return
-        pause = 2e-5
-        while not self._MPI.Request.Testall(requests):
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
-
-    def _move_rows(self, wanted, serve_counts, request_counts, k):
+    def _move_rows(self, rnd, wanted, serve_counts, request_counts, k):
         """Serves the ``wanted`` slots and receives ``k`` rows: all fields in
-        flight at once, one ``Alltoallv`` each."""
-        buffer, MPI = self._buffer, self._MPI
-        be = buffer.backend
-        outgoing_rows = buffer.store.empty_rows(len(wanted))
-        buffer.store.gather(wanted, outgoing_rows, 0, self._stream)
-        received, transfers = [], []
-        for i, (outgoing, spec) in enumerate(zip(outgoing_rows, buffer.spec)):
-            incoming = self._recv_buffer(i, k, spec)
-            send, recv = outgoing, incoming
+        flight at once, one all-to-all each."""
+        buffer, be, t = self._buffer, self._backend, self.transport
+        spec = buffer.spec
+        n = len(wanted)
+        send = self._device_rows("send", int(buffer.num_representatives) * self.world_size)
+        recv = self._device_rows("recv", int(buffer.num_representatives))
+        buffer.store.gather(wanted, send, 0, self._stream)
+        transfers = []
+        for i, f in enumerate(spec):
             if self.staged:
-                send = be.xp.asnumpy(outgoing, stream=self._stream, blocking=False,
-                                     out=self._pinned(("send", i), outgoing.shape, spec.dtype))
-                recv = self._pinned(("recv", i), incoming.shape, spec.dtype)
-            received.append(incoming)
-            transfers.append((send, recv, spec.nbytes))
-        if be.is_gpu:
-            self._stream.synchronize()          # gathered (and staged) rows are ready
-        requests = []
-        for send, recv, nbytes in transfers:
-            sc, rc = serve_counts * nbytes, request_counts * nbytes
-            requests.append(self._comm.Ialltoallv([_bytes(send), (sc, _displs(sc)), MPI.BYTE],
-                                                  [_bytes(recv), (rc, _displs(rc)), MPI.BYTE]))
-        self._complete(*requests)
+                host_send = self._host_rows("send", i, n, f)
+                if n:
+                    be.to_host(send[i][:n], self._stream, out=host_send)     # blocks
+                transfers.append((host_send, self._host_rows("recv", i, k, f)))
+            else:
+                transfers.append((send[i][:n], recv[i][:k]))
+        # The transport does not order itself after our stream: everything queued
+        # on it (the wait for the step's event, the gathers, the previous round's
+        # uploads) completes before the transport touches this memory.
+        be.synchronize(self._stream)
+        handles = []
+        for (s, r), f in zip(transfers, spec):
+            handles += t.ialltoallv(_bytes(s), serve_counts * f.nbytes, _bytes(r),
+                                    request_counts * f.nbytes)
+        t.wait(handles, f"the samples of round {rnd.number}")
+        self.stats["bytes_sent"] += int(n * buffer.store.row_nbytes)
+        self.stats["bytes_received"] += int(k * buffer.store.row_nbytes)
+        ready = None
         if self.staged:
-            for incoming, (_, recv, _) in zip(received, transfers):
-                incoming.set(recv, stream=self._stream)
-        if be.is_gpu:
-            self._stream.synchronize()
-        return received
+            for (_, host_recv), dev in zip(transfers, recv):
+                be.from_host(dev[:k], host_recv, self._stream)
+            ready = be.record_event(self._stream)
+        return [r[:k] for r in recv], ready
 
-    def _recv_buffer(self, i, k, spec):
-        key = ("dev", i)
-        buf = self._recv.get(key)
-        if buf is None or len(buf) < k:
-            cap = max(k, self._buffer.num_representatives)
-            buf = self._buffer.backend.empty((cap,) + spec.shape, spec.dtype)
-            self._recv[key] = buf
-        return buf[:k]
+    def _device_rows(self, key: str, n: int) -> list:
+        rows = self._rows.get(key)
+        if rows is None or len(rows[0]) < n:
+            rows = self._buffer.store.empty_rows(max(n, 1))
+            self._rows[key] = rows
+        return rows
 
-    def _pinned(self, key, shape, dtype):
-        import cupyx
-        n = int(np.prod(shape, dtype=np.int64))
-        buf = self._recv.get(key)
-        if buf is None or buf.size < n or buf.dtype != dtype:
-            buf = cupyx.empty_pinned(max(n, 1), dtype=dtype)
-            self._recv[key] = buf
-        return buf[:n].reshape(shape)
+    def _host_rows(self, key: str, i: int, n: int, spec):
+        full = self._rows.get((key, i))
+        cap = int(self._buffer.num_representatives) * (self.world_size if key == "send" else 1)
+        if full is None or len(full) < max(n, cap):
+            full = self._backend.empty_pinned((max(n, cap, 1),) + tuple(spec.shape), spec.dtype)
+            self._rows[(key, i)] = full
+        return full[:n]
 
 
-def _displs(counts: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+def _draw(seed: int, round_no: int, rank: int, total: int, k: int) -> np.ndarray:
+    """Rank ``rank``'s draws in round ``round_no``: ``k`` distinct global
+    indices, uniform over ``[0, total)``, in increasing order (grouped by owner)."""
+    rng = np.random.default_rng([seed, round_no, rank])
+    return np.sort(rng.choice(total, size=k, replace=False))
 
 
 def _bytes(a):

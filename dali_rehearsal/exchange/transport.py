@@ -1,41 +1,204 @@
 """The transport interface: what global sampling and collective checkpoints
 need from a communication library.
 
-A transport wraps the communicator the user passes (``comm=``) and works on
-its own duplicate of it, so that its messages never interleave with the
-training's own collectives.
+A transport wraps the communicator the user passes (``comm=``: an mpi4py
+communicator or a ``torch.distributed`` process group) and works on its own
+private copy of it (a duplicate communicator, a new process group), so that
+its messages never interleave with the training's own collectives (DDP's
+all-reduce, the user's MPI calls).
+
+It offers two kinds of collectives, all of them over every process of the
+communicator, called in the same order everywhere:
+
+- non-blocking ones that return a handle (:meth:`Transport.iallgather`,
+  :meth:`Transport.ialltoallv`), completed by polling :meth:`Transport.test`:
+  the round protocol (:mod:`.rounds`) uses them from its progress thread;
+- blocking ones (:meth:`Transport.barrier`, :meth:`Transport.allgather_bytes`)
+  for small metadata, built on the former.
+
+Every wait is bounded by the transport's ``timeout``: when the other
+processes do not answer in time, :class:`~.errors.RemoteError` is raised
+instead of waiting forever. Samples travel as raw bytes (NumPy arrays, or
+device arrays when :attr:`Transport.device_buffers`); nothing is pickled.
 """
 
 from __future__ import annotations
 
-__all__ = ["Transport", "make_transport"]
+import sys
+import time
+
+import numpy as np
+
+from .errors import RemoteError
+
+__all__ = ["Transport", "make_transport", "DEFAULT_TIMEOUT", "is_torch_group",
+           "is_mpi_comm", "check_timeout"]
+
+#: Seconds a process waits for the others in one collective before it raises
+#: :class:`RemoteError` (the same as NCCL's default in PyTorch).
+DEFAULT_TIMEOUT = 600.0
+
+
+def check_timeout(timeout) -> float | None:
+    """Validates a ``timeout`` argument: seconds > 0, or None (no limit)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer,
+                                                             np.floating)):
+        raise TypeError(f"timeout must be None or a number of seconds > 0, got {timeout!r}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be None or a number of seconds > 0, got {timeout!r}")
+    return float(timeout)
 
 
 class Transport:
-    """Blocking collectives over a private duplicate of the user's communicator.
-
-    Every process of the communicator must call each collective, in the same
-    order.
-    """
+    """Collectives over a private copy of the user's communicator."""
 
     #: This process's rank and the number of processes.
     rank: int
     size: int
+    #: Short name for logs and benchmarks: "mpi", "torch-gloo", "torch-nccl".
+    name: str = "transport"
+    #: Whether :meth:`ialltoallv` takes device (CuPy) arrays directly
+    #: (CUDA-aware MPI, NCCL); otherwise GPU rows are staged through host memory.
+    device_buffers: bool = False
+    #: Whether collectives may be posted from a background (progress) thread.
+    threaded: bool = True
+    #: Seconds any wait may take (None: no limit).
+    timeout: float | None = DEFAULT_TIMEOUT
 
-    def barrier(self) -> None:
+    # ---------------------------------------------------- non-blocking
+    def iallgather(self, send: np.ndarray, recv: np.ndarray):
+        """Starts gathering every process's ``send`` (a 1-D host array, the
+        same length and dtype everywhere) into the rows of ``recv`` (shape
+        ``(size, len(send))``, C-contiguous). Returns a handle."""
         raise NotImplementedError
+
+    def ialltoallv(self, send, send_counts: np.ndarray, recv, recv_counts: np.ndarray):
+        """Starts an all-to-all of bytes: ``send`` and ``recv`` are flat uint8
+        arrays (host arrays, or device arrays when :attr:`device_buffers`);
+        ``send_counts[p]`` bytes go to process ``p`` (consecutive, in rank
+        order) and ``recv_counts[p]`` come from it. Returns a handle."""
+        raise NotImplementedError
+
+    def test(self, handles) -> bool:
+        """True once every collective of ``handles`` (a list of handles) has
+        completed; raises when one has failed."""
+        raise NotImplementedError
+
+    def agreement(self) -> dict:
+        """Settings of this transport that every process must share."""
+        return {}
+
+    def open_data(self) -> None:
+        """Prepares the path for sample data, once the processes have agreed
+        on :meth:`agreement` (a collective call; nothing to do by default)."""
+
+    # ---------------------------------------------------------- waiting
+    def wait(self, handles, what: str = "a collective", *, timeout: float | None = -1.0,
+             poll: bool = True) -> None:
+        """Waits for ``handles`` without spinning on a core.
+
+        A blocking collective busy-polls while it waits for slower processes,
+        taking a core from decoding and training; polling with short sleeps
+        costs at most a millisecond of latency. Raises :class:`RemoteError`
+        when the collectives fail, or are not complete after ``timeout``
+        seconds (default: the transport's).
+        """
+        limit = self.timeout if timeout == -1.0 else timeout
+        start = time.monotonic()
+        pause = 2e-5
+        while True:
+            try:
+                if self.test(handles):
+                    return
+            except RemoteError:
+                raise
+            except Exception as e:   # the library reports a broken connection, a dead peer
+                raise RemoteError(f"rank {self.rank}: the {self.name} transport failed while "
+                                  f"waiting for {what}: {type(e).__name__}: {e}",
+                                  broken=True) from e
+            if limit is not None and time.monotonic() - start > limit:
+                raise RemoteError(
+                    f"rank {self.rank}: no answer from the other processes within {limit:g} s "
+                    f"while waiting for {what}: a process was killed, hangs, or is far slower "
+                    "than this one (RehearsalBuffer(timeout=...) sets this limit)", broken=True)
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+
+    # ---------------------------------------------------------- blocking
+    def barrier(self) -> None:
+        """Returns once every process has called it (bounded by the timeout)."""
+        token = np.zeros(1, dtype=np.int64)
+        table = np.empty((self.size, 1), dtype=np.int64)
+        self.wait(self.iallgather(token, table), "a barrier")
 
     def allgather_bytes(self, data: bytes) -> list[bytes]:
         """Every process's ``data``, in rank order (small metadata only)."""
-        raise NotImplementedError
+        mine = np.frombuffer(bytes(data), dtype=np.uint8)
+        lengths = np.empty((self.size, 1), dtype=np.int64)
+        self.wait(self.iallgather(np.array([len(mine)], dtype=np.int64), lengths),
+                  "the lengths of an allgather")
+        width = max(int(lengths.max()), 1)
+        padded = np.zeros(width, dtype=np.uint8)
+        padded[:len(mine)] = mine
+        rows = np.empty((self.size, width), dtype=np.uint8)
+        self.wait(self.iallgather(padded, rows), "an allgather")
+        return [rows[p, :int(lengths[p, 0])].tobytes() for p in range(self.size)]
 
-    def close(self) -> None:
-        """Frees the duplicate communicator; idempotent."""
+    def close(self, *, broken: bool = False) -> None:
+        """Frees the private communicator; idempotent. ``broken``: a
+        collective may still be pending (after a timeout), free nothing that
+        could wait for it."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
-def make_transport(comm) -> Transport:
-    """The transport for ``comm`` (an mpi4py communicator)."""
-    from .mpi import MPITransport
-    if hasattr(comm, "Get_rank") and hasattr(comm, "Dup"):
-        return MPITransport(comm)
-    raise TypeError(f"comm must be an mpi4py communicator, got {type(comm).__name__}")
+def is_mpi_comm(comm) -> bool:
+    return hasattr(comm, "Get_rank") and hasattr(comm, "Get_size") and hasattr(comm, "Idup")
+
+
+def is_torch_group(comm) -> bool:
+    """True for a ``torch.distributed`` process group (``dist.group.WORLD``...)."""
+    if "torch.distributed" not in sys.modules:
+        return False
+    import torch.distributed as dist
+    return isinstance(comm, dist.ProcessGroup)
+
+
+def make_transport(comm, *, timeout: float | None = DEFAULT_TIMEOUT,
+                   device_buffers: bool | None = False) -> Transport:
+    """The transport for ``comm``: an mpi4py communicator (the
+    :class:`~.mpi.MPITransport`) or a ``torch.distributed`` process group
+    such as ``dist.group.WORLD`` (the :class:`~.torch.TorchTransport`).
+
+    Creating one is a collective call over ``comm``. ``device_buffers``:
+    whether the sample data may travel as device arrays (``None``: when the
+    library supports it, CUDA-aware MPI or an NCCL group).
+    """
+    timeout = check_timeout(timeout)
+    if is_mpi_comm(comm):
+        from .mpi import MPITransport
+        return MPITransport(comm, timeout=timeout, device_buffers=device_buffers)
+    if is_torch_group(comm):
+        from .torch import TorchTransport
+        return TorchTransport(comm, timeout=timeout, device_buffers=device_buffers)
+    raise TypeError("comm must be an mpi4py communicator (MPI.COMM_WORLD) or a "
+                    "torch.distributed process group (torch.distributed.group.WORLD), got "
+                    f"{type(comm).__module__}.{type(comm).__name__}")
+
+
+def world_of(comm) -> tuple[int, int]:
+    """``(rank, size)`` of an mpi4py communicator or a torch process group."""
+    if is_mpi_comm(comm):
+        return int(comm.Get_rank()), int(comm.Get_size())
+    if is_torch_group(comm):
+        return int(comm.rank()), int(comm.size())
+    raise TypeError("comm must be an mpi4py communicator (MPI.COMM_WORLD) or a "
+                    "torch.distributed process group (torch.distributed.group.WORLD), got "
+                    f"{type(comm).__module__}.{type(comm).__name__}")

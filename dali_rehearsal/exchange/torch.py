@@ -1,0 +1,134 @@
+"""The torch.distributed transport: process groups of its own, asynchronous
+collectives.
+
+The transport never uses the group the user passes (``dist.group.WORLD``)
+for its own messages, so that they cannot interleave with the training's
+collectives (DDP's all-reduce). It creates, over the same ranks:
+
+- a gloo group for the control messages (the per-round status table, the
+  failure notes) and for host sample data;
+- with device buffers, an NCCL group for the sample data: CuPy rows travel
+  as CUDA tensors wrapped without a copy through DLPack.
+
+Collectives are started with ``async_op=True`` and completed by polling
+``Work.is_completed()``, which lets the progress thread wait without holding
+a core. The groups get the transport's timeout, so that gloo itself gives up
+on a peer that stopped answering.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import numpy as np
+
+from .errors import RemoteError
+from .transport import DEFAULT_TIMEOUT, Transport
+
+__all__ = ["TorchTransport"]
+
+
+def _backend_name(group) -> str:
+    import torch.distributed as dist
+    try:
+        return str(dist.get_backend(group)).lower()
+    except Exception:          # a group this process is not a member of
+        return ""
+
+
+class TorchTransport(Transport):
+    """Collectives over new process groups spanning the ranks of ``group``."""
+
+    def __init__(self, group, *, timeout: float | None = DEFAULT_TIMEOUT,
+                 device_buffers: bool | None = False):
+        import torch
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            raise RuntimeError("comm is a torch.distributed process group, but "
+                               "torch.distributed is not initialised: call "
+                               "torch.distributed.init_process_group() first")
+        self._torch, self._dist = torch, dist
+        self.timeout = timeout
+        self.rank = int(group.rank())
+        self.size = int(group.size())
+        if self.rank < 0:
+            raise ValueError("this process is not a member of the process group given as comm")
+        self._ranks = dist.get_process_group_ranks(group)
+        user_backend = _backend_name(group)
+        nccl = "nccl" in user_backend and torch.cuda.is_available()
+        if device_buffers and not nccl:
+            raise ValueError(f"cuda_aware=True needs an NCCL process group with a visible GPU; "
+                             f"comm's backend is {user_backend or 'unknown'!r}")
+        self.device_buffers = nccl if device_buffers is None else bool(device_buffers)
+        self.name = "torch-nccl" if self.device_buffers else "torch-gloo"
+        self._pg_timeout = (datetime.timedelta(seconds=timeout) if timeout is not None
+                            else None)
+        self._control = self._new_group("gloo", self._pg_timeout)
+        self._data = None if self.device_buffers else self._control
+
+    def _new_group(self, backend: str, timeout):
+        try:
+            # Only the members of the user's group call this (a subgroup works).
+            return self._dist.new_group(ranks=self._ranks, backend=backend, timeout=timeout,
+                                        use_local_synchronization=True)
+        except Exception as e:   # a member never arrived: the store barrier timed out
+            if "timeout" in str(e).lower() and self.timeout is not None:
+                raise RemoteError(
+                    f"rank {self.rank}: no answer from the other processes within "
+                    f"{self.timeout:g} s while waiting for the other processes to create their "
+                    f"exchange {backend} process group ({type(e).__name__}: {e})",
+                    broken=True) from e
+            raise RemoteError(f"rank {self.rank}: creating the exchange's {backend} process "
+                              f"group failed: {type(e).__name__}: {e}", broken=True) from e
+
+    def agreement(self) -> dict:
+        return {"exchange data path": "nccl (device buffers)" if self.device_buffers
+                else "gloo (host buffers)"}
+
+    def open_data(self) -> None:
+        """Creates the NCCL group for device data (after the processes have
+        checked that they all want one)."""
+        if self._data is None:
+            # NCCL's own watchdog acts on its timeout: give the round protocol's
+            # timeout the first word.
+            timeout = (None if self._pg_timeout is None else 2 * self._pg_timeout)
+            self._data = self._new_group("nccl", timeout)
+
+    # ---------------------------------------------------- collectives
+    def _tensor(self, a):
+        if isinstance(a, np.ndarray):
+            return self._torch.from_numpy(a)
+        return self._torch.from_dlpack(a)       # CuPy: the same device memory, no copy
+
+    def iallgather(self, send, recv):
+        out = self._torch.from_numpy(recv.reshape(-1))
+        # all_gather_single is the newer name of all_gather_into_tensor
+        gather = getattr(self._dist, "all_gather_single", None) or \
+            self._dist.all_gather_into_tensor
+        return [gather(out, self._torch.from_numpy(send), group=self._control, async_op=True)]
+
+    def ialltoallv(self, send, send_counts, recv, recv_counts):
+        return [self._dist.all_to_all_single(
+            self._tensor(recv), self._tensor(send),
+            output_split_sizes=[int(c) for c in recv_counts],
+            input_split_sizes=[int(c) for c in send_counts],
+            group=self._data, async_op=True)]
+
+    def test(self, handles) -> bool:
+        if not all(w.is_completed() for w in handles):
+            return False
+        for w in handles:
+            w.wait()          # raises the collective's error, if any
+        return True
+
+    def close(self, *, broken: bool = False) -> None:
+        groups = [g for g in {id(g): g for g in (self._control, self._data)}.values()
+                  if g is not None]
+        self._control = self._data = None
+        if broken:
+            return      # a collective may still be pending: destroying would wait for it
+        for g in groups:
+            try:
+                self._dist.destroy_process_group(g)
+            except Exception:   # the default group was destroyed first, or at exit
+                pass

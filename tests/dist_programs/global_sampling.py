@@ -1,0 +1,467 @@
+"""Programs run by tests/test_global_sampling.py on several processes, over
+either transport; each rank writes its result to
+``OUT_DIR/<scenario>-<rank>.json`` for the test to read back.
+
+    mpiexec -n 4 python tests/dist_programs/global_sampling.py SCENARIO OUT_DIR
+    torchrun --nproc_per_node=4 tests/dist_programs/global_sampling.py SCENARIO OUT_DIR
+
+``DR_TEST_TRANSPORT`` (``mpi`` or ``torch``) picks the communicator; by
+default ``torch`` when a torch launcher set ``MASTER_ADDR``, else ``mpi``.
+``DR_TEST_DEVICE=gpu`` puts the buffers on CuPy; ``DR_TEST_TORCH_BACKEND``
+is the backend of torch's default group (``gloo``, or
+``cpu:gloo,cuda:nccl``). ``DR_TEST_TIMEOUT`` is the buffers' timeout.
+"""
+
+import atexit
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+SCENARIO, OUT_DIR = sys.argv[1], sys.argv[2]
+TRANSPORT = os.environ.get("DR_TEST_TRANSPORT") or ("torch" if os.environ.get("MASTER_ADDR")
+                                                    else "mpi")
+DEVICE = os.environ.get("DR_TEST_DEVICE", "cpu")
+TIMEOUT = float(os.environ.get("DR_TEST_TIMEOUT", "60"))
+FAIL_RANK, FAIL_STEP, STEPS = 1, 5, 12
+
+
+def _path(rank):
+    return os.path.join(OUT_DIR, f"{SCENARIO}-{rank}.json")
+
+
+def write(result):
+    result.update(rank=RANK, size=SIZE, transport=TRANSPORT)
+    tmp = _path(RANK) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, _path(RANK))
+
+
+def _linger():
+    """A rank that leaves early waits (a bounded time) until the others have
+    written their results: under torchrun (and mpiexec after a signal) the
+    launcher stops the other processes as soon as one exits with an error."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if all(os.path.exists(_path(p)) for p in range(SIZE)):
+            return
+        time.sleep(0.1)
+
+
+# Registered before dali_rehearsal registers its own exit handler: runs after it.
+atexit.register(_linger)
+
+if TRANSPORT == "mpi":
+    if os.environ.get("DR_TEST_MPI_THREAD"):      # e.g. "funneled": no progress thread
+        import mpi4py
+        mpi4py.rc.thread_level = os.environ["DR_TEST_MPI_THREAD"]
+    from mpi4py import MPI
+    COMM = MPI.COMM_WORLD
+    RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
+
+    def allgather(obj):
+        return COMM.allgather(obj)
+
+    def training_collective():
+        """The training's own collective on the user's communicator."""
+        assert COMM.allreduce(1) == SIZE
+else:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    backend = os.environ.get("DR_TEST_TORCH_BACKEND", "gloo")
+    if DEVICE == "gpu":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=max(TIMEOUT, 60) * 3))
+    COMM = dist.group.WORLD
+    RANK, SIZE = dist.get_rank(), dist.get_world_size()
+
+    def allgather(obj):
+        out = [None] * SIZE
+        dist.all_gather_object(out, obj)
+        return out
+
+    def training_collective():
+        """The training's own collective on the default group (DDP's all-reduce)."""
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        assert int(t.item()) == SIZE
+
+if DEVICE == "gpu":
+    import cupy
+    cupy.cuda.Device(int(os.environ.get("LOCAL_RANK", RANK)) % cupy.cuda.runtime.getDeviceCount()
+                     ).use()
+
+import dali_rehearsal as dr  # noqa: E402
+from dali_rehearsal._backend import to_host  # noqa: E402
+
+
+def ident_batch(step, b, label_dtype=np.int32):
+    """A batch whose content names it: id = rank * 1e6 + step * 1000 + i;
+    image rows repeat the id, label = id % 7, logits = id / 2."""
+    ids = RANK * 1_000_000 + step * 1000 + np.arange(b, dtype=np.int64)
+    images = np.repeat(ids[:, None], 5, axis=1)
+    labels = (ids % 7).astype(label_dtype)
+    logits = (ids / 2.0).astype(np.float64)[:, None].repeat(2, axis=1)
+    return images, labels, logits
+
+
+def check(out, step, fresh, stats):
+    """Counts representatives that are not an earlier sample with its own
+    label and extras (``mispaired``), and checks the fresh rows."""
+    oi, ol, og = (to_host(a) for a in out)
+    b = len(fresh[0])
+    assert (oi[:b] == fresh[0]).all() and (ol[:b] == fresh[1]).all()
+    reps = oi[b:, 0]
+    ok = ((oi[b:] == reps[:, None]).all(axis=1) & (ol[b:] == reps % 7)
+          & (og[b:] == (reps / 2.0)[:, None]).all(axis=1)
+          & ((reps % 1_000_000) // 1000 < step) & (reps // 1_000_000 < SIZE) & (reps >= 0))
+    stats["checked"] += len(reps)
+    stats["mispaired"] += int((~ok).sum())
+    stats["remote"] += int((reps // 1_000_000 != RANK).sum())
+    if len(set(reps.tolist())) != len(reps):
+        stats["duplicates"] += 1
+    return reps
+
+
+def new_stats():
+    return {"checked": 0, "mispaired": 0, "remote": 0, "duplicates": 0}
+
+
+# ------------------------------------------------------------------ scenarios
+def pairing():
+    """Every representative is a sample some rank inserted before this step,
+    with its own label and extras; fill levels differ per rank. The training
+    runs its own collective on the user's communicator after every step."""
+    buf = dr.RehearsalBuffer(capacity=40, num_representatives=6, device=DEVICE, seed=3,
+                             comm=COMM, policy="reservoir", timeout=TIMEOUT)
+    stats = new_stats()
+    for step in range(60):
+        batch = ident_batch(step, RANK + 1)                # unequal arrival rates
+        out = buf.mix(*batch)
+        reps = check(out, step, batch, stats)
+        assert (buf.last_origin[:, 0] == reps // 1_000_000).all(), "origin disagrees"
+        training_collective()
+    sampler = buf.sampler
+    result = dict(stats, staged=getattr(sampler, "staged", None),
+                  transport_name=sampler.transport.name,
+                  device_buffers=sampler.transport.device_buffers,
+                  threaded=sampler.transport.threaded)
+    buf.close()
+    return result
+
+
+def uniform():
+    """Draw counts over (rank, slot), shards of very different fill levels."""
+    capacity = 4 * (RANK + 1) ** 2                     # 4, 16, 36, 64 slots
+    buf = dr.RehearsalBuffer(capacity=capacity, num_representatives=5, device=DEVICE,
+                             seed=11, comm=COMM, policy="reservoir", timeout=TIMEOUT)
+    steps, warm = 1200, 150
+    drawn = []                                         # (owner, slot) of every draw of mine
+    for step in range(steps):
+        images, labels, _ = ident_batch(step % 1000, 1)
+        buf.mix(images, labels)
+        if step >= warm:                               # all shards are full by then
+            drawn.append(buf.last_origin.copy())
+    buf.close()
+    drawn = np.concatenate(drawn)
+    counts = [np.zeros(4 * (p + 1) ** 2, dtype=np.int64) for p in range(SIZE)]
+    for owner, slot in drawn.tolist():
+        counts[owner][slot] += 1
+    return {"counts": [c.tolist() for c in counts], "steps": steps - warm}
+
+
+def reproducible(seed=None):
+    digest = hashlib.sha256()
+    buf = dr.RehearsalBuffer(capacity=30, num_representatives=4, device=DEVICE,
+                             seed=5 if seed is None else seed, comm=COMM, timeout=TIMEOUT)
+    stats = new_stats()
+    for step in range(40):
+        batch = ident_batch(step, 3)
+        out = buf.mix(*batch)
+        check(out, step, batch, stats)
+        for a in out:
+            digest.update(np.ascontiguousarray(to_host(a)).tobytes())
+    shared = buf.sampler.shared_seed
+    buf.close()
+    return dict(stats, digest=digest.hexdigest(), shared_seed=shared)
+
+
+def seed_per_rank():
+    """``seed=rank``-style seeds: the shared draws come from rank 0's."""
+    return reproducible(seed=7 * RANK + 1)
+
+
+# ------------------------------------------------------------------ failures
+def _record(exc, step):
+    return {"error": type(exc).__name__, "message": str(exc), "step": step,
+            "t_error": time.time(), "ranks": getattr(exc, "ranks", None)}
+
+
+#: Failures after which the failing rank's process ends with its buffer open.
+LEAVING = ("uncaught", "sys_exit", "exit", "interrupt", "sigkill")
+
+
+def failure(kind):
+    """Rank 1 fails at step 5 in one of many ways (``kind``); every other rank
+    must raise, none may hang, no row may be mispaired."""
+    fail = RANK == FAIL_RANK
+    capacity, seed = 30, 5
+    if fail and kind == "capacity":
+        capacity = 1                          # r > capacity x processes: ValueError
+    if fail and kind == "seed":
+        seed = 1.5                            # TypeError
+    stats = new_stats()
+    result = {"kind": kind, "t_start": time.time()}
+    step = -1
+    # uint64 labels on every rank, so that only the value of the label fails
+    label_dtype = np.uint64 if kind == "big_labels" else np.int32
+    try:
+        buf = dr.RehearsalBuffer(capacity=capacity, num_representatives=4, device=DEVICE,
+                                 seed=seed, comm=COMM, timeout=TIMEOUT)
+    except Exception as e:
+        result.update(_record(e, step), t_fail=time.time(), **stats)
+        return result
+    if fail and kind in LEAVING:               # no `with`, no `finally`: the buffer stays open
+        for step in range(FAIL_STEP):
+            batch = ident_batch(step, 3, label_dtype)
+            check(buf.mix(*batch), step, batch, stats)
+        result.update(planned=kind, t_fail=time.time(), **stats)
+        write(result)
+        _leave(kind)
+    steps = STEPS - 1 if (fail and kind == "one_fewer") else STEPS
+    try:
+        with buf:
+            for step in range(steps):
+                batch = ident_batch(step, 3, label_dtype)
+                if fail and step == FAIL_STEP:
+                    result["t_fail"] = time.time()
+                    batch = _fail(kind, buf, batch)
+                    if batch is None:           # closed early: the process goes on
+                        result.update(error=None, closed_at=step, **stats)
+                        time.sleep(1)
+                        return result
+                check(buf.mix(*batch), step, batch, stats)
+    except Exception as e:
+        result.update(_record(e, step), **stats)
+        if kind in ("sigkill", "hang") and TRANSPORT == "mpi" and not fail:
+            # After a silent failure MPI_Finalize can block: under
+            # `python -m mpi4py` the uncaught error aborts the job instead.
+            write(result)
+            raise
+        return result
+    result.update(error=None, **stats)
+    return result
+
+
+def _fail(kind, buf, batch):
+    """Rank 1's failure at step 5, with the buffer open in a `with` block.
+    Returns the batch to mix (None: stop mixing)."""
+    images, labels, logits = batch
+    if kind == "raise_in_mix":
+        return images, -labels - 1, logits      # negative labels: ValueError in mix
+    if kind == "float_labels":
+        return images, labels.astype(np.float32), logits
+    if kind == "big_labels":
+        return images, labels.astype(np.uint64) + np.uint64(2**63), logits
+    if kind == "object_dtype":
+        return images.astype(object), labels, logits
+    if kind == "raise_outside":
+        raise ZeroDivisionError("the training step failed")   # `with` closes the buffer
+    if kind == "close_early":
+        buf.close()
+        return None
+    if kind == "hang":
+        time.sleep(TIMEOUT + 10)               # silent: no message, no exit
+        return batch
+    if kind == "one_fewer":
+        return batch
+    raise AssertionError(f"unknown failure {kind}")
+
+
+class _Leave(BaseException):
+    """Ends the program normally, past every handler."""
+
+
+def _leave(kind):
+    """The failing rank's process ends with its buffer open."""
+    if kind == "uncaught":
+        raise ZeroDivisionError("uncaught in the training loop")
+    if kind == "sys_exit":
+        sys.exit(3)
+    if kind == "exit":
+        raise _Leave()
+    if kind == "interrupt":
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(60)                         # KeyboardInterrupt arrives here
+    if kind == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError(f"unknown failure {kind}")
+
+
+# --------------------------------------------------------------- mismatches
+LAYOUTS = {
+    # same bytes per sample, another layout
+    "layout_shape_dtype": [((4, 4, 3), np.uint8, np.int64), ((13, 4, 1), np.uint8, np.int32)],
+    "layout_dtype": [((4, 4, 3), np.uint16, np.int64), ((8, 4, 3), np.uint8, np.int64)],
+    "layout_transposed": [((4, 6, 2), np.uint8, np.int64), ((6, 4, 2), np.uint8, np.int64)],
+}
+
+
+def mismatch(kind):
+    """Ranks that disagree: the same MismatchError on every rank, before any
+    row is exchanged."""
+    kwargs = dict(capacity=20, num_representatives=4, device=DEVICE, seed=1, comm=COMM,
+                  timeout=TIMEOUT)
+    if RANK == 1 and kind == "r":
+        kwargs["num_representatives"] = 2
+    if RANK == 1 and kind == "policy":
+        kwargs["policy"] = "reservoir"
+    if RANK == 1 and kind == "sampling":
+        kwargs["sampling"] = "local"
+    if RANK == 1 and kind == "label_index":
+        kwargs["label_index"] = 0
+    shape, dtype, label_dtype = ((5,), np.int64, np.int32)
+    if kind in LAYOUTS:
+        shape, dtype, label_dtype = LAYOUTS[kind][min(RANK, 1)]
+    step = -1
+    delivered = 0
+    try:
+        buf = dr.RehearsalBuffer(**kwargs)
+        with buf:
+            for step in range(6):
+                images = np.full((3,) + shape, step, dtype=dtype)
+                labels = np.arange(3, dtype=label_dtype) + 10 * RANK
+                out = buf.mix(images, labels)
+                delivered += len(out[0]) - 3
+    except Exception as e:
+        return dict(_record(e, step), delivered_representatives=delivered)
+    return {"error": None, "delivered_representatives": delivered}
+
+
+# ------------------------------------------------------------ DALI, uneven
+def _mnist_pipelines(files, labels, batch, buf, last_batch_policy):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=None, seed=RANK + 1)
+    def decode():
+        jpegs, lab = fn.readers.file(files=files, labels=labels, name="Reader")
+        return fn.decoders.image(jpegs, device="cpu", output_type=types.GRAY), lab
+
+    @pipeline_def(batch_size=batch + buf.num_representatives, num_threads=1, device_id=None)
+    def train(source):
+        images, lab, flag = dr.fn.rehearsal(source, buffer=buf, replay_flag=True,
+                                            last_batch_policy=last_batch_policy)
+        return images, lab, flag
+
+    return train(decode())
+
+
+def uneven():
+    """Real DALI pipelines whose shards differ a lot in length: every epoch
+    ends on every rank at the same step, and nothing is lost."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    from PIL import Image
+    data = dr.LabelledFiles.from_folder(os.path.join(OUT_DIR, "mnist", "train"))
+    n = 5 + 9 * RANK                                   # very unequal shards
+    files = list(data.files[RANK * 40: RANK * 40 + n])
+    labels = list(data.labels[RANK * 40: RANK * 40 + n])
+    pixels = {np.asarray(Image.open(f)).tobytes(): (i, lab)
+              for i, (f, lab) in enumerate(zip(data.files, data.labels))}
+    mine = {data.files.index(f): pos for pos, f in enumerate(files)}   # dataset index -> pos
+    buf = dr.RehearsalBuffer(capacity=25, num_representatives=3, device="cpu", seed=2,
+                             comm=COMM, timeout=TIMEOUT)
+    it = DALIGenericIterator(_mnist_pipelines(files, labels, 4, buf, dr.LastBatchPolicy.PARTIAL),
+                             ["images", "labels", "flag"], auto_reset=True)
+    steps, fresh_order, wrong, remote = [], [], 0, 0
+    for epoch in range(4):
+        k = 0
+        for out in it:
+            images = out[0]["images"].numpy()
+            lab = out[0]["labels"].numpy().reshape(-1)
+            flag = out[0]["flag"].numpy().reshape(-1)
+            for img, y, f in zip(images, lab, flag):
+                index, true_label = pixels[np.ascontiguousarray(img[..., 0]).tobytes()]
+                wrong += true_label != int(y)
+                if f == 0:
+                    fresh_order.append(mine[index])
+                else:
+                    remote += index not in mine
+            k += 1
+            training_collective()
+        steps.append(k)
+    buf.close()
+    # The reader streams the shard cyclically; the stage must deliver exactly
+    # that stream, in order: no sample skipped, none repeated.
+    in_order = fresh_order == [i % n for i in range(len(fresh_order))]
+    return {"steps": steps, "fresh": len(fresh_order), "shard": n, "in_order": in_order,
+            "wrong_labels": int(wrong), "remote_representatives": remote}
+
+
+def stage_failure():
+    """Rank 1's shard holds a corrupt PNG: its DALI stage fails when the
+    decoder reaches it, and every other rank's stage raises RemoteError."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    data = dr.LabelledFiles.from_folder(os.path.join(OUT_DIR, "mnist", "train"))
+    files = list(data.files[RANK * 40: RANK * 40 + 24])
+    labels = list(data.labels[RANK * 40: RANK * 40 + 24])
+    if RANK == FAIL_RANK:
+        files[12] = os.path.join(OUT_DIR, "corrupt.png")      # the 4th batch of 4
+    buf = dr.RehearsalBuffer(capacity=25, num_representatives=3, device="cpu", seed=2,
+                             comm=COMM, timeout=TIMEOUT)
+    steps = 0
+    try:
+        with buf:
+            it = DALIGenericIterator(_mnist_pipelines(files, labels, 4, buf,
+                                                      dr.LastBatchPolicy.PARTIAL),
+                                     ["images", "labels", "flag"], auto_reset=True)
+            for _ in range(3):
+                for _ in it:
+                    steps += 1
+    except Exception as e:
+        return dict(_record(e, steps), steps=steps)
+    return {"error": None, "steps": steps}
+
+
+def collectives():
+    """The transport's blocking collectives (checkpoints use them)."""
+    from dali_rehearsal.exchange import make_transport
+    with make_transport(COMM, timeout=TIMEOUT) as t:
+        t.barrier()
+        got = t.allgather_bytes(bytes([RANK]) * (3 * RANK))      # rank 0 sends nothing
+        t.barrier()
+        return {"rank_seen": t.rank, "size_seen": t.size, "name": t.name,
+                "gathered": [g.hex() for g in got]}
+
+
+SCENARIOS = {f.__name__: f for f in (collectives, pairing, uniform, reproducible, seed_per_rank, uneven,
+                                     stage_failure)}
+FAILURES = ("raise_in_mix", "raise_outside", "close_early", "one_fewer", "uncaught", "sys_exit",
+            "exit", "interrupt", "sigkill", "hang", "float_labels", "big_labels",
+            "object_dtype", "capacity", "seed")
+MISMATCHES = ("r", "policy", "sampling", "label_index", *LAYOUTS)
+
+
+def main():
+    if SCENARIO in SCENARIOS:
+        result = SCENARIOS[SCENARIO]()
+    elif SCENARIO.startswith("fail-") and SCENARIO[5:] in FAILURES:
+        result = failure(SCENARIO[5:])
+    elif SCENARIO.startswith("mismatch-") and SCENARIO[9:] in MISMATCHES:
+        result = mismatch(SCENARIO[9:])
+    else:
+        raise SystemExit(f"unknown scenario {SCENARIO}")
+    write(result)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except _Leave:              # a normal end, with the buffer still open
+        pass

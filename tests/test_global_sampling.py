@@ -1,0 +1,360 @@
+"""Global sampling on real processes, the same test bodies over both
+transports: mpi4py (``mpiexec``) and torch.distributed with gloo
+(``torchrun``, or plain processes with torchrun's environment for the failure
+tests). CPU backend; every launch is bounded, a hang is a failure.
+
+The programs are in tests/dist_programs/global_sampling.py: each rank feeds
+batches whose content names them (image rows repeat an id, label = id % 7,
+extras = id / 2) and counts every representative that is not an earlier
+sample with its own label and extras.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dist_programs.launching import launch, output, read_results
+
+PROGRAM = Path(__file__).parent / "dist_programs" / "global_sampling.py"
+BOUND = 300               # seconds per launch: generous for a loaded 2-core machine
+
+MPI = pytest.param("mpi", marks=pytest.mark.mpi)
+TORCH = pytest.param("torch", marks=pytest.mark.torchrun)
+TRANSPORTS = [MPI, TORCH]
+
+
+def run(transport, n, scenario, out_dir, *, launcher=None, bound=BOUND, expect_ok=True,
+        timeout=None, mpiexec_args=(), python_args=()):
+    """Runs ``scenario`` on ``n`` ranks; returns ``{rank: result}``."""
+    if launcher is None:
+        launcher = "mpiexec" if transport == "mpi" else "torchrun"
+    if launcher == "mpiexec" and shutil.which("mpiexec") is None:
+        pytest.skip("mpiexec not found")
+    extra = {"DR_TEST_TRANSPORT": transport}
+    if timeout is not None:
+        extra["DR_TEST_TIMEOUT"] = timeout
+    done = launch(launcher, n, [PROGRAM, scenario, out_dir], timeout=bound, extra_env=extra,
+                  mpiexec_args=mpiexec_args, python_args=python_args)
+    results = read_results(out_dir, scenario, n)
+    if expect_ok:
+        assert all(p.returncode == 0 for p in done) and len(results) == n, output(done)
+    return results, done
+
+
+def no_mispaired_rows(results):
+    for r in results.values():
+        assert r.get("mispaired", 0) == 0, r
+        assert r.get("duplicates", 0) == 0, r
+
+
+# ------------------------------------------------------------------ sampling
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("n", [2, 4])
+def test_representatives_are_earlier_samples_with_their_own_labels(transport, n, tmp_path):
+    """Also runs the training's own collective (MPI allreduce, torch
+    all_reduce on the default group) after every step: the exchange's
+    collectives run on a communicator of their own and never mix with it."""
+    results, _ = run(transport, n, "pairing", tmp_path)
+    no_mispaired_rows(results)
+    for r in results.values():
+        assert r["checked"] > 200
+        assert r["remote"] > 0.3 * r["checked"], "representatives should come from other ranks"
+        assert r["transport_name"] == ("mpi" if transport == "mpi" else "torch-gloo")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("n", [2, 4])
+def test_global_sampling_is_uniform_over_rank_and_slot(transport, n, tmp_path):
+    from scipy.stats import chisquare
+    results, _ = run(transport, n, "uniform", tmp_path,
+                     launcher=None if transport == "mpi" else "spawn")
+    capacities = [4 * (k + 1) ** 2 for k in range(n)]
+    counts = sum(np.concatenate([np.asarray(c) for c in r["counts"]]) for r in results.values())
+    assert len(counts) == sum(capacities)
+    steps = results[0]["steps"]
+    assert counts.sum() == steps * n * 5
+    # one test over every (rank, slot): equal expected counts despite unequal shards
+    assert chisquare(counts).pvalue > 1e-3, counts
+    # and the share of each rank is proportional to its fill level
+    per_rank = np.add.reduceat(counts, np.cumsum([0] + capacities[:-1]))
+    expected = np.asarray(capacities) / sum(capacities) * counts.sum()
+    assert np.allclose(per_rank, expected, rtol=0.1), (per_rank, expected)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_same_seeds_give_the_same_batches(transport, tmp_path):
+    first, _ = run(transport, 2, "reproducible", tmp_path)
+    second, _ = run(transport, 2, "reproducible", tmp_path)
+    no_mispaired_rows(first)
+    assert [r["digest"] for r in first.values()] == [r["digest"] for r in second.values()]
+    assert first[0]["digest"] != first[1]["digest"]      # ranks differ from each other
+
+
+@pytest.mark.mpi
+@pytest.mark.torchrun
+@pytest.mark.parametrize("n", [2, 4])
+def test_both_transports_give_the_same_batches(n, tmp_path):
+    """The protocol is written once: the same seeds give the same batches over
+    mpi4py and over torch.distributed."""
+    mpi, _ = run("mpi", n, "reproducible", tmp_path)
+    torch, _ = run("torch", n, "reproducible", tmp_path, launcher="spawn")
+    assert [mpi[p]["digest"] for p in range(n)] == [torch[p]["digest"] for p in range(n)]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_seeds_that_differ_per_rank_take_the_shared_draws_from_rank_0(transport, tmp_path):
+    """``seed=rank``-style seeds (here 7 * rank + 1) are safe: every rank draws
+    with rank 0's seed, so representatives keep their labels, and runs repeat."""
+    first, _ = run(transport, 2, "seed_per_rank", tmp_path,
+                   launcher=None if transport == "mpi" else "spawn")
+    second, _ = run(transport, 2, "seed_per_rank", tmp_path,
+                    launcher=None if transport == "mpi" else "spawn")
+    no_mispaired_rows(first)
+    assert all(r["checked"] > 100 and r["remote"] > 0 for r in first.values())
+    assert {r["shared_seed"] for r in first.values()} == {1}
+    assert [r["digest"] for r in first.values()] == [r["digest"] for r in second.values()]
+
+
+@pytest.fixture
+def mnist_dir(tmp_path, mnist):
+    (tmp_path / "mnist").symlink_to(Path(mnist[0]).parent)
+    return tmp_path
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("n", [2, 4])
+def test_uneven_shards_end_epochs_together_without_loss(transport, n, mnist_dir):
+    results, _ = run(transport, n, "uneven", mnist_dir)
+    steps = [results[p]["steps"] for p in range(n)]
+    assert all(s == steps[0] for s in steps), steps          # lockstep every epoch
+    for r in results.values():
+        assert r["wrong_labels"] == 0
+        assert r["in_order"], r                               # nothing lost, nothing repeated
+        assert r["remote_representatives"] > 0                # global sampling reached others
+    # The shortest shard sets the epoch: it delivers each of its samples once per
+    # epoch; longer shards carry what is left into their next epoch.
+    shortest = results[0]
+    assert shortest["fresh"] == 4 * shortest["shard"]
+    assert steps[0] == [-(-shortest["shard"] // 4)] * 4
+    for p in range(1, n):
+        assert results[p]["fresh"] == 4 * sum(steps[0])       # full batches every step
+
+
+# ------------------------------------------------------------------ failures
+# kind -> (error on rank 1, text of rank 1's error, text of the others' RemoteError)
+REPORTED = {
+    "raise_in_mix": ("ValueError", "labels must be non-negative",
+                     "rank 1 failed (ValueError: labels must be non-negative"),
+    "float_labels": ("TypeError", "labels (field 1) must be integers",
+                     "rank 1 failed (TypeError: labels (field 1) must be integers"),
+    "big_labels": ("ValueError", "labels must be < 2**63",
+                   "rank 1 failed (ValueError: labels must be < 2**63, got [9223372036854775"),
+    "object_dtype": ("TypeError", "field 0 has dtype object",
+                     "rank 1 failed (TypeError: field 0 has dtype object"),
+    "raise_outside": ("ZeroDivisionError", "the training step failed",
+                      "rank 1 closed its buffer while handling ZeroDivisionError: the training "
+                      "step failed (after 5 steps)"),
+    "close_early": (None, None, "rank 1 closed its buffer (after 5 steps)"),
+    "one_fewer": (None, None, "rank 1 closed its buffer (after 11 steps)"),
+    "uncaught": (None, None, "rank 1 exited with an uncaught exception (ZeroDivisionError: "
+                             "uncaught in the training loop) (after 5 steps)"),
+    "sys_exit": (None, None, "rank 1 exited without closing its buffer (after 5 steps)"),
+    "exit": (None, None, "rank 1 exited without closing its buffer (after 5 steps)"),
+    "interrupt": (None, None, "rank 1 exited with an uncaught exception (KeyboardInterrupt)"),
+}
+
+
+def check_reported(kind, results, n):
+    """Rank 1 failed in a way it can tell: every other rank raises RemoteError
+    naming rank 1 and its reason, well before the timeout (120 s here)."""
+    error, text, remote = REPORTED[kind]
+    fail = results[1]
+    if error is not None:
+        assert fail["error"] == error and text in fail["message"], fail
+    for p in range(n):
+        if p == 1:
+            continue
+        r = results[p]
+        assert r["error"] == "RemoteError", r
+        assert remote in r["message"], r
+        assert r["ranks"] == [1], r
+        assert r["t_error"] - fail["t_fail"] < 60, (r, fail)
+        # the others raise at the step rank 1 did not reach (at close, for one_fewer)
+        assert r["step"] == (11 if kind == "one_fewer" else 6), r
+    no_mispaired_rows(results)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("kind", list(REPORTED))
+def test_a_failure_on_one_rank_stops_every_rank(transport, kind, tmp_path):
+    results, done = run(transport, 2, f"fail-{kind}", tmp_path, timeout=120, expect_ok=False,
+                        launcher=None if transport == "mpi" else "spawn")
+    assert set(results) == {0, 1}, output(done)
+    check_reported(kind, results, 2)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("kind", ["raise_in_mix", "raise_outside", "exit"])
+def test_a_failure_stops_every_rank_of_four(transport, kind, tmp_path):
+    results, done = run(transport, 4, f"fail-{kind}", tmp_path, timeout=120, expect_ok=False,
+                        launcher=None if transport == "mpi" else "spawn")
+    assert set(results) == {0, 1, 2, 3}, output(done)
+    check_reported(kind, results, 4)
+
+
+@pytest.mark.torchrun
+@pytest.mark.parametrize("kind", ["raise_in_mix", "uncaught"])
+def test_a_failure_under_torchrun_stops_every_rank(kind, tmp_path):
+    """Through torchrun itself: its agent stops the other workers once one
+    exits with an error, but the others have raised RemoteError by then."""
+    results, done = run("torch", 2, f"fail-{kind}", tmp_path, timeout=120, expect_ok=False)
+    assert set(results) == {0, 1}, output(done)
+    check_reported(kind, results, 2)
+
+
+SILENT = 10      # seconds: the buffers' timeout in the tests of silent failures
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("kind", ["sigkill", "hang"])
+def test_a_rank_that_stops_answering_stops_every_rank_after_the_timeout(transport, kind,
+                                                                        tmp_path):
+    """A rank killed with SIGKILL, or one that hangs, tells nobody: every
+    other rank raises RemoteError once the timeout has passed.
+
+    Under mpiexec: ``-disable-auto-cleanup`` keeps hydra from killing the
+    survivors itself, and ``python -m mpi4py`` turns their uncaught
+    RemoteError into MPI_Abort, so that MPI_Finalize does not wait for the
+    dead rank."""
+    mpi = transport == "mpi"
+    results, done = run(transport, 2, f"fail-{kind}", tmp_path, timeout=SILENT,
+                        expect_ok=False, launcher="mpiexec" if mpi else "spawn",
+                        mpiexec_args=("-disable-auto-cleanup",) if mpi else (),
+                        python_args=("-m", "mpi4py") if mpi else ())
+    r = results[0]
+    assert r["error"] == "RemoteError", (r, output(done))
+    if mpi or kind == "hang":
+        assert f"no answer from the other processes within {SILENT} s" in r["message"], r
+        t_fail = results[1]["t_fail"] if 1 in results else None
+        if t_fail is not None:
+            assert r["t_error"] - t_fail >= SILENT - 1, r
+    else:   # gloo sees the closed connection at once
+        assert "transport failed" in r["message"] or "no answer" in r["message"], r
+    no_mispaired_rows(results)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("kind", ["capacity", "seed"])
+def test_a_rank_that_fails_to_build_its_buffer_stops_every_rank(transport, kind, tmp_path):
+    """An argument error on one rank only (``r > capacity x processes``,
+    ``seed=1.5``): that rank raises the buffer's message; it never joins the
+    exchange, so the others raise RemoteError after the timeout."""
+    results, done = run(transport, 2, f"fail-{kind}", tmp_path, timeout=SILENT,
+                        expect_ok=False, launcher=None if transport == "mpi" else "spawn")
+    fail, other = results[1], results[0]
+    expected = {"capacity": ("ValueError", "num_representatives=4 is more than the buffer can "
+                             "ever hold (2 samples: capacity=1 x 2 processes)"),
+                "seed": ("TypeError", "seed must be None or a non-negative integer, got 1.5")}
+    assert (fail["error"], fail["message"][:len(expected[kind][1])]) == expected[kind], fail
+    assert other["error"] == "RemoteError", other
+    assert f"within {SILENT} s while waiting for the other processes" in other["message"], other
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_failing_dali_stage_stops_every_rank(transport, mnist_dir):
+    """Rank 1's source pipeline meets a corrupt PNG: its stage raises the
+    decoder's error and every other rank's stage raises RemoteError naming it."""
+    (mnist_dir / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    results, done = run(transport, 2, "stage_failure", mnist_dir, timeout=120,
+                        expect_ok=False)
+    assert set(results) == {0, 1}, output(done)
+    assert results[1]["error"] not in (None, "RemoteError"), results[1]
+    assert results[0]["error"] == "RemoteError", results[0]
+    assert "rank 1 failed (" in results[0]["message"], results[0]
+    # DALI asks the stage for batches ahead of the iterator: how many good
+    # batches come out before the error depends on its prefetching, never more
+    # than the three before the corrupt file.
+    assert results[0]["steps"] <= 3 and results[1]["steps"] <= 3
+
+
+# ---------------------------------------------------------------- agreement
+MISMATCHES = {
+    "r": "num_representatives (rank 0: 4, rank 1: 2)",
+    "policy": "policy (rank 0: 'class_balanced', rank 1: 'reservoir')",
+    "sampling": "sampling (rank 0: 'global', rank 1: 'local')",
+    "label_index": "label_index (rank 0: 1, rank 1: 0)",
+    "layout_shape_dtype": "the layout of field 0 (rank 0: (4, 4, 3) uint8, rank 1: (13, 4, 1) "
+                          "uint8); the layout of field 1 (the labels) (rank 0: () int64, "
+                          "rank 1: () int32)",
+    "layout_dtype": "the layout of field 0 (rank 0: (4, 4, 3) uint16, rank 1: (8, 4, 3) uint8)",
+    "layout_transposed": "the layout of field 0 (rank 0: (4, 6, 2) uint8, rank 1: (6, 4, 2) "
+                         "uint8)",
+}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("kind", list(MISMATCHES))
+def test_mismatched_settings_raise_the_same_error_on_every_rank(transport, kind, tmp_path):
+    """Settings at construction, layouts (same bytes per sample, another
+    shape or dtype) at the first step that stores samples: the same
+    MismatchError on every rank, before any row is exchanged."""
+    results, done = run(transport, 2, f"mismatch-{kind}", tmp_path, timeout=120,
+                        launcher=None if transport == "mpi" else "spawn")
+    messages = {r["message"] for r in results.values()}
+    assert len(messages) == 1, messages                    # the same on every rank
+    for r in results.values():
+        assert r["error"] == "MismatchError", r
+        assert MISMATCHES[kind] in r["message"], r
+        assert r["delivered_representatives"] == 0, r
+        if kind.startswith("layout"):
+            assert r["step"] == 0, r          # the first step: mix knows the layout
+        else:
+            assert r["step"] == -1, r         # at construction
+
+
+# ---------------------------------------------------------------- transports
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("n", [2, 4])
+def test_the_transports_blocking_collectives(transport, n, tmp_path):
+    """``make_transport(comm)`` offers barrier and allgather_bytes over both
+    libraries (collective checkpoints use them)."""
+    results, _ = run(transport, n, "collectives", tmp_path,
+                     launcher=None if transport == "mpi" else "spawn")
+    expected = [(bytes([p]) * (3 * p)).hex() for p in range(n)]
+    for p, r in results.items():
+        assert (r["rank_seen"], r["size_seen"]) == (p, n)
+        assert r["gathered"] == expected
+        assert r["name"] == ("mpi" if transport == "mpi" else "torch-gloo")
+
+
+def test_a_communicator_of_another_kind_is_refused():
+    import dali_rehearsal as dr
+    with pytest.raises(TypeError, match="comm must be an mpi4py communicator .* or a "
+                                        "torch.distributed process group"):
+        dr.RehearsalBuffer(capacity=4, num_representatives=2, device="cpu", comm=object())
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-1.0, ValueError), ("60", TypeError),
+                                        (True, TypeError)])
+def test_the_timeout_is_checked(bad, error):
+    from dali_rehearsal.exchange.transport import check_timeout
+    with pytest.raises(error, match="timeout must be None or a number of seconds > 0"):
+        check_timeout(bad)
+    assert check_timeout(None) is None and check_timeout(5) == 5.0
+
+
+def test_the_launchers_environment_says_how_many_processes(monkeypatch):
+    from dali_rehearsal.exchange import launch as env
+    for name, _ in env.SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert env.launched_processes() is None
+    monkeypatch.setenv("PMI_SIZE", "1")
+    assert env.launched_processes() is None
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert env.launched_processes() == (4, "OMPI_COMM_WORLD_SIZE")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert env.launched_processes() == (2, "WORLD_SIZE")
