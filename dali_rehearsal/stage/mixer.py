@@ -124,6 +124,8 @@ class Mixer:
             raise RuntimeError("this rehearsal stage was stopped: a newer stage uses its buffer")
         be = self.buffer.backend
         try:
+            if self._stream is None:        # the host: no device, no stream to make current
+                return self._build()
             with be.device_context(), be.stream_context(self._stream):
                 return self._build()
         except StopIteration:

@@ -4,7 +4,18 @@ DALI calls the stage on the thread that drives the mixing pipeline, between
 training steps. The worker runs the mixer (the source pipeline, the exchange,
 the copies and inserts) up to ``prepare_ahead`` steps ahead, so that this work
 overlaps with training; the DALI callback only takes the next prepared batch.
-Epoch ends and errors travel through the queue in order.
+Epoch ends and errors travel through the channel in order.
+
+The hand-over is a small bounded channel (:class:`_Channel`): both sides sleep
+on a condition until the other side (or a stop) wakes them, with no polling
+and no timeouts, so that an idle stage costs nothing and a prepared batch is
+handed over at once. The worker builds a step, then waits for room to hand it
+over: it is at most ``prepare_ahead + 1`` steps ahead of the callback (what
+the output ring is sized for, see :mod:`.handover`). After a step that raised
+(a source batch that failed) it prepares nothing more until the callback has
+taken that error: what the buffer holds when the training loop sees an error
+does not depend on timing, and nothing past the failed batch is inserted
+before the loop has seen it.
 
 The thread holds only a weak reference to the mixer (a strong one only while
 it builds a step): when the last pipeline using a stage is dropped, the stage
@@ -15,65 +26,128 @@ stops; so do the source pipeline and its threads.
 from __future__ import annotations
 
 import atexit
-import queue
+import collections
 import threading
 import traceback
 import weakref
 
 __all__ = ["Worker", "END"]
 
-#: the item that marks an epoch end in the queue
+#: the item that marks an epoch end in the channel
 END = object()
-
-_POLL = 0.05      # seconds between checks of the stop flags while blocked
 
 _live: "weakref.WeakSet[Worker]" = weakref.WeakSet()
 
 
-def _put(q: queue.Queue, item, stop: threading.Event, drain: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=_POLL)
+class _Channel:
+    """A bounded FIFO between one producer (the worker) and one consumer.
+
+    ``stop`` ends the producer at once, ``drain`` once the channel is full;
+    ``close`` (the producer has ended) wakes a waiting consumer. The lock is
+    re-entrant: ``stop`` may run from a finaliser at any point.
+    """
+
+    __slots__ = ("_items", "_capacity", "_lock", "_not_empty", "_not_full",
+                 "stopping", "draining", "closed")
+
+    def __init__(self, capacity: int):
+        self._items: collections.deque = collections.deque()
+        self._capacity = int(capacity)
+        self._lock = threading.RLock()
+        self._not_empty = threading.Condition(self._lock)
+        self._not_full = threading.Condition(self._lock)
+        self.stopping = False
+        self.draining = False
+        self.closed = False
+
+    def put(self, item) -> bool:
+        """Hands ``item`` over once there is room; False (item dropped) when
+        the channel is stopped, or full while draining."""
+        with self._lock:
+            while len(self._items) >= self._capacity:
+                if self.stopping or self.draining:
+                    return False
+                self._not_full.wait()
+            if self.stopping:
+                return False
+            self._items.append(item)
+            self._not_empty.notify()
             return True
-        except queue.Full:
-            if drain.is_set():
-                return False      # drained: the queue is full, stop here
-    return False
+
+    def wait_taken(self) -> bool:
+        """Waits until the consumer has taken everything handed over; False
+        when the channel is stopped or draining first."""
+        with self._lock:
+            while self._items:
+                if self.stopping or self.draining:
+                    return False
+                self._not_full.wait()
+            return not self.stopping
+
+    def get(self):
+        """The next item; ``_CLOSED`` once the producer ended and nothing is left."""
+        with self._lock:
+            while not self._items:
+                if self.closed:
+                    return _CLOSED
+                self._not_empty.wait()
+            item = self._items.popleft()
+            self._not_full.notify()
+            return item
+
+    def stop(self, *, drain: bool = False) -> None:
+        with self._lock:
+            if drain:
+                self.draining = True
+            else:
+                self.stopping = True
+            self._not_full.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            self._not_empty.notify_all()
 
 
-def _work(ref, q: queue.Queue, stop: threading.Event, drain: threading.Event, backend) -> None:
-    backend.use_device()
-    while not stop.is_set():
-        mixer = ref()
-        if mixer is None:
-            return
-        try:
-            item = mixer.run_step()
-        except StopIteration:
-            item = END
-        except BaseException as e:  # handed to the consumer, in order
-            # drop the frames' locals (the mixer among them): no reference cycle
-            traceback.clear_frames(e.__traceback__)
-            item = e
-        failed = mixer.failed
-        del mixer
-        if not _put(q, item, stop, drain) or failed:
-            return
+#: what ``_Channel.get`` returns once the worker has ended and nothing is left
+_CLOSED = object()
+
+
+def _work(ref, channel: _Channel, backend) -> None:
+    try:
+        backend.use_device()
+        while not channel.stopping:
+            mixer = ref()
+            if mixer is None:
+                return
+            try:
+                item = mixer.run_step()
+            except StopIteration:
+                item = END
+            except BaseException as e:  # handed to the consumer, in order
+                # drop the frames' locals (the mixer among them): no reference cycle
+                traceback.clear_frames(e.__traceback__)
+                item = e
+            failed = mixer.failed
+            del mixer
+            if not channel.put(item) or failed:
+                return
+            if isinstance(item, BaseException) and not channel.wait_taken():
+                return
+    finally:
+        channel.close()
 
 
 class Worker:
-    """The background thread of one mixer, and its queue."""
+    """The background thread of one mixer, and its channel."""
 
     def __init__(self, mixer):
-        self._queue: queue.Queue = queue.Queue(maxsize=mixer.prepare_ahead)
-        self._stop = threading.Event()       # stop now
-        self._drain = threading.Event()      # stop once the queue is full
+        self._channel = _Channel(mixer.prepare_ahead)
         self._thread = threading.Thread(
-            target=_work, args=(weakref.ref(mixer), self._queue, self._stop, self._drain,
-                                mixer.buffer.backend),
+            target=_work, args=(weakref.ref(mixer), self._channel, mixer.buffer.backend),
             daemon=True, name="dali-rehearsal-stage")
         # the stage is dropped: its thread stops (the callback holds no mixer)
-        weakref.finalize(mixer, self._stop.set)
+        weakref.finalize(mixer, self._channel.stop)
         _live.add(self)
         self._thread.start()
 
@@ -83,14 +157,10 @@ class Worker:
 
     def next(self):
         """The next prepared step (raises what building it raised)."""
-        while True:
-            try:
-                item = self._queue.get(timeout=_POLL)
-                break
-            except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
-                    raise RuntimeError("the rehearsal stage's worker has stopped (the stage "
-                                       "failed earlier or was stopped)") from None
+        item = self._channel.get()
+        if item is _CLOSED:
+            raise RuntimeError("the rehearsal stage's worker has stopped (the stage "
+                               "failed earlier or was stopped)")
         if item is END:
             raise StopIteration
         if isinstance(item, BaseException):
@@ -98,11 +168,11 @@ class Worker:
         return item
 
     def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
-        """Stops the thread; with ``drain``, once its queue is full."""
-        (self._drain if drain else self._stop).set()
+        """Stops the thread; with ``drain``, once its channel is full."""
+        self._channel.stop(drain=drain)
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        self._stop.set()
+        self._channel.stop()
 
 
 @atexit.register
