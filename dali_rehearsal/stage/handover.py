@@ -53,7 +53,11 @@ DALI's thread (:meth:`Handover.with_layouts`): the stage itself deals in plain
 arrays of its backend. On the CPU every output goes over as a ``TensorListCPU``
 (the ones without a layout with an empty one): DALI takes a tensor list as it
 is, where it would inspect a NumPy array and convert it, which costs the
-thread that drives the mixing pipeline more than the wrapping does.
+thread that drives the mixing pipeline more than the wrapping does. The tensor
+lists that wrap the ring's arrays are made once and handed over again each
+time their slot comes round (a tensor list wraps the array's memory, no copy:
+handing it over again is handing over the slot again, which the ring depth
+above covers); only a partial batch (a view of a slot) is wrapped anew.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ class Handover:
         self._next = 0
         self._wrap = None
         self._wrap_cpu = None
+        self._tensor_lists: dict = {}   # id(ring array) -> (array, its TensorListCPU)
 
     def take(self):
         """The next ring slot: ``(out, flags)``, one array per field and the
@@ -102,6 +107,11 @@ class Handover:
         """The batch as it leaves the stage, ordered: the first ``rows`` rows of
         every field, then the flags."""
         self._order()
+        if rows == self.batch_size:     # the ring's own arrays (see with_layouts)
+            result = list(out)
+            if with_flag:
+                result.append(flags)
+            return result
         result = [o[:rows] for o in out]
         if with_flag:
             result.append(flags[:rows])
@@ -126,6 +136,9 @@ class Handover:
 
             # Every host output, layout or not (and the flags): DALI takes a
             # tensor list as it is, where it would inspect and convert an array.
+            # The tensor lists of the ring's arrays (full batches) are made once.
+            self._tensor_lists = {id(a): (a, None) for slot in self._ring or () for a in slot}
+            self._tensor_lists.update((id(f), (f, None)) for f in self._flags or ())
             self._wrap_cpu = TensorListCPU
             self._wrap = tuple(layouts) + ("",)
 
@@ -138,8 +151,16 @@ class Handover:
         if not wrap:
             return batch
         if self._wrap_cpu is not None:
-            tl = self._wrap_cpu
-            return [tl(a, layout) for a, layout in zip(batch, wrap)]
+            made, result = self._tensor_lists, []
+            for a, layout in zip(batch, wrap):
+                known = made.get(id(a))
+                if known is None:               # a partial batch: a view, wrapped once
+                    result.append(self._wrap_cpu(a, layout))
+                    continue
+                if known[1] is None:            # a ring array, wrapped the first time
+                    known = made[id(a)] = (a, self._wrap_cpu(a, layout))
+                result.append(known[1])
+            return result
         for i, layout, fn in wrap:
             batch[i] = fn(batch[i], layout)
         return batch

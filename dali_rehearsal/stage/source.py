@@ -77,6 +77,8 @@ class SourceStream:
         self._claim = _claim(source, stage)
         source.build()
         self.with_stream = stream is not None and runs_with_stream(source)
+        self._scheduled = True          # run as schedule_run() + outputs()
+        self._ran = False
         self.batch = None
         self.labels = None
         self.pos = 0
@@ -89,6 +91,21 @@ class SourceStream:
         return 0 if self.labels is None else len(self.labels) - self.pos
 
     def _run(self):
+        # schedule_run() + outputs() is what run() does, less one of its
+        # per-call API checks (each builds a class in DALI 2.4's Python).
+        if self._scheduled:
+            try:
+                self.source.schedule_run()
+            except RuntimeError as e:
+                # A source the user ran with run() before cannot switch: DALI
+                # checks this before it runs anything. Keep to run() then.
+                if self._ran or "API type" not in str(e):
+                    raise
+                self._scheduled = False
+            else:
+                self._ran = True
+                return self.source.outputs(self.stream) if self.with_stream \
+                    else self.source.outputs()
         if self.with_stream:
             return self.source.run(self.stream)
         return self.source.run()
@@ -130,8 +147,10 @@ class SourceStream:
         """Copies the next ``n`` rows into ``out`` from row ``offset`` (queued
         on the stage's stream) and their labels into ``labels``."""
         p = self.pos
-        self.buffer.store.copy([f[p:p + n] for f in self.batch], out, offset, self.stream)
-        labels[offset:offset + n] = self.labels[p:p + n]
+        whole = p == 0 and n == len(self.labels)
+        rows = self.batch if whole else [f[p:p + n] for f in self.batch]
+        self.buffer.store.copy(rows, out, offset, self.stream)
+        labels[offset:offset + n] = self.labels if whole else self.labels[p:p + n]
         self.pos = p + n
 
     def skip(self, n: int) -> None:
