@@ -10,7 +10,14 @@ interleaved over repetitions; median and range over repetitions):
    host cost visible: the bytes moved are negligible. Target: <= 2x.
 2. ``stage``: a DALI mixing pipeline with ``dr.fn.rehearsal`` over a trivially
    cheap source (``fn.random`` samples of the same tiny shape) against the
-   plain source pipeline at batch b: steps per second. Target: >= 0.8x.
+   plain source pipeline at batch b: steps per second. Target: >= 0.8x. Two
+   references in the same run separate what is inherent to the design (a
+   second DALI pipeline fed by the user's: DALI does not let an operator turn
+   b samples into b + r) from what the stage and the buffer add: the mixing
+   pipeline alone, fed fixed arrays, and two chained pipelines without buffer,
+   stage or thread. CPU time per step (all threads) is printed beside them:
+   with a source this cheap every DALI iteration is mostly DALI's own host
+   work, and two pipelines need about twice the CPU time of one.
 
     python pipelines/bench_step.py                 # both parts, ~1 min on 2 cores
     python pipelines/bench_step.py --parts mix --repeats 15
@@ -122,45 +129,135 @@ def _cheap_source(b, shape, classes, num_threads):
     return source()
 
 
+def _fed_pipeline(batch, num_threads, callback):
+    """A pipeline of batch ``batch`` whose only operator is an external_source
+    calling ``callback`` (two outputs: samples and labels)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch, num_threads=num_threads, device_id=None, seed=1,
+                  prefetch_queue_depth=2)
+    def fed():
+        images, labels = fn.external_source(source=callback, num_outputs=2, batch=True,
+                                            device="cpu", no_copy=True,
+                                            dtype=[types.UINT8, types.INT64], ndim=[3, 0])
+        return images, labels
+
+    pipe = fed()
+    pipe.build()
+    return pipe
+
+
+def _ring(count, rows, shape):
+    """Preallocated output batches, each handed to DALI as tensor lists made
+    once (as the stage hands over its ring): the cheapest hand-over there is."""
+    from nvidia.dali.tensors import TensorListCPU
+    ring = []
+    for _ in range(count):
+        images, labels = np.zeros((rows,) + shape, np.uint8), np.zeros(rows, np.int64)
+        ring.append((images, labels, [TensorListCPU(images, ""), TensorListCPU(labels, "")]))
+    return ring
+
+
+def chained_feed(feeder, r, shape):
+    """The ``two_pipelines`` reference's callback: runs ``feeder`` (batch b) and
+    returns its b rows followed by the first r of them again, copied into a
+    ring of preallocated b + r batches (deeper than the prefetch queue + 1)."""
+    b = feeder.max_batch_size
+    ring, turn = _ring(4, b + r, shape), [0]
+
+    def chained():
+        images, labels = feeder.run()
+        images, labels = np.asarray(images.as_tensor()), np.asarray(labels.as_tensor())
+        labels = labels.reshape(-1)
+        out_images, out_labels, handed = ring[turn[0] % len(ring)]
+        turn[0] += 1
+        out_images[:b], out_labels[:b] = images, labels
+        out_images[b:], out_labels[b:] = images[:r], labels[:r]
+        return handed
+
+    return chained
+
+
+#: the stage part's variants, in the order of the table
+STAGE_VARIANTS = {
+    "plain": "plain source pipeline (batch b)",
+    "mixing_only": "mixing pipeline alone (batch b + r, fixed arrays)",
+    "two_pipelines": "two pipelines, no buffer (the floor)",
+    "rehearsal": "+ dr.fn.rehearsal",
+}
+
+
 def part_stage(args) -> dict:
+    """Steps per second of the mixing pipeline against the plain source
+    pipeline, with two references that separate what is inherent to feeding
+    a second DALI pipeline from what the stage and the buffer add:
+
+    - ``mixing_only``: a pipeline of batch b + r fed by an external_source
+      that hands over the same preallocated arrays every step: the second
+      pipeline's own per-iteration cost, with nothing to compute;
+    - ``two_pipelines``: the same pipeline, its callback running a second
+      copy of the source pipeline and copying its b rows (and r of them again)
+      into preallocated b + r arrays: what any design that feeds a second
+      pipeline from the user's pays, without buffer, stage or thread.
+    """
     from nvidia.dali import pipeline_def
 
-    shape = tuple(args.shape)
-    plain = _cheap_source(args.b, shape, args.classes, args.num_threads)
+    shape, b, r = tuple(args.shape), args.b, args.r
+    plain = _cheap_source(b, shape, args.classes, args.num_threads)
     plain.build()
-    buffer = dr.RehearsalBuffer(capacity=args.capacity, num_representatives=args.r,
+
+    fixed = _ring(1, b + r, shape)[0][2]
+    mixing_only = _fed_pipeline(b + r, args.num_threads, lambda: fixed)
+
+    feeder = _cheap_source(b, shape, args.classes, args.num_threads)
+    feeder.build()
+    two_pipelines = _fed_pipeline(b + r, args.num_threads, chained_feed(feeder, r, shape))
+
+    buffer = dr.RehearsalBuffer(capacity=args.capacity, num_representatives=r,
                                 device="cpu", seed=0)
 
-    @pipeline_def(batch_size=args.b + args.r, num_threads=args.num_threads, device_id=None,
+    @pipeline_def(batch_size=b + r, num_threads=args.num_threads, device_id=None,
                   seed=1, prefetch_queue_depth=2)
     def mixing(src):
         return tuple(dr.fn.rehearsal(src, buffer=buffer, prepare_ahead=args.prepare_ahead))
 
-    mixed = mixing(_cheap_source(args.b, shape, args.classes, args.num_threads))
+    mixed = mixing(_cheap_source(b, shape, args.classes, args.num_threads))
     mixed.build()
 
     def run_steps(pipe, steps):
-        t0 = time.perf_counter()
+        """(wall, CPU of the whole process) seconds per step."""
+        c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(steps):
             images, labels = pipe.run()
             images.as_array(), labels.as_array()
-        return (time.perf_counter() - t0) / steps
+        return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
-    pipes = {"plain": plain, "rehearsal": mixed}
+    pipes = {"plain": plain, "mixing_only": mixing_only, "two_pipelines": two_pipelines,
+             "rehearsal": mixed}
     for p in pipes.values():
-        run_steps(p, 2 * args.capacity // args.b + 50)
+        run_steps(p, 2 * args.capacity // b + 50)
     reps = []
     variants = list(pipes)
     for rep in range(args.repeats):
-        order = variants[rep % 2:] + variants[:rep % 2]
-        reps.append({v: run_steps(pipes[v], args.stage_steps) * 1e6 for v in order})
+        k = rep % len(variants)
+        order = variants[k:] + variants[:k]
+        times = {v: run_steps(pipes[v], args.stage_steps) for v in order}
+        reps.append({"us_per_step": {v: t[0] * 1e6 for v, t in times.items()},
+                     "cpu_us_per_step": {v: t[1] * 1e6 for v, t in times.items()}})
     buffer.close()
-    plain_us = np.array([r["plain"] for r in reps])
-    mixed_us = np.array([r["rehearsal"] for r in reps])
-    return {"us_per_step": {"plain": _summary(plain_us), "rehearsal": _summary(mixed_us)},
-            "steps_per_s_ratio": _summary(plain_us / mixed_us),
-            "added_us_per_step": _summary(mixed_us - plain_us),
-            "prepare_ahead": args.prepare_ahead, "repetitions": reps}
+    wall = {v: np.array([x["us_per_step"][v] for x in reps]) for v in variants}
+    cpu = {v: np.array([x["cpu_us_per_step"][v] for x in reps]) for v in variants}
+    return {"us_per_step": {v: _summary(wall[v]) for v in variants},
+            "cpu_us_per_step": {v: _summary(cpu[v]) for v in variants},
+            # steps/s of each variant over the plain pipeline's, per repetition
+            "ratio_to_plain": {v: _summary(wall["plain"] / wall[v]) for v in variants},
+            "steps_per_s_ratio": _summary(wall["plain"] / wall["rehearsal"]),
+            "added_us_per_step": _summary(wall["rehearsal"] - wall["plain"]),
+            # what the stage and the buffer add beyond feeding a second pipeline
+            "rehearsal_vs_two_pipelines": _summary(wall["two_pipelines"] / wall["rehearsal"]),
+            "added_over_two_pipelines_us": _summary(wall["rehearsal"] - wall["two_pipelines"]),
+            "prepare_ahead": args.prepare_ahead, "variants": dict(STAGE_VARIANTS),
+            "repetitions": reps}
 
 
 def _summary(values) -> dict:
@@ -221,11 +318,22 @@ def main(argv=None) -> dict:
                          _fmt(m["ratio_to_bare"][v], 2), "<= 2x bare"])
     if "stage" in results:
         s = results["stage"]
-        rows.append(["stage: plain source pipeline", _fmt(s["us_per_step"]["plain"]),
-                     "1 (reference)", ""])
-        rows.append(["stage: + dr.fn.rehearsal", _fmt(s["us_per_step"]["rehearsal"]),
-                     _fmt(s["steps_per_s_ratio"], 2) + " steps/s", ">= 0.8x steps/s"])
+        for v, label in STAGE_VARIANTS.items():
+            if v == "rehearsal":
+                label += f" (prepare_ahead={s['prepare_ahead']})"
+            ratio = ("1 (reference)" if v == "plain"
+                     else _fmt(s["ratio_to_plain"][v], 2) + " steps/s")
+            rows.append([f"stage: {label}", _fmt(s["us_per_step"][v]), ratio,
+                         ">= 0.8x steps/s" if v == "rehearsal" else ""])
     print(table(rows, ["variant", "us per step", "ratio", "target"]))
+    if "stage" in results:
+        s = results["stage"]
+        print(f"stage: CPU time per step (all threads, us): "
+              + ", ".join(f"{v} {s['cpu_us_per_step'][v]['median']:.0f}" for v in STAGE_VARIANTS)
+              + f"; {os.cpu_count()} CPUs")
+        print(f"stage: the stage and the buffer beyond the two-pipeline floor: "
+              f"{_fmt(s['added_over_two_pipelines_us'])} us per step, steps/s "
+              f"{_fmt(s['rehearsal_vs_two_pipelines'], 2)} of the floor's")
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
           f"JSON: {args.out}")
     return results

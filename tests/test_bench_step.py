@@ -59,7 +59,34 @@ def test_bench_step_runs_and_writes_json(tmp_path):
     data = json.loads(out.read_text())
     for v in ("bare", "reservoir", "class_balanced"):
         assert data["mix"]["us_per_step"][v]["median"] > 0
-    assert data["stage"]["steps_per_s_ratio"]["median"] > 0
+    stage = data["stage"]
+    assert stage["steps_per_s_ratio"]["median"] > 0
+    # the references that separate the design's inherent cost from the stage's
+    for v in ("plain", "mixing_only", "two_pipelines", "rehearsal"):
+        assert stage["us_per_step"][v]["median"] > 0 and stage["cpu_us_per_step"][v]["median"] > 0
+    assert stage["ratio_to_plain"]["rehearsal"] == stage["steps_per_s_ratio"]
+    assert stage["rehearsal_vs_two_pipelines"]["median"] > 0
+    assert len(stage["repetitions"]) == 2
     assert len(data["mix"]["repetitions"]) == 2
     assert "load_average_after" in data["environment"]
     assert "<= 2x bare" in proc.stdout and ">= 0.8x steps/s" in proc.stdout
+    assert "two pipelines, no buffer" in proc.stdout and "CPU time per step" in proc.stdout
+
+
+def test_two_pipeline_reference_hands_over_the_source_rows():
+    """The reference the stage is measured against does the stage's data work:
+    the mixing pipeline's batches hold the source's b rows, then r of them again."""
+    bench = _load()
+    b, r, shape = 8, 3, (2, 2, 3)
+    feeder = bench._cheap_source(b, shape, 10, 1)
+    feeder.build()
+    twin = bench._cheap_source(b, shape, 10, 1)     # same seed: the same batches
+    twin.build()
+    pipe = bench._fed_pipeline(b + r, 1, bench.chained_feed(feeder, r, shape))
+    for _ in range(6):
+        images, labels = (o.as_array() for o in pipe.run())
+        want_images, want_labels = (o.as_array() for o in twin.run())
+        np.testing.assert_array_equal(images[:b], want_images)
+        np.testing.assert_array_equal(images[b:], want_images[:r])
+        np.testing.assert_array_equal(labels.reshape(-1), np.concatenate(
+            [want_labels.reshape(-1), want_labels.reshape(-1)[:r]]))
