@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Input throughput: plain DALI vs DALI + ``dr.fn.rehearsal`` vs a PyTorch replay buffer.
 
-Three variants read the same ImageNet-like JPEGs (real photographs, see
+Four variants read the same ImageNet-like JPEGs (real photographs, see
 :func:`dali_rehearsal.datasets.photo_jpegs`) and deliver batches through
 ``DALIGenericIterator``, so the conversion to torch tensors counts for all:
 
@@ -19,23 +19,38 @@ Three variants read the same ImageNet-like JPEGs (real photographs, see
     mixed in the training loop with a preallocated ``torch.empty((capacity, C,
     H, W))`` float buffer on the same device, reservoir insertion by per-sample
     index assignment, ``torch.randperm`` sampling and ``torch.cat``.
+``no_buffer`` (the reference)
+    The rehearsal variant without buffer and stage: the same two pipelines
+    (the same DALI threads), the mixing pipeline fed by an ``external_source``
+    that hands over the source's ``b`` images followed by ``r`` of them again,
+    then ``crop_mirror_normalize`` on all ``b + r``. It does what is inherent
+    to mixing representatives into a DALI pipeline (``r`` more samples
+    augmented per step, a second pipeline) and nothing else.
 
-Variants run in interleaved segments (the order rotates every repetition) so
-that drift of a shared machine hits all three alike; every segment starts
-with ``--warmup`` steps that are not counted (they also drain the batches a
-variant prefetched while another one ran). Reported: fresh and delivered
-samples/s, median and p95 step time, and the headline ratios rehearsal/dali
-and rehearsal/torch_replay of fresh samples/s, as the median of the
-per-repetition ratios.
+So the headline ratio splits in two, each measured in the same run:
+``rehearsal / dali = (no_buffer / dali) x (rehearsal / no_buffer)``: the first
+factor is the inherent part, the second what the buffer and the stage cost.
 
-Under ``mpiexec -n N`` every rank reads its shard, the rehearsal buffer uses
-global sampling over ``MPI.COMM_WORLD`` (``--sampling``), and the output has
-per-rank and aggregate (summed) figures; rank 0 writes the files.
+One definition of a ratio throughout: variants run in interleaved segments
+(the order rotates every repetition, so that drift of a shared machine hits
+all alike; every segment starts with ``--warmup`` uncounted steps, which also
+drain the batches a variant prefetched while another one ran); a ratio is
+taken between the fresh samples/s of two variants in each repetition, and
+reported as the median and the range over repetitions. The pooled figure
+(all measured steps of a variant together: samples / time) is printed beside
+it, labelled ``pooled``.
+
+Under ``mpiexec -n N`` or ``torchrun --nproc_per_node=N`` every process reads
+its shard, the rehearsal buffer uses global sampling over the launcher's group
+(``MPI.COMM_WORLD``, or torch.distributed's default group: ``--sampling``),
+and the output has per-process and aggregate (summed) figures; rank 0 writes
+the files. Progress bars are shown only on a terminal.
 
 Example::
 
-    python pipelines/profile_throughput.py                # 1-2 min on 2 idle cores
+    python pipelines/profile_throughput.py                # about 2 min on 2 idle cores
     mpiexec -n 2 python pipelines/profile_throughput.py --steps 20
+    torchrun --nproc_per_node=2 pipelines/profile_throughput.py --steps 20
 """
 
 from __future__ import annotations
@@ -58,9 +73,10 @@ import dali_rehearsal as dr  # noqa: E402
 sys.path.insert(0, str(_HERE))
 import _bench  # noqa: E402
 
-VARIANTS = ("dali", "rehearsal", "torch_replay")
+VARIANTS = ("dali", "rehearsal", "torch_replay", "no_buffer")
 LABELS = {"dali": "(1) DALI", "rehearsal": "(2) DALI + dr.fn.rehearsal",
-          "torch_replay": "(3) DALI + PyTorch replay"}
+          "torch_replay": "(3) DALI + PyTorch replay",
+          "no_buffer": "(R) reference: (2) without buffer"}
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
@@ -106,7 +122,45 @@ def _pipelines(args, root, device, device_id, rank, world):
                                                 replay_flag=True)
         return augment(images), labels, flags
 
-    return plain, source, mixing
+    @pipeline_def(batch_size=args.batch_size + args.representatives,
+                  seed=args.seed + 30 + rank, **common)
+    def fed(callback):
+        images, labels = fn.external_source(
+            source=callback, num_outputs=2, batch=True, device=device,
+            no_copy=device == "cpu", layout=["HWC", ""], dtype=[types.UINT8, types.INT32],
+            ndim=[3, 1])
+        return augment(images), labels
+
+    return plain, source, mixing, fed
+
+
+def no_buffer_feed(src, r: int, device: str, depth: int):
+    """The reference's ``external_source`` callback: runs the source pipeline
+    ``src`` (batch b) and returns its b images and labels followed by the first
+    r of them again, as one b + r batch. On the CPU the batch is written into a
+    ring of ``depth`` preallocated arrays that DALI reads in place (as the
+    stage hands over its own ring); on the GPU it is a new CuPy array that
+    DALI copies (as it copies the stage's)."""
+    ring, turn = [], [0]
+
+    def feed():
+        images, labels = src.run()
+        images, labels = images.as_tensor(), labels.as_tensor()
+        if device == "gpu":
+            import cupy
+            x, y = cupy.asarray(images), cupy.asarray(np.asarray(labels))
+            return cupy.concatenate([x, x[:r]]), cupy.concatenate([y, y[:r]])
+        x, y = np.asarray(images), np.asarray(labels)
+        if not ring:
+            ring.extend((np.empty((len(x) + r,) + x.shape[1:], x.dtype),
+                         np.empty((len(y) + r,) + y.shape[1:], y.dtype)) for _ in range(depth))
+        out_x, out_y = ring[turn[0] % depth]
+        turn[0] += 1
+        out_x[:len(x)], out_y[:len(y)] = x, y
+        out_x[len(x):], out_y[len(y):] = x[:r], y[:r]
+        return out_x, out_y
+
+    return feed
 
 
 class TorchReplay:
@@ -166,7 +220,7 @@ def build_variants(args, root, device, device_id, rank, world, comm):
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-    plain, source, mixing = _pipelines(args, root, device, device_id, rank, world)
+    plain, source, mixing, fed = _pipelines(args, root, device, device_id, rank, world)
     tdev = torch.device(f"cuda:{device_id}") if device == "gpu" else torch.device("cpu")
     sync = (lambda: torch.cuda.synchronize(tdev)) if device == "gpu" else (lambda: None)
     r = args.representatives
@@ -224,6 +278,20 @@ def build_variants(args, root, device, device_id, rank, world, comm):
         sync()
         return x.shape[0], inputs.shape[0]
     variants["torch_replay"] = Variant("torch_replay", step_torch)
+
+    # (R) the reference: the two pipelines of (2) without buffer and stage
+    ref_source = source()
+    ref_source.build()
+    ref_pipe = fed(no_buffer_feed(ref_source, r, device, args.prefetch + 2))
+    ref_pipe.build()
+    it4 = _bench.endless(DALIGenericIterator(ref_pipe, ["images", "labels"], auto_reset=True))
+
+    def step_no_buffer():
+        batch = next(it4)
+        delivered = batch["images"].shape[0]
+        sync()
+        return delivered - r, delivered
+    variants["no_buffer"] = Variant("no_buffer", step_no_buffer)
     return variants, buffer
 
 
@@ -268,11 +336,19 @@ def summarize(per_rep: list[dict]) -> dict:
 
 
 def ratio(num: dict, den: dict) -> dict:
+    """The one ratio this script reports: fresh samples/s of ``num`` over
+    ``den`` in each repetition (interleaved segments), as the median and the
+    range over repetitions; ``pooled`` is the same quotient over all measured
+    steps of each variant together (total fresh samples / total time)."""
     per = [a / b for a, b in zip(num["per_repeat_fresh_samples_per_s"],
                                  den["per_repeat_fresh_samples_per_s"])]
     return {"median": float(np.median(per)), "min": float(np.min(per)),
             "max": float(np.max(per)), "per_repeat": per,
             "pooled": num["fresh_samples_per_s"] / den["fresh_samples_per_s"]}
+
+
+def fmt_ratio(r: dict) -> str:
+    return f"{r['median']:.3f} [{r['min']:.3f}..{r['max']:.3f}]"
 
 
 def aggregate(per_rank: list[dict], raw: list[dict]) -> dict:
@@ -302,17 +378,19 @@ def aggregate(per_rank: list[dict], raw: list[dict]) -> dict:
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_bench.HelpFormatter)
     p.add_argument("--batch-size", "-b", type=int, default=56, help="fresh samples per step (b)")
     p.add_argument("--representatives", "-r", type=int, default=7,
                    help="representatives per step (r)")
     p.add_argument("--image-size", type=int, default=224,
                    help="crop size C fed to the model (crop_mirror_normalize)")
     p.add_argument("--resize-size", type=int, default=None,
-                   help="decode+resize size S (default: round(C * 256 / 224))")
+                   help="decode + resize size S (default: round(C * 256 / 224), 256 for C=224)")
     p.add_argument("--jpeg-size", default=None,
-                   help="size HxW of the source JPEGs (default: S x round(1.25 S), 256x320)")
-    p.add_argument("--images", type=int, default=1024, help="JPEGs in the data set")
+                   help="size HxW of the generated JPEGs (default: S x round(1.25 S), "
+                        "256x320 for S=256)")
+    p.add_argument("--images", type=int, default=1024,
+                   help="JPEGs in the generated data set (all processes together)")
     p.add_argument("--capacity", type=int, default=None,
                    help="buffer capacity per process (default: 30%% of the process's shard, "
                         "as in the reference system)")
@@ -320,22 +398,30 @@ def parse_args(argv=None):
                    help="insertion policy of the rehearsal buffer (the PyTorch baseline is "
                         "reservoir)")
     p.add_argument("--sampling", default="global", choices=("global", "local"),
-                   help="rehearsal sampling under mpiexec")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
+                   help="where representatives come from when several processes run (under "
+                        "mpiexec or torchrun): every process's buffer, or its own")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
+                   help="where decoding, augmentation and the buffers run (auto: the GPU if "
+                        "CuPy and PyTorch see one, else the CPU)")
     p.add_argument("--num-threads", type=int, default=None,
-                   help="DALI worker threads per pipeline (default: CPUs / local ranks)")
+                   help="DALI worker threads per pipeline (default: CPUs / processes on this "
+                        "machine)")
     p.add_argument("--prefetch", type=int, default=2, help="DALI prefetch_queue_depth")
-    p.add_argument("--steps", type=int, default=20, help="measured steps per segment")
+    p.add_argument("--steps", type=int, default=20,
+                   help="measured steps per segment (one variant, one repetition)")
     p.add_argument("--warmup", type=int, default=4,
                    help="uncounted steps at the start of every segment")
     p.add_argument("--repeats", type=int, default=9,
-                   help="segments per variant, interleaved (order rotates)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="repetitions: segments per variant, interleaved (the order rotates)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the readers' shuffling, the augmentation and the buffers")
     p.add_argument("--data-root", default=None,
-                   help="JPEG folder (default: photo_jpegs cache, $DALI_REHEARSAL_CACHE)")
+                   help="folder of JPEGs in class subfolders to read instead of the generated "
+                        "ones (default: the photo_jpegs cache, under $DALI_REHEARSAL_CACHE)")
     p.add_argument("--out", default="outputs/profile_throughput.json",
                    help="JSON output; the plot is written next to it as .png")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar, also on a terminal (there is none off a terminal)")
     args = p.parse_args(argv)
     if args.resize_size is None:
         args.resize_size = int(round(args.image_size * 256 / 224))
@@ -384,14 +470,17 @@ def main(argv=None) -> int:
     from tqdm import tqdm
     variants, buffer = build_variants(args, root, device, device_id, rank, world, comm)
     total = args.repeats * len(VARIANTS) * (args.warmup + args.steps)
-    progress = tqdm(total=total, desc=f"profile_throughput ({device}, {world} rank"
-                    f"{'s' if world > 1 else ''})", unit="step", file=sys.stderr,
-                    disable=args.no_progress or rank != 0, dynamic_ncols=True)
+    # a bar only on a terminal: in a log file it would be thousands of lines
+    progress = tqdm(total=total, desc=f"profile_throughput ({device}, {world} process"
+                    f"{'es' if world > 1 else ''})", unit="step", file=sys.stderr,
+                    disable=args.no_progress or rank != 0 or not sys.stderr.isatty(),
+                    dynamic_ncols=True)
     raw = {v: [] for v in VARIANTS}
     t_start = time.perf_counter()
     try:
         for rep in range(args.repeats):
-            order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]
+            k = rep % len(VARIANTS)
+            order = VARIANTS[k:] + VARIANTS[:k]
             for name in order:
                 if bench_comm is not None:
                     bench_comm.Barrier()
@@ -420,17 +509,30 @@ def main(argv=None) -> int:
 
     figures = aggregate(all_figs, all_raw) if world > 1 else mine
     ratios = {"rehearsal_vs_dali": ratio(figures["rehearsal"], figures["dali"]),
+              "no_buffer_vs_dali": ratio(figures["no_buffer"], figures["dali"]),
+              "rehearsal_vs_no_buffer": ratio(figures["rehearsal"], figures["no_buffer"]),
               "rehearsal_vs_torch_replay": ratio(figures["rehearsal"], figures["torch_replay"]),
               "torch_replay_vs_dali": ratio(figures["torch_replay"], figures["dali"])}
+    rr = ratios["rehearsal_vs_dali"]
     headline = {
-        "rehearsal_over_dali_fresh": ratios["rehearsal_vs_dali"]["median"],
+        "definition": "fresh samples/s of the first variant over the second's in each "
+                      "repetition: median and range over the interleaved repetitions; "
+                      "pooled: over all measured steps of each variant",
+        "rehearsal_over_dali_fresh": rr["median"],
+        "rehearsal_over_dali_fresh_range": [rr["min"], rr["max"]],
+        "rehearsal_over_dali_fresh_pooled": rr["pooled"],
+        # the inherent part: r more samples augmented per step, a second pipeline
+        "no_buffer_over_dali_fresh": ratios["no_buffer_vs_dali"]["median"],
+        # what the buffer and the stage cost beyond it
+        "rehearsal_over_no_buffer_fresh": ratios["rehearsal_vs_no_buffer"]["median"],
         "rehearsal_over_torch_replay_fresh": ratios["rehearsal_vs_torch_replay"]["median"],
         "target_rehearsal_over_dali_min": 0.95,
-        "meets_cost_target": ratios["rehearsal_vs_dali"]["median"] >= 0.95,
+        "meets_cost_target": rr["median"] >= 0.95,
         "beats_torch_replay": ratios["rehearsal_vs_torch_replay"]["median"] > 1.0,
     }
+    launcher = None if comm is None else ("mpiexec" if hasattr(comm, "Get_rank") else "torchrun")
     settings = {k: v for k, v in vars(args).items() if k not in ("no_progress",)}
-    settings.update(data_root=str(root), world_size=world, device=device,
+    settings.update(data_root=str(root), world_size=world, device=device, launcher=launcher,
                     images_per_rank=args.images // world)
     result = {
         "script": "profile_throughput",
@@ -447,47 +549,56 @@ def main(argv=None) -> int:
         result["per_rank"] = all_figs
     _bench.write_json(json_path, result)
 
-    rows = []
-    for v in VARIANTS:
-        f = figures[v]
-        rows.append([LABELS[v], f["fresh_samples_per_s"], f["delivered_samples_per_s"],
-                     f["median_step_ms"], f["p95_step_ms"],
-                     f["fresh_samples_per_s"] / figures["dali"]["fresh_samples_per_s"]])
+    def row(label, figs, v):
+        f = figs[v]
+        vs = "1 (reference)" if v == "dali" else fmt_ratio(ratio(f, figs["dali"]))
+        return [label, f["fresh_samples_per_s"], f["delivered_samples_per_s"],
+                f["median_step_ms"], f["p95_step_ms"], vs]
+
+    shown = ("dali", "rehearsal", "no_buffer", "torch_replay")
+    rows = [row(LABELS[v], figures, v) for v in shown]
     if world > 1:
         for i, figs in enumerate(all_figs):
-            for v in VARIANTS:
-                f = figs[v]
-                rows.append([f"  rank {i}: {v}", f["fresh_samples_per_s"],
-                             f["delivered_samples_per_s"], f["median_step_ms"],
-                             f["p95_step_ms"], f["fresh_samples_per_s"]
-                             / figs["dali"]["fresh_samples_per_s"]])
-    print(f"\n{world} rank(s), device={device}, b={args.batch_size}, r={args.representatives}, "
-          f"JPEG {args.jpeg_hw[0]}x{args.jpeg_hw[1]} -> resize {args.resize_size} -> crop "
-          f"{args.image_size}, capacity {args.capacity}/rank, {args.repeats} x {args.steps} "
-          f"steps (+{args.warmup} warm-up) per variant, {args.num_threads} DALI threads"
-          f"{'' if world == 1 else ', aggregate = sum over ranks'}")
-    print(_bench.table(rows, ["variant", "fresh/s", "delivered/s", "median ms", "p95 ms",
-                              "fresh vs (1)"]))
-    rr, rt = ratios["rehearsal_vs_dali"], ratios["rehearsal_vs_torch_replay"]
-    print(f"headline (median of {args.repeats} interleaved repetitions): rehearsal/plain fresh "
-          f"samples/s = {rr['median']:.3f} [{rr['min']:.3f}..{rr['max']:.3f}] (pooled "
-          f"{rr['pooled']:.3f}); rehearsal/torch replay = {rt['median']:.3f} "
-          f"[{rt['min']:.3f}..{rt['max']:.3f}] (pooled {rt['pooled']:.3f})")
+            rows.extend(row(f"  rank {i}: {v}", figs, v) for v in shown)
+    print(f"\n{world} process(es){'' if launcher is None else f' ({launcher})'}, device={device}, "
+          f"b={args.batch_size}, r={args.representatives}, JPEG {args.jpeg_hw[0]}x"
+          f"{args.jpeg_hw[1]} -> resize {args.resize_size} -> crop {args.image_size}, capacity "
+          f"{args.capacity}/process, {args.repeats} repetitions x {args.steps} steps "
+          f"(+{args.warmup} warm-up) per variant, {args.num_threads} DALI threads per pipeline"
+          f"{'' if world == 1 else ', aggregate = sum over processes'}")
+    print(_bench.table(rows, ["variant", "fresh/s (pooled)", "delivered/s (pooled)",
+                              "median ms", "p95 ms", "fresh/s vs (1): median [range]"]))
+    print(f"fresh/s, delivered/s: all measured steps of a variant pooled. A ratio: the fresh "
+          f"samples/s of two variants in each of the {args.repeats} interleaved repetitions, "
+          f"median [min..max]; pooled: the same over all steps.")
+    nb, st = ratios["no_buffer_vs_dali"], ratios["rehearsal_vs_no_buffer"]
+    rt = ratios["rehearsal_vs_torch_replay"]
+    print(f"headline: rehearsal / plain DALI, fresh samples/s = {fmt_ratio(rr)} (pooled "
+          f"{rr['pooled']:.3f}; target >= 0.95)\n"
+          f"  inherent part, reference / plain DALI = {fmt_ratio(nb)} (pooled "
+          f"{nb['pooled']:.3f}): {args.representatives} more samples augmented per step and a "
+          f"second pipeline, no buffer\n"
+          f"  buffer and stage, rehearsal / reference = {fmt_ratio(st)} (pooled "
+          f"{st['pooled']:.3f})\n"
+          f"rehearsal / PyTorch replay, fresh samples/s = {fmt_ratio(rt)} (pooled "
+          f"{rt['pooled']:.3f})")
 
-    series = {"fresh samples/s": [figures[v]["fresh_samples_per_s"] for v in VARIANTS],
-              "delivered samples/s": [figures[v]["delivered_samples_per_s"] for v in VARIANTS]}
+    series = {"fresh samples/s": [figures[v]["fresh_samples_per_s"] for v in shown],
+              "delivered samples/s": [figures[v]["delivered_samples_per_s"] for v in shown]}
     errors = {"fresh samples/s": [(min(figures[v]["per_repeat_fresh_samples_per_s"]),
                                    max(figures[v]["per_repeat_fresh_samples_per_s"]))
-                                  for v in VARIANTS],
+                                  for v in shown],
               "delivered samples/s": [(min(figures[v]["per_repeat_delivered_samples_per_s"]),
                                        max(figures[v]["per_repeat_delivered_samples_per_s"]))
-                                      for v in VARIANTS]}
-    _bench.bar_chart(png_path, [LABELS[v].replace(" + ", "\n+ ") for v in VARIANTS], series,
-                     errors=errors, ylabel="samples/s" + (" (sum over ranks)" if world > 1 else "")
+                                      for v in shown]}
+    _bench.bar_chart(png_path, [LABELS[v].replace(" + ", "\n+ ").replace(": ", ":\n")
+                                for v in shown], series,
+                     errors=errors, ylabel="samples/s, pooled"
+                     + (" (sum over processes)" if world > 1 else "")
                      + "\nwhiskers: min-max over repetitions",
                      title=f"b={args.batch_size}, r={args.representatives}, {device}, {world} "
-                           f"rank(s): rehearsal/plain = {rr['median']:.3f}, "
-                           f"rehearsal/torch = {rt['median']:.3f}")
+                           f"process(es): rehearsal/plain = {rr['median']:.3f} (median), "
+                           f"rehearsal/reference = {st['median']:.3f}")
     print(f"wrote {json_path} and {png_path}")
     return 0
 

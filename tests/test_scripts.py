@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def _check_throughput(data, world):
     for lib in ("dali", "numpy", "torch", "cupy"):
         assert lib in env["versions"]
     assert data["settings"]["world_size"] == world
-    assert set(data["variants"]) == {"dali", "rehearsal", "torch_replay"}
+    assert set(data["variants"]) == {"dali", "rehearsal", "torch_replay", "no_buffer"}
     for fig in data["variants"].values():
         _positive(fig, ["fresh_samples_per_s", "delivered_samples_per_s", "median_step_ms",
                         "p95_step_ms"])
@@ -70,38 +71,110 @@ def _check_throughput(data, world):
     # the replay variants deliver representatives on top of the fresh samples
     assert data["variants"]["rehearsal"]["delivered_samples"] > \
         data["variants"]["rehearsal"]["fresh_samples"]
-    for key in ("rehearsal_vs_dali", "rehearsal_vs_torch_replay"):
-        _positive(data["ratios"][key], ["median", "pooled"])
-    _positive(data["headline"], ["rehearsal_over_dali_fresh",
-                                 "rehearsal_over_torch_replay_fresh"])
+    # the reference delivers b fresh + r copies per step, as the rehearsal variant does once
+    # its buffer holds r samples
+    ref = data["variants"]["no_buffer"]
+    b, r = data["settings"]["batch_size"], data["settings"]["representatives"]
+    assert ref["delivered_samples"] == ref["fresh_samples"] * (b + r) // b
+    ratios = data["ratios"]
+    for key in ("rehearsal_vs_dali", "rehearsal_vs_torch_replay", "no_buffer_vs_dali",
+                "rehearsal_vs_no_buffer"):
+        _positive(ratios[key], ["median", "pooled", "min", "max"])
+        assert ratios[key]["min"] <= ratios[key]["median"] <= ratios[key]["max"]
+        assert len(ratios[key]["per_repeat"]) == 2
+    # one definition: the inherent part times the stage's part is the headline, repetition
+    # by repetition
+    for whole, inherent, stage in zip(ratios["rehearsal_vs_dali"]["per_repeat"],
+                                      ratios["no_buffer_vs_dali"]["per_repeat"],
+                                      ratios["rehearsal_vs_no_buffer"]["per_repeat"]):
+        assert whole == pytest.approx(inherent * stage)
+    head = data["headline"]
+    assert head["rehearsal_over_dali_fresh"] == ratios["rehearsal_vs_dali"]["median"]
+    assert head["rehearsal_over_dali_fresh_pooled"] == ratios["rehearsal_vs_dali"]["pooled"]
+    _positive(head, ["rehearsal_over_dali_fresh", "rehearsal_over_torch_replay_fresh",
+                     "no_buffer_over_dali_fresh", "rehearsal_over_no_buffer_fresh"])
+
+
+def _check_throughput_output(stdout, data):
+    """The printed table and headline carry the JSON's one ratio, labelled."""
+    rr = data["ratios"]["rehearsal_vs_dali"]
+    line = next(x for x in stdout.splitlines() if x.startswith("(2) DALI + dr.fn.rehearsal"))
+    assert f"{rr['median']:.3f} [{rr['min']:.3f}..{rr['max']:.3f}]" in line
+    assert f"rehearsal / plain DALI, fresh samples/s = {rr['median']:.3f}" in stdout
+    assert f"(pooled {rr['pooled']:.3f}" in stdout
+    assert "fresh/s (pooled)" in stdout and "median [range]" in stdout
+    assert "inherent part, reference / plain DALI" in stdout
+    assert "buffer and stage, rehearsal / reference" in stdout
 
 
 @pytest.mark.slow
 def test_profile_throughput(tmp_path):
     out = tmp_path / "out" / "throughput.json"
-    proc = _run([sys.executable, PIPELINES / "profile_throughput.py", *TINY, "--device", "cpu",
+    # without --no-progress: off a terminal (a pipe here) there is no bar all the same
+    args = [a for a in TINY if a != "--no-progress"]
+    proc = _run([sys.executable, PIPELINES / "profile_throughput.py", *args, "--device", "cpu",
                  "--out", out], tmp_path, timeout=300)
     data = json.loads(out.read_text())
     _check_throughput(data, 1)
     assert data["buffer"][0]["size"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
-    assert "headline" in proc.stdout and "fresh/s" in proc.stdout
+    _check_throughput_output(proc.stdout, data)
+    assert "step/s" not in proc.stderr and "profile_throughput (" not in proc.stderr
+
+
+def test_profile_throughput_help_explains_every_option_once(tmp_path):
+    proc = _run([sys.executable, PIPELINES / "profile_throughput.py", "--help"], tmp_path,
+                timeout=120)
+    text = proc.stdout.split("options:", 1)[1]
+    blocks = re.split(r"\n  (?=-)", text)[1:]
+    assert len(blocks) > 15
+    for block in blocks:
+        flag, _, help_text = block.partition("  ")
+        if flag.startswith("-h"):
+            continue
+        assert help_text.strip(), f"{flag} has no help text"
+        assert block.count("default") <= 1, f"{flag}: default shown twice: {block}"
+    assert "(default: None)" not in text
 
 
 @pytest.mark.slow
 @pytest.mark.mpi
 def test_profile_throughput_mpi(tmp_path):
     out = tmp_path / "throughput_mpi.json"
-    _run([_mpiexec(), "-n", "2", sys.executable, PIPELINES / "profile_throughput.py", *TINY,
-          "--device", "cpu", "--out", out], tmp_path, timeout=400)
+    proc = _run([_mpiexec(), "-n", "2", sys.executable, PIPELINES / "profile_throughput.py",
+                 *TINY, "--device", "cpu", "--out", out], tmp_path, timeout=400)
     data = json.loads(out.read_text())
     _check_throughput(data, 2)
+    assert data["settings"]["launcher"] == "mpiexec"
     assert len(data["per_rank"]) == 2
     assert all(b["world_size"] == 2 and b["sampling"] == "global" for b in data["buffer"])
     agg = data["variants"]["dali"]["fresh_samples_per_s"]
     parts = sum(r["dali"]["fresh_samples_per_s"] for r in data["per_rank"])
     assert agg == pytest.approx(parts)
     assert out.with_suffix(".png").exists()
+    _check_throughput_output(proc.stdout, data)
+
+
+@pytest.mark.slow
+@pytest.mark.torchrun
+def test_profile_throughput_torchrun(tmp_path):
+    """The same script under torchrun: global sampling over torch.distributed's
+    default group, per-process and aggregate figures, the same ratios."""
+    from dist_programs.launching import launch, output
+    out = tmp_path / "throughput_torchrun.json"
+    done = launch("torchrun", 2, [PIPELINES / "profile_throughput.py", *TINY, "--device", "cpu",
+                                  "--out", out], timeout=400,
+                  extra_env={"DALI_REHEARSAL_CACHE": tmp_path / "cache"})
+    assert done[0].returncode == 0, output(done)
+    data = json.loads(out.read_text())
+    _check_throughput(data, 2)
+    assert data["settings"]["launcher"] == "torchrun"
+    assert len(data["per_rank"]) == 2
+    assert all(b["world_size"] == 2 and b["sampling"] == "global" for b in data["buffer"])
+    agg = data["variants"]["rehearsal"]["fresh_samples_per_s"]
+    assert agg == pytest.approx(sum(r["rehearsal"]["fresh_samples_per_s"]
+                                    for r in data["per_rank"]))
+    _check_throughput_output(done[0].stdout, data)
 
 
 def test_bench_kernels_without_gpu_exits_cleanly(tmp_path):
