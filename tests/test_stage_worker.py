@@ -1,0 +1,148 @@
+"""The stage's background worker and its hand-over, as a training loop sees them.
+
+Real MNIST PNG files decoded by DALI CPU pipelines.
+
+- After a source batch that fails, the worker prepares nothing more until the
+  loop has seen the error: what the buffer holds when the error reaches the
+  loop does not depend on timing, and nothing past the failed batch is
+  inserted before then. The loop can go on after it: the next batches are the
+  source's next ones, the failed one is neither delivered nor stored.
+- A loop that asks a stopped stage for more gets an error, not a hang.
+- A source pipeline the user ran before handing it to the stage still feeds it
+  (the stage runs a source with ``schedule_run()`` + ``outputs()`` unless the
+  source was already driven with ``run()``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dali_rehearsal as dr
+
+pytest.importorskip("nvidia.dali")
+from nvidia.dali import fn, pipeline_def, types  # noqa: E402
+
+B, R = 6, 2
+
+
+@pytest.fixture(scope="module")
+def classes(mnist):
+    """PNG files of the first two classes of the training digits, and each
+    image's pixels -> label."""
+    data = dr.LabelledFiles.from_folder(mnist[0])
+    by_class = {}
+    for path, label in zip(data.files, data.labels):
+        by_class.setdefault(int(label), []).append(path)
+    label_of = {np.asarray(Image.open(p).convert("L")).tobytes(): k
+                for k, paths in by_class.items() for p in paths}
+    return by_class, label_of
+
+
+def _mixing(files, labels, buffer, prepare_ahead=2):
+    @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=1)
+    def decode():
+        jpegs, y = fn.readers.file(files=files, labels=labels, name="Reader")
+        return fn.decoders.image(jpegs, device="cpu", output_type=types.GRAY), y - 1
+
+    @pipeline_def(batch_size=B + R, num_threads=1, device_id=None, seed=2,
+                  prefetch_queue_depth=1)
+    def train(src):
+        return tuple(dr.fn.rehearsal(src, buffer=buffer, replay_flag=True,
+                                     prepare_ahead=prepare_ahead))
+
+    pipe = train(decode())
+    pipe.build()
+    return pipe
+
+
+def _keys(images):
+    return [np.ascontiguousarray(x.reshape(28, 28)).tobytes() for x in images]
+
+
+def test_no_look_ahead_past_a_failed_batch_until_the_loop_saw_it(classes):
+    """Labels are ``label - 1``: the files of class 0 make the third source
+    batch fail (a negative label), the batches around it are class 1."""
+    by_class, label_of = classes
+    ones = by_class[1]
+    files = ones[:2 * B] + by_class[0][:B] + ones[2 * B:]
+    labels = [2] * (2 * B) + [0] * B + [2] * (len(ones) - 2 * B)   # stored as 1, -1, 1
+    buffer = dr.RehearsalBuffer(capacity=100, num_representatives=R, device="cpu", seed=0)
+    pipe = _mixing(files, labels, buffer)
+    # the first run takes step 1 (prefetch depth 1); the worker has built steps 2
+    # and 3 (the failing one) by the time the loop asks again
+    images, *_ = (o.as_array() for o in pipe.run())
+    assert [label_of[k] for k in _keys(images[:B])] == [1] * B
+    deadline = time.monotonic() + 30
+    while buffer.num_seen < 2 * B and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)                     # time enough to run further ahead, if it did
+    assert buffer.num_seen == 2 * B     # steps 1 and 2 stored; nothing past the failure
+    images, *_ = (o.as_array() for o in pipe.run())        # step 2
+    assert [label_of[k] for k in _keys(images[:B])] == [1] * B
+    with pytest.raises(ValueError, match="non-negative"):
+        pipe.run()                      # step 3: the source's third batch failed
+    assert buffer.num_seen == 2 * B
+    # the loop goes on: the source's fourth batch, the failed one dropped
+    images, labels, flags = (o.as_array() for o in pipe.run())
+    fresh = flags.reshape(-1) == dr.stage.FRESH
+    assert fresh.sum() == B and (labels.reshape(-1) == 1).all()
+    assert set(_keys(images[fresh])) == set(_keys(
+        [np.asarray(Image.open(p).convert("L")) for p in ones[2 * B:3 * B]]))
+    assert buffer.num_seen >= 3 * B
+    assert (buffer.stored_labels() == 1).all()
+    buffer.close()
+
+
+def test_a_stopped_stage_raises_instead_of_hanging(classes):
+    by_class, _ = classes
+    files = by_class[1]
+    buffer = dr.RehearsalBuffer(capacity=30, num_representatives=R, device="cpu", seed=0)
+    pipe = _mixing(files, [2] * len(files), buffer)
+    pipe.run()
+    dr.stage.stage_of(pipe).stop()      # a newer stage took the buffer over
+    with pytest.raises(RuntimeError, match="stopped"):
+        for _ in range(10):             # what was prepared, then the error
+            pipe.run()
+    buffer.close()
+
+
+def test_a_source_run_by_the_user_first_still_feeds_the_stage():
+    """A reader-less source counting its samples: the stage delivers the
+    batches after the one the user took with ``run()``."""
+    counter = {"next": 0}
+
+    def count():
+        ids = np.arange(counter["next"], counter["next"] + B)
+        counter["next"] += B
+        return [np.full((2, 2), i % 256, np.uint8) for i in ids], [np.array([i]) for i in ids]
+
+    @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=1)
+    def counting():
+        images, labels = fn.external_source(source=count, num_outputs=2, batch=True,
+                                            dtype=[types.UINT8, types.INT64])
+        return images, labels
+
+    src = counting()
+    src.build()
+    first = src.run()[1].as_array().reshape(-1).tolist()        # the user's own run
+    assert first == list(range(B))
+    buffer = dr.RehearsalBuffer(capacity=50, num_representatives=R, device="cpu", seed=0)
+
+    @pipeline_def(batch_size=B + R, num_threads=1, device_id=None, seed=2)
+    def train(s):
+        return tuple(dr.fn.rehearsal(s, buffer=buffer, prepare_ahead=0))
+
+    pipe = train(src)
+    pipe.build()
+    seen = []
+    for _ in range(4):
+        images, labels = (o.as_array() for o in pipe.run())
+        seen.extend(labels.reshape(-1)[:B].tolist())
+        assert (images[:B, 0, 0] == labels.reshape(-1)[:B] % 256).all()
+    # DALI's source prefetch ran ahead of the user's run; the stage takes what follows
+    assert seen == sorted(seen) and len(set(seen)) == len(seen) and min(seen) >= B
+    buffer.close()
