@@ -182,7 +182,7 @@ def chained_feed(feeder, r, shape):
 STAGE_VARIANTS = {
     "plain": "plain source pipeline (batch b)",
     "mixing_only": "mixing pipeline alone (batch b + r, fixed arrays)",
-    "two_pipelines": "two pipelines, no buffer (the floor)",
+    "two_pipelines": "two pipelines, no buffer (reference)",
     "rehearsal": "+ dr.fn.rehearsal",
 }
 
@@ -331,9 +331,9 @@ def main(argv=None) -> dict:
         print(f"stage: CPU time per step (all threads, us): "
               + ", ".join(f"{v} {s['cpu_us_per_step'][v]['median']:.0f}" for v in STAGE_VARIANTS)
               + f"; {os.cpu_count()} CPUs")
-        print(f"stage: the stage and the buffer beyond the two-pipeline floor: "
+        print(f"stage: the stage and the buffer beyond the two-pipeline reference: "
               f"{_fmt(s['added_over_two_pipelines_us'])} us per step, steps/s "
-              f"{_fmt(s['rehearsal_vs_two_pipelines'], 2)} of the floor's")
+              f"{_fmt(s['rehearsal_vs_two_pipelines'], 2)} of the reference's")
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
           f"JSON: {args.out}")
     return results
