@@ -20,6 +20,7 @@ log = logging.getLogger("dali_rehearsal")
 
 #: dtype kinds a stored field may have: bool, integers, floats, complex.
 _STORABLE_KINDS = "biufc"
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -118,8 +119,7 @@ class RehearsalBuffer:
         # The last write into the store: (stream, event). Host reads and work on
         # other streams are ordered after it.
         self._last_write = (None, None)
-        #: ``(rank, slot)`` of each representative of the last step, in output order.
-        self.last_origin = np.empty((0, 2), dtype=np.int64)
+        self._last_reps: Representatives | None = None
 
     # ----------------------------------------------------------------- state
     @property
@@ -164,6 +164,14 @@ class RehearsalBuffer:
     def nbytes(self) -> int:
         """Bytes of sample storage allocated (0 before the first batch)."""
         return self.store.nbytes
+
+    @property
+    def last_origin(self) -> np.ndarray:
+        """``(rank, slot)`` of each representative of the last step, in output
+        order (an ``(r, 2)`` int64 array)."""
+        if self._last_reps is None:
+            return np.empty((0, 2), dtype=np.int64)
+        return self._last_reps.origin
 
     def class_counts(self) -> dict[int, int]:
         """Samples stored per class in this process's shard."""
@@ -210,37 +218,37 @@ class RehearsalBuffer:
         Returns the arrays (on this buffer's device, uploaded on ``stream``)
         and the labels as a host int64 array. Raises before anything changes.
         """
-        if len(fields) < 2:
+        n_fields, li = len(fields), self.label_index
+        if n_fields < 2:
             raise ValueError("a batch needs at least two fields: the samples and their labels")
-        if self.label_index >= len(fields):
-            raise ValueError(f"label_index={self.label_index} but the batch has only "
-                             f"{len(fields)} fields")
+        if li >= n_fields:
+            raise ValueError(f"label_index={li} but the batch has only {n_fields} fields")
         spec = self.store.spec
-        if spec is not None and len(fields) != len(spec):
+        if spec is not None and n_fields != len(spec):
             raise ValueError(f"the buffer holds {len(spec)} fields per sample, "
-                             f"this batch has {len(fields)}")
-        label_field = fields[self.label_index]
+                             f"this batch has {n_fields}")
+        label_field = fields[li]
         host_labels = None if on_device(label_field) else to_host(label_field)
-        arrays = [self._backend.asarray(f, stream) for f in fields]
-        sizes = {a.shape[0] if a.ndim else None for a in arrays}
-        if len(sizes) != 1 or None in sizes:
+        asarray = self._backend.asarray
+        arrays = [asarray(f, stream) for f in fields]
+        b = arrays[0].shape[0] if arrays[0].ndim else None
+        if b is None or any(a.ndim == 0 or a.shape[0] != b for a in arrays):
             raise ValueError("every field must be an array with the batch on its first axis and "
                              f"the same batch size; got shapes {[a.shape for a in arrays]}")
-        (b,) = sizes
         if b == 0:
             raise ValueError("empty batch")
-        for i, a in enumerate(arrays):
-            if np.dtype(a.dtype).kind not in _STORABLE_KINDS:
-                raise TypeError(f"field {i} has dtype {a.dtype}; stored fields must be numeric "
-                                "(bool, integer, float or complex)")
-        labels = arrays[self.label_index]
+        labels = arrays[li]
         if labels.dtype.kind not in "iu":
-            raise TypeError(f"labels (field {self.label_index}) must be integers, "
-                            f"got dtype {labels.dtype}")
+            raise TypeError(f"labels (field {li}) must be integers, got dtype {labels.dtype}")
         if labels.size != b:
-            raise ValueError(f"labels (field {self.label_index}) must hold one value per sample, "
+            raise ValueError(f"labels (field {li}) must hold one value per sample, "
                              f"got shape {labels.shape}")
-        if spec is not None:
+        if spec is None:
+            for i, a in enumerate(arrays):
+                if a.dtype.kind not in _STORABLE_KINDS:
+                    raise TypeError(f"field {i} has dtype {a.dtype}; stored fields must be "
+                                    "numeric (bool, integer, float or complex)")
+        else:
             for i, (a, s) in enumerate(zip(arrays, spec)):
                 if a.shape[1:] != s.shape or a.dtype != s.dtype:
                     raise ValueError(
@@ -251,14 +259,15 @@ class RehearsalBuffer:
         if host_labels is None:
             host_labels = self._backend.to_host(labels, stream)
         host_labels = np.asarray(host_labels).reshape(b)
-        if host_labels.dtype == np.uint64 and (host_labels > np.iinfo(np.int64).max).any():
-            big = host_labels[host_labels > np.iinfo(np.int64).max][:5]
-            raise ValueError(f"labels must be < 2**63, got {big.tolist()}")
-        host_labels = host_labels.astype(np.int64)
-        if (host_labels < 0).any():
+        kind = host_labels.dtype.kind
+        if kind == "u":
+            if host_labels.dtype.itemsize == 8 and host_labels.max() > _INT64_MAX:
+                big = host_labels[host_labels > _INT64_MAX][:5]
+                raise ValueError(f"labels must be < 2**63, got {big.tolist()}")
+        elif host_labels.min() < 0:
             raise ValueError("labels must be non-negative, got "
                              f"{host_labels[host_labels < 0][:5].tolist()}")
-        return arrays, host_labels
+        return arrays, host_labels.astype(np.int64)
 
     def ensure_storage(self, arrays) -> None:
         """Allocates the storage from the first batch's layout."""
@@ -290,7 +299,7 @@ class RehearsalBuffer:
         """
         self.wait_for_writes(stream)
         reps.write_into(self.store, out, fresh_count, stream)
-        self.last_origin = reps.origin
+        self._last_reps = reps
         batch_index, slots = self._policy.offer(labels[:fresh_count])
         self.store.scatter(out, batch_index, slots, stream)
         self._wrote(stream)
@@ -337,6 +346,9 @@ class RehearsalBuffer:
         arrays, labels = self.check_batch(fields, stream)
         self.ensure_storage(arrays)
         self.wait_for_writes(stream)
+        # With global sampling the round for the next step may still be
+        # reading the store in the background: let it finish first.
+        self._sampler.settle()
         batch_index, slots = self._policy.offer(labels)
         self.store.scatter(arrays, batch_index, slots, stream)
         self._wrote(stream)

@@ -115,15 +115,17 @@ def _rank_within(keys: np.ndarray) -> np.ndarray:
 def _last_writes(batch_index: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Writes ``(batch_index, slots)`` in batch order, keeping for a slot
     written more than once only the last write."""
-    if len(slots) > 1:
-        order = np.argsort(slots, kind="stable")
-        ordered = slots[order]
-        last = np.empty(len(ordered), dtype=bool)
-        last[-1] = True
-        np.not_equal(ordered[1:], ordered[:-1], out=last[:-1])
-        if not last.all():
-            keep = np.sort(order[last])
-            batch_index, slots = batch_index[keep], slots[keep]
+    n = len(slots)
+    if n <= 1 or (n <= 256 and len(set(slots.tolist())) == n):   # the common case: no repeat
+        return batch_index, slots
+    order = np.argsort(slots, kind="stable")
+    ordered = slots[order]
+    last = np.empty(n, dtype=bool)
+    last[-1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=last[:-1])
+    if not last.all():
+        keep = np.sort(order[last])
+        batch_index, slots = batch_index[keep], slots[keep]
     return batch_index, slots
 
 

@@ -10,7 +10,8 @@ them.
 
 The interface a sampler offers the buffer (:class:`Sampler`) is small:
 ``rank``, ``world_size``, ``is_global``, ``rng``, ``started``, ``start``,
-``finish``, ``abort``, ``close``, ``state_dict`` and ``load_state_dict``. A
+``finish``, ``settle`` (wait until nothing reads the store in the
+background), ``abort``, ``close``, ``state_dict`` and ``load_state_dict``. A
 sampler reads from the buffer only its public state: ``size``,
 ``num_representatives``, ``spec``, ``store`` and ``backend``.
 
@@ -25,7 +26,8 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["Representatives", "Sampler", "LocalSampler", "make_sampler", "world_of"]
+__all__ = ["Representatives", "Sampler", "LocalSampler", "make_sampler", "world_of",
+           "draw_distinct"]
 
 
 class Representatives:
@@ -36,12 +38,23 @@ class Representatives:
     event after which ``rows`` hold the samples (None: they already do).
     """
 
-    def __init__(self, count: int, *, slots=None, rows=None, origin=None, ready=None):
+    def __init__(self, count: int, *, slots=None, rows=None, origin=None, ready=None,
+                 rank: int = 0):
         self.count = int(count)
         self.slots = slots
         self.rows = rows
-        self.origin = origin      # (rank, slot) pairs, for tests and diagnostics
+        self._origin = origin
+        self._rank = rank
         self.ready = ready
+
+    @property
+    def origin(self) -> np.ndarray:
+        """``(rank, slot)`` of each representative, in output order (built on
+        first use: for tests and diagnostics)."""
+        if self._origin is None:
+            slots = np.empty(0, np.int64) if self.slots is None else self.slots
+            self._origin = np.stack([np.full(len(slots), self._rank, np.int64), slots], axis=1)
+        return self._origin
 
     def write_into(self, store, out, offset: int, stream=None) -> None:
         """Writes the representatives into ``out`` from row ``offset``,
@@ -69,6 +82,8 @@ class Sampler(Protocol):
     def start(self, *, active: bool = True, event=None) -> None: ...
 
     def finish(self) -> Representatives | None: ...
+
+    def settle(self) -> None: ...
 
     def abort(self) -> None: ...
 
@@ -106,10 +121,10 @@ class LocalSampler:
             return None
         size = self._buffer.size
         k = min(self._buffer.num_representatives, size)
-        slots = np.sort(self.rng.choice(size, size=k, replace=False)).astype(np.int64)
-        return Representatives(k, slots=slots,
-                               origin=np.stack([np.full(k, self.rank, np.int64), slots],
-                                               axis=1))
+        return Representatives(k, slots=draw_distinct(self.rng, size, k), rank=self.rank)
+
+    def settle(self) -> None:
+        """Nothing runs in the background here: the store may be written."""
 
     def abort(self) -> None:
         """Called when a step fails; nothing to tell other processes here."""
@@ -123,6 +138,28 @@ class LocalSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+
+
+def draw_distinct(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """``k`` distinct integers drawn uniformly from ``[0, n)``, sorted (int64).
+
+    Every ``k``-subset is equally likely. The common case (``k`` much smaller
+    than ``n``) draws ``k`` independent uniform values and keeps them when they
+    are distinct, which costs a fraction of ``Generator.choice(replace=False)``;
+    otherwise (a repeat, or ``k`` close to ``n``) it falls back to ``choice``.
+    Accepting an independent draw only when distinct gives every subset the
+    same probability, and so does the fallback, so the mixture is uniform.
+    """
+    if k <= 0:
+        return np.empty(0, np.int64)
+    if 4 * k <= n:
+        picks = (rng.random(k) * n).astype(np.int64)
+        picks.sort()
+        if k == 1 or not (picks[1:] == picks[:-1]).any():
+            return picks
+    picks = rng.choice(n, size=k, replace=False).astype(np.int64)
+    picks.sort()
+    return picks
 
 
 def world_of(comm) -> tuple[int, int]:

@@ -52,6 +52,16 @@ def _host(index) -> np.ndarray:
     return np.ascontiguousarray(index, dtype=np.int64)
 
 
+_ROW_LOOP_MAX = 1024          # host scatter: rows moved one by one up to this many,
+_ROW_LOOP_MIN_BYTES = 4096    # and only rows at least this large
+
+
+def _check_slots(slots: np.ndarray, capacity: int) -> None:
+    if slots.min() < 0 or slots.max() >= capacity:
+        raise IndexError(f"internal: slots outside [0, {capacity}): "
+                         f"[{slots.min()}, {slots.max()}]")
+
+
 class SampleStore:
     """``capacity`` rows per field, allocated once from the first layout."""
 
@@ -89,24 +99,53 @@ class SampleStore:
         """An int64 index array on this store's device (uploaded on ``stream``)."""
         return self.backend.asarray(np.ascontiguousarray(values, dtype=np.int64), stream)
 
+    # On the host the store moves rows with NumPy directly: the arrays are its
+    # own (fixed layout, C-contiguous) and every slot index comes from the
+    # policy or the sampler, so the checks of the kernel wrappers would only
+    # repeat what is already known; slot ranges are still checked, once per
+    # call, because a wrong slot would silently move the wrong sample.
     def gather(self, slots, out, offset: int = 0, stream=None) -> None:
         """``out[f][offset + k] = field f of slot slots[k]``, every field (one
-        launch). ``slots``: host int64 indices."""
-        if len(slots) == 0:
+        launch on the GPU). ``slots``: host int64 indices."""
+        n = len(slots)
+        if n == 0:
             return
-        gather_fields(self.fields, _host(slots), out, dst_offset=offset, stream=stream)
+        slots = _host(slots)
+        if self.backend.is_gpu:
+            gather_fields(self.fields, slots, out, dst_offset=offset, stream=stream)
+            return
+        _check_slots(slots, self.capacity)
+        for src, dst in zip(self.fields, out):
+            # In-range indices: "clip" is exact and, unlike "raise", unbuffered.
+            np.take(src, slots, axis=0, mode="clip", out=dst[offset:offset + n])
 
     def scatter(self, rows, batch_index, slots, stream=None) -> None:
         """Writes ``rows[f][batch_index[k]]`` into slot ``slots[k]``, every
-        field (one launch). Host int64 indices."""
+        field (one launch on the GPU). Host int64 indices; slots distinct."""
         if len(slots) == 0:
             return
-        scatter_fields(rows, _host(batch_index), self.fields, _host(slots), stream=stream)
+        batch_index, slots = _host(batch_index), _host(slots)
+        if self.backend.is_gpu:
+            scatter_fields(rows, batch_index, self.fields, slots, stream=stream)
+            return
+        _check_slots(slots, self.capacity)
+        for src, dst in zip(rows, self.fields):
+            if len(slots) <= _ROW_LOOP_MAX and src[:1].nbytes >= _ROW_LOOP_MIN_BYTES:
+                # Large rows: one copy per byte (fancy indexing would first
+                # build src[batch_index]).
+                for i, j in zip(batch_index.tolist(), slots.tolist()):
+                    dst[j] = src[i]
+            else:
+                dst[slots] = src[batch_index]
 
-    @staticmethod
-    def copy(rows, out, offset: int = 0, stream=None) -> None:
-        """``out[f][offset:offset + len] = rows[f]``, every field (one launch)."""
-        copy_fields(rows, out, dst_offset=offset, stream=stream)
+    def copy(self, rows, out, offset: int = 0, stream=None) -> None:
+        """``out[f][offset:offset + len] = rows[f]``, every field (one launch
+        on the GPU)."""
+        if self.backend.is_gpu:
+            copy_fields(rows, out, dst_offset=offset, stream=stream)
+            return
+        for src, dst in zip(rows, out):
+            dst[offset:offset + len(src)] = src
 
     # ---------------------------------------------------------- host access
     def read(self, size: int, stream=None) -> list[np.ndarray]:

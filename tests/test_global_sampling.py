@@ -106,6 +106,18 @@ def test_both_transports_give_the_same_batches(n, tmp_path):
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_add_waits_for_the_open_round(transport, tmp_path):
+    """``buffer.add()`` while the round for the next step is still reading the
+    store in the background: the insert waits for it, nothing is torn."""
+    results, _ = run(transport, 2, "add_during_round", tmp_path,
+                     launcher=None if transport == "mpi" else "spawn")
+    no_mispaired_rows(results)
+    for r in results.values():
+        assert r["early_inserts"] == 0
+        assert r["checked"] > 30
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_seeds_that_differ_per_rank_take_the_shared_draws_from_rank_0(transport, tmp_path):
     """``seed=rank``-style seeds (here 7 * rank + 1) are safe: every rank draws
     with rank 0's seed, so representatives keep their labels, and runs repeat."""

@@ -77,7 +77,7 @@ import weakref
 
 import numpy as np
 
-from ..sampling import Representatives
+from ..sampling import Representatives, draw_distinct
 from .errors import MismatchError, RemoteError
 from .transport import DEFAULT_TIMEOUT, Transport, make_transport
 
@@ -386,6 +386,15 @@ class GlobalSampler:
         self._steps += 1
         return rnd.result
 
+    def settle(self) -> None:
+        """Waits until the open round (if any) has read what it serves from
+        the store, without consuming it: the store may then be written
+        (``buffer.add``) while the round's rows wait for the next step."""
+        with self._lock:
+            rnd = self._pending
+        if rnd is not None:
+            self._wait(rnd)
+
     def abort(self) -> None:
         """This process's step failed (called while the exception is being
         handled): tell every other process in the next round."""
@@ -643,8 +652,7 @@ class GlobalSampler:
 def _draw(seed: int, round_no: int, rank: int, total: int, k: int) -> np.ndarray:
     """Rank ``rank``'s draws in round ``round_no``: ``k`` distinct global
     indices, uniform over ``[0, total)``, in increasing order (grouped by owner)."""
-    rng = np.random.default_rng([seed, round_no, rank])
-    return np.sort(rng.choice(total, size=k, replace=False))
+    return draw_distinct(np.random.default_rng([seed, round_no, rank]), total, k)
 
 
 def _bytes(a):

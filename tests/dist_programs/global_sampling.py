@@ -429,6 +429,35 @@ def stage_failure():
     return {"error": None, "steps": steps}
 
 
+def add_during_round():
+    """``add()`` between steps, while the round for the next step is open and
+    cannot finish yet (rank 1 is slow to take part): the insert must wait
+    until the round has read the store, and every row stays paired."""
+    buf = dr.RehearsalBuffer(capacity=30, num_representatives=5, device=DEVICE, seed=4,
+                             comm=COMM, policy="reservoir", timeout=TIMEOUT)
+    stats = new_stats()
+    store = buf.store
+    scatter = store.scatter
+    early = []                 # inserts that started while the open round still ran
+
+    def watched(*args, **kwargs):
+        pending = getattr(buf.sampler, "_pending", None)
+        if pending is not None and not pending.done.is_set():
+            early.append(1)
+        return scatter(*args, **kwargs)
+
+    store.scatter = watched
+    for step in range(12):
+        batch = ident_batch(step, 3)
+        check(buf.mix(*batch), step, batch, stats)
+        if RANK == 1:
+            time.sleep(0.2)    # rank 0's add() comes while the round waits for rank 1
+        extra = [a[3:] for a in ident_batch(step, 7)]    # ids after this step's fresh ones
+        buf.add(*extra)
+    buf.close()
+    return dict(stats, early_inserts=len(early))
+
+
 def collectives():
     """The transport's blocking collectives (checkpoints use them)."""
     from dali_rehearsal.exchange import make_transport
@@ -440,8 +469,8 @@ def collectives():
                 "gathered": [g.hex() for g in got]}
 
 
-SCENARIOS = {f.__name__: f for f in (collectives, pairing, uniform, reproducible, seed_per_rank, uneven,
-                                     stage_failure)}
+SCENARIOS = {f.__name__: f for f in (collectives, pairing, uniform, reproducible, seed_per_rank,
+                                     uneven, stage_failure, add_during_round)}
 FAILURES = ("raise_in_mix", "raise_outside", "close_early", "one_fewer", "uncaught", "sys_exit",
             "exit", "interrupt", "sigkill", "hang", "float_labels", "big_labels",
             "object_dtype", "capacity", "seed")
