@@ -141,10 +141,12 @@ class Mixer:
     def stop(self, *, drain: bool = True) -> None:
         """Stops preparing batches (the buffer moves on to a newer stage).
 
-        With ``drain`` the worker first fills its queue, so the buffer always
+        With ``drain`` the worker first fills its channel, so the buffer always
         ends ``prepare_ahead + 1`` steps beyond what DALI asked for, whatever
-        the timing: runs stay reproducible across tasks. On return no device
-        work of the stage is running: the buffer can be read or saved.
+        the timing: runs stay reproducible across tasks (a worker waiting for
+        the loop to see an error stops where it is: nothing past the failed
+        batch, also independent of timing). On return no device work of the
+        stage is running: the buffer can be read or saved.
         """
         if self._worker is not None:
             self._worker.stop(drain=drain)
