@@ -77,7 +77,9 @@ class SourceStream:
         self._claim = _claim(source, stage)
         source.build()
         self.with_stream = stream is not None and runs_with_stream(source)
-        self._scheduled = True          # run as schedule_run() + outputs()
+        # run as schedule_run() + outputs() (a pipeline-like object with run()
+        # only, e.g. a test double, keeps to run())
+        self._scheduled = hasattr(source, "schedule_run") and hasattr(source, "outputs")
         self._ran = False
         self.batch = None
         self.labels = None
