@@ -19,10 +19,14 @@ import pytest
 
 from dist_programs.launching import launch, output, read_results
 
+pytestmark = pytest.mark.gpu_emulated
+
 PROGRAM = Path(__file__).parent / "emulation" / "exchange_program.py"
 TIMEOUT = 240
 
-MPI_PATHS = pytest.mark.parametrize("cuda_aware", ["0", "1"], ids=["staged", "cuda-aware"])
+def MPI_PATHS(test):
+    return pytest.mark.mpi(pytest.mark.parametrize(
+        "cuda_aware", ["0", "1"], ids=["staged", "cuda-aware"])(test))
 
 
 def run(tmp_path, *, transport="mpi", cuda_aware="0", teeth="none", read="end"):
@@ -68,6 +72,7 @@ def test_torch_gloo_exchange_between_emulated_gpus_matches_the_cpu(tmp_path, rea
         assert r["mismatched_steps"] == [], r
 
 
+@pytest.mark.mpi
 def test_staged_rows_read_at_once_match_the_cpu(tmp_path):
     """Each step's output read right after the step (the counterpart of the
     ``ready`` teeth below)."""
@@ -86,6 +91,7 @@ def test_teeth_exchange_without_the_write_event_serves_stale_rows(tmp_path, cuda
     assert any(r["mismatched_steps"] for r in results), results
 
 
+@pytest.mark.mpi
 def test_teeth_staged_rows_copied_without_waiting_for_their_upload(tmp_path):
     """The staged path's ``ready`` event not waited for: the step copies the
     received rows before the exchange stream has uploaded them, and gets the
@@ -115,3 +121,36 @@ def test_torch_save_after_another_buffer_over_the_same_group_was_closed(tmp_path
     assert set(results) == {0, 1}, output(done)
     errors = [r["error"] for r in results.values()]
     assert errors == [None, None], errors
+
+
+# ------------------------------------------------------------------ the gpu tests' programs
+
+RUNNER = Path(__file__).parent / "emulation" / "run_emulated.py"
+SCENARIOS = Path(__file__).parent / "dist_programs" / "global_sampling.py"
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(("mpiexec", "0"), marks=pytest.mark.mpi, id="mpi-staged"),
+    pytest.param(("mpiexec", "1"), marks=pytest.mark.mpi, id="mpi-cuda-aware"),
+    pytest.param(("spawn", None), marks=pytest.mark.torchrun, id="torch-gloo-staged")])
+def test_the_gpu_tests_exchange_program_runs_on_the_emulation(tmp_path, path):
+    """The scenario that ``tests/test_mpi.py`` and ``tests/test_torch_dist.py``
+    run with CuPy buffers on a GPU machine (and the GPU validation with them),
+    run here on the emulation with the same checks: every representative an
+    earlier sample with its own label and extras."""
+    launcher, cuda_aware = path
+    env = {"DR_TEST_DEVICE": "gpu"}
+    if launcher == "mpiexec":
+        env.update(DR_TEST_TRANSPORT="mpi", DALI_REHEARSAL_CUDA_AWARE=cuda_aware)
+    else:
+        env.update(DR_TEST_TRANSPORT="torch", DR_TEST_TORCH_BACKEND="gloo",
+                   DR_EMU_TORCH_CUDA="1")
+    done = launch(launcher, 2, [RUNNER, SCENARIOS, "pairing", tmp_path], timeout=TIMEOUT,
+                  extra_env=env)
+    results = read_results(tmp_path, "pairing", 2)
+    assert set(results) == {0, 1}, output(done)
+    staged = cuda_aware != "1"
+    for r in results.values():
+        assert r["checked"] > 200 and r["remote"] > 0 and r["mispaired"] == 0, r
+        assert r["staged"] is staged and r["device_buffers"] is (not staged)
+        assert r["transport_name"] == ("mpi" if launcher == "mpiexec" else "torch-gloo")
