@@ -16,7 +16,8 @@ Three DALI behaviours meet the GPU stage; each is modelled on DALI 2.4's code:
   dynamic executor (``exec_dynamic=False``).
 
 - :class:`TensorListGPU` stands in for ``nvidia.dali.tensors.TensorListGPU``
-  (installed there by :func:`emulation.install` when DALI is loaded): built
+  (put there by :func:`emulation.install`, or when this module is imported
+  after it): built
   from an object with a CUDA array interface it shares the memory and takes
   its *order* from the interface's ``stream``, read in the constructing
   thread (``FillTensorFromCudaArray``; ``1``, or no stream, is the legacy
@@ -362,6 +363,15 @@ def recording_external_source():
         yield calls
     finally:
         dali_fn.external_source = original
+
+
+def _patch_when_installed() -> None:
+    """DALI loaded after :func:`emulation.install`: its TensorListGPU is ours now."""
+    from . import _patch_dali
+    _patch_dali()
+
+
+_patch_when_installed()
 
 
 def pending_device_work() -> int:

@@ -183,6 +183,117 @@ def check(step, got, expected, stream, mismatched_steps):
         mismatched_steps.append(step)
 
 
+class Batches:
+    """A source of ``n`` batches per epoch (then StopIteration) whose rows
+    name themselves, as in :func:`ident_batch`."""
+
+    def __init__(self, b, n):
+        self.b, self.n, self.i, self.epoch = b, n, 0, 0
+
+    def __call__(self):
+        if self.i == self.n:
+            self.i, self.epoch = 0, self.epoch + 1
+            raise StopIteration
+        self.i += 1
+        images, labels, _ = ident_batch(100 * self.epoch + self.i, self.b)
+        return images, labels
+
+
+def stage_program(out_dir, prepare_ahead, teeth, source_kind):
+    """The DALI stage with global sampling: on each process a GPU stage (an
+    emulated GPU source, the stage built by ``dr.fn.rehearsal``, its callback
+    driven as DALI drives it: batches copied on the stage's stream and read
+    a prefetch queue later) and a CPU stage over the same source, called in
+    turn the same number of times. ``source_kind``:
+
+    - ``reader``: the PNGs of ``OUT_DIR/images`` (``labels.json``), a shard of
+      10 files on rank 0 and 17 on rank 1 (``fn.readers.file``), batches of 3;
+    - ``readerless-equal`` / ``readerless-unequal``: an ``external_source``
+      of 5 batches per epoch on every process, or 5 + rank.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    from emulation.dali import ExternalSource, GpuSourcePipeline, recording_external_source
+    install_spies(teeth)
+    r, calls = 4, 24
+    if source_kind == "reader":
+        names = json.loads(open(os.path.join(out_dir, "images", "labels.json")).read())
+        shard = names[:10] if rank == 0 else names[10:27]
+        files = [os.path.join(out_dir, "images", name) for name, _ in shard]
+        labels = [label for _, label in shard]
+        b = 3
+    else:
+        b = 2
+        per_epoch = 5 + (rank if source_kind == "readerless-unequal" else 0)
+
+    def source_pipeline():
+        @pipeline_def(batch_size=b, num_threads=1, device_id=None, prefetch_queue_depth=2)
+        def source():
+            if source_kind == "reader":
+                pngs, lab = fn.readers.file(files=files, labels=labels, name="Reader")
+                return fn.decoders.image(pngs, device="cpu", output_type=types.GRAY), lab
+            return tuple(fn.external_source(source=Batches(b, per_epoch), num_outputs=2,
+                                            batch=True, dtype=[types.INT64, types.INT32]))
+        return source()
+
+    def stage(device):
+        src = source_pipeline()
+        if device == "gpu":
+            src = GpuSourcePipeline(src)
+        buffer = dr.RehearsalBuffer(capacity=12, num_representatives=r, seed=3, comm=comm,
+                                    policy="reservoir", device=device, timeout=60)
+
+        @pipeline_def(batch_size=b + r, num_threads=1, prefetch_queue_depth=2,
+                      device_id=0 if device == "gpu" else None)
+        def mixing():
+            return tuple(dr.fn.rehearsal(src, buffer=buffer, replay_flag=True,
+                                         prepare_ahead=prepare_ahead))
+        with recording_external_source() as calls_made:
+            pipe = mixing()
+        return pipe, buffer, ExternalSource(calls_made[0], read_after=2)
+
+    stages = {"gpu": stage("gpu"), "cpu": stage("cpu")}
+    info = {"transport_name": stages["gpu"][1].sampler.transport.name,
+            "staged": stages["gpu"][1].sampler.staged}
+    events = {"gpu": [], "cpu": []}         # batches, and "end" for an epoch end
+    for _ in range(calls):
+        for device, (_, _, dali) in stages.items():
+            try:
+                events[device] += dali.step()
+            except StopIteration:
+                events[device] += dali.drain() + ["end"]
+    for device, (_, _, dali) in stages.items():
+        events[device] += dali.drain()
+    errors = []
+    for _, buffer, _ in stages.values():
+        try:
+            buffer.close()
+        except Exception as e:          # reported to the test
+            errors.append(f"{type(e).__name__}: {e}")
+    got, expected = events["gpu"], events["cpu"]
+    mismatched_steps, epoch_steps, k = [], [], 0
+    if len(got) != len(expected):
+        mismatched_steps.append(f"{len(got)} events != {len(expected)}")
+    for step, (g, x) in enumerate(zip(got, expected)):
+        if isinstance(g, str) or isinstance(x, str):
+            if g != x:
+                mismatched_steps.append(step)
+        elif any(a.shape != e.shape or not np.array_equal(a, e) for a, e in zip(g, x)):
+            mismatched_steps.append(step)
+    for x in expected:
+        if isinstance(x, str):
+            epoch_steps.append(k)
+            k = 0
+        else:
+            k += 1
+    replayed = sum(int(x[-1].sum() > 0) for x in expected if not isinstance(x, str))
+    result = dict(info, rank=rank, mismatched_steps=mismatched_steps, events=len(expected),
+                  epoch_steps=epoch_steps, steps_with_representatives=replayed,
+                  close_errors=errors, **COUNTS)
+    with open(os.path.join(out_dir, f"exchange-{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
 def save_after_closing_another_buffer(out_dir):
     """Two buffers over the same communicator; the first is closed, then the
     second is saved (the result file says whether the save worked)."""
@@ -202,8 +313,12 @@ def save_after_closing_another_buffer(out_dir):
 
 
 if __name__ == "__main__":
-    if os.environ.get("DR_EMU_SCENARIO") == "save_after_closing_another_buffer":
+    scenario = os.environ.get("DR_EMU_SCENARIO")
+    if scenario == "save_after_closing_another_buffer":
         save_after_closing_another_buffer(sys.argv[1])
+        sys.exit(0)
+    if scenario == "stage":
+        stage_program(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
         sys.exit(0)
     main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "none",
          sys.argv[3] if len(sys.argv) > 3 else "end")
