@@ -148,6 +148,28 @@ def assert_same_batches(got, expected):
     assert replayed > 0
 
 
+# ------------------------------------------------------------------ the emulated DALI side
+
+def test_dali_tensor_list_is_emulated_only_while_the_emulation_is_installed():
+    """The stage wraps its outputs in DALI's TensorListGPU, which needs a CUDA
+    driver: the emulation puts its own in place, and puts DALI's back."""
+    import nvidia.dali.tensors as tensors
+
+    from emulation import emulated
+    real = tensors.TensorListGPU
+    for _ in range(2):
+        with emulated() as cp:
+            from emulation.dali import TensorListGPU
+            assert tensors.TensorListGPU is TensorListGPU
+            s = cp.cuda.Stream(non_blocking=True)
+            with s:
+                a = cp.zeros((3, 2), np.uint8)
+                wrapped = TensorListGPU(a, "HW", 0)
+            assert wrapped.order == s and wrapped.layout() == "HW"   # the reading thread's
+            assert TensorListGPU(a, "", 0).order.ptr == 0            # legacy, outside `with`
+        assert tensors.TensorListGPU is real
+
+
 # ------------------------------------------------------------------ the stage as built
 
 def test_the_stage_hands_gpu_batches_over_by_copy_on_its_stream(mnist, emulated_gpu):

@@ -50,9 +50,11 @@ def _patch_dali() -> None:
     DALI is loaded, the library's wrapping (the stage hands its outputs over
     with layouts) uses :class:`.dali.TensorListGPU` instead."""
     tensors = sys.modules.get("nvidia.dali.tensors")
-    if tensors is None or _saved is None or "TensorListGPU" in _saved_dali:
+    if tensors is None or _saved is None:
         return          # DALI not loaded yet (emulation.dali patches it on import)
-    from .dali import TensorListGPU
+    from .dali import TensorListGPU     # (its first import calls this function too)
+    if "TensorListGPU" in _saved_dali:
+        return
     _saved_dali["TensorListGPU"] = tensors.TensorListGPU
     tensors.TensorListGPU = TensorListGPU
 
