@@ -296,14 +296,19 @@ def stage_program(out_dir, prepare_ahead, teeth, source_kind):
 
 def save_after_closing_another_buffer(out_dir):
     """Two buffers over the same communicator; the first is closed, then the
-    second is saved (the result file says whether the save worked)."""
+    second is saved three times and a third buffer loads it (the result file
+    says whether it all worked)."""
     kwargs = dict(capacity=8, num_representatives=2, seed=0, comm=comm, device="cpu")
     first, second = dr.RehearsalBuffer(**kwargs), dr.RehearsalBuffer(**kwargs)
     for buffer in (first, second):
         buffer.mix(*ident_batch(0, 4))
     first.close()
     try:
-        second.save(os.path.join(out_dir, "second"))
+        for _ in range(3):               # each save makes (and closes) a transport of its own
+            second.save(os.path.join(out_dir, "second"))
+        third = dr.RehearsalBuffer(**kwargs)      # and a new buffer after those
+        third.load(os.path.join(out_dir, "second"))
+        third.close()
         error = None
     except Exception as e:          # reported to the test
         error = f"{type(e).__name__}: {e}"
