@@ -13,7 +13,8 @@ order), so a missing ordering gives stale or never-written rows (the byte
   whatever the number of fields, no allocation per step;
 * the buffer on ``device="gpu"`` with ``mix(stream=...)``, ``add``,
   ``sample``, ``stored``, ``state_dict``/``load_state_dict``, row for row
-  against the NumPy backend with the same seed;
+  against the NumPy backend with the same seed; checkpoint directories
+  moving between the CPU and the GPU (and redistributed);
 * teeth: with an ordering removed (the buffer's write event, its host
   waits, the staging ring's slot wait) the same checks fail.
 """
@@ -294,6 +295,40 @@ def check_host_accessors(cp):
 
 def test_host_accessors_and_checkpoints_are_ordered(emulated_gpu):
     check_host_accessors(emulated_gpu)
+
+
+def test_checkpoints_move_between_the_cpu_and_the_gpu(emulated_gpu, tmp_path):
+    """A CPU buffer's checkpoint directory loads into a GPU buffer, which goes
+    on as the CPU buffer does (mixing on a non-blocking stream); saved right
+    after those steps, it loads back into a CPU buffer, and, redistributed
+    (``resize=True``), into a smaller GPU buffer: whole samples with their labels."""
+    cp = emulated_gpu
+    kwargs = dict(capacity=20, num_representatives=5, seed=2)
+    samples = Samples(3)
+    cpu = RehearsalBuffer(device="cpu", **kwargs)
+    for _ in range(6):
+        cpu.mix(*samples.batch(6))
+    cpu.save(tmp_path / "cpu")
+    gpu = RehearsalBuffer(device="gpu", **kwargs)
+    gpu.load(tmp_path / "cpu")
+    stream = cp.cuda.Stream(non_blocking=True)
+    for _ in range(4):
+        batch = samples.batch(6)
+        expected, got = cpu.mix(*batch), gpu.mix(*batch, stream=stream)
+        for x, y in zip(got, expected):
+            np.testing.assert_array_equal(gpu.backend.to_host(x, stream), y)
+    gpu.save(tmp_path / "gpu")                  # the last step's writes are still queued
+    back = RehearsalBuffer(device="cpu", **kwargs)
+    back.load(tmp_path / "gpu")
+    for x, y in zip(back.stored(), cpu.stored()):
+        np.testing.assert_array_equal(x, y)
+    small = RehearsalBuffer(device="gpu", capacity=8, num_representatives=5, seed=2)
+    small.load(tmp_path / "gpu", resize=True)
+    images, labels, logits = (to_host(f) for f in small.stored())
+    rows = {bytes(i): (int(lab), bytes(g)) for i, lab, g in zip(*cpu.stored())}
+    assert len(images) == 8
+    for i, lab, g in zip(images, labels, logits):
+        assert rows[bytes(i)] == (int(lab), bytes(g))
 
 
 # ------------------------------------------------------------------ teeth

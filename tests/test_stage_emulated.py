@@ -1,27 +1,37 @@
-"""The GPU stage's steps and hand-over on the CPU emulation of CUDA streams.
+"""The GPU stage on the CPU emulation of CUDA streams, driven as DALI drives it.
 
-The stage's callback (``Mixer``, what ``external_source`` calls) is driven
-directly, with and without its worker thread, over a real DALI pipeline
-reading and decoding the MNIST PNGs whose outputs arrive as emulated device
-memory (``emulation.dali.GpuSourcePipeline``: overwritten by each run, like
-DALI's). Its batches are read the way DALI reads a ``no_copy`` GPU batch
-(``emulation.dali.ExternalSourceReader``: on the stream the array interface
-names in the feeding thread, without waiting for any other stream), at once
-or a prefetch queue later, and compared byte for byte with the CPU path
-(same seeds: same batches).
+The stage is built by ``dr.fn.rehearsal`` itself, inside the definition of a
+GPU mixing pipeline (the graph only: nothing of DALI's GPU backend is built),
+over a real DALI pipeline reading and decoding the MNIST PNGs whose outputs
+arrive as emulated device memory overwritten by each run, as DALI's are
+(``emulation.dali.GpuSourcePipeline``). The callback and the keyword
+arguments ``dr.fn.rehearsal`` gives ``fn.external_source`` are recorded, and
+the callback is driven as DALI drives it (``emulation.dali.ExternalSource``):
+called in the thread that runs the pipeline, each batch fed right after it
+returns and read when its iteration runs, at once or a prefetch queue later.
+With the arguments the stage gives (``no_copy=False``, ``cuda_stream`` = the
+stage's stream) DALI copies the batch into its own memory on that stream when
+it is fed (``InputOperator::CopyUserData``); a ``no_copy=True`` consumer reads
+the stage's arrays on its own stream without waiting for any other stream
+(``ShareUserData``, then ``set_order(stream, false)``).
 
-Tests that fail because of defect 1 of issue 8 (the output is handed to DALI
-before the stage stream has written it) are marked ``xfail(strict=True)``
-until the stage's fix is merged.
+Every batch is compared byte for byte with the CPU path: a CPU buffer and a
+CPU mixing pipeline over the same source pipeline and seeds give the same
+batches. Teeth: with the stage's orderings removed by a test-only patch (the
+hand-over's synchronisation, the synchronisation before the source pipeline
+runs again, those after a stage stops) the same checks fail.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import pytest
 
 import dali_rehearsal as dr
-from dali_rehearsal.stage import Mixer
+from dali_rehearsal.buffer import RehearsalBuffer
+from dali_rehearsal.stage import Handover, Mixer, SourceStream
 
 pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
@@ -29,10 +39,7 @@ from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 pytestmark = pytest.mark.gpu_emulated
 
 B, R, CAPACITY, EPOCHS = 8, 3, 24, 2
-
-DEFECT_1 = ("issue 8 defect 1: Mixer hands its ring arrays over while the stage stream's "
-            "copies, gathers and flag writes are still queued; DALI reads them on the "
-            "legacy default stream, which does not wait for it")
+PREFETCH = 2        # the mixing pipeline's prefetch_queue_depth
 
 
 def source_pipeline(train_root, *, seed=1, exec_dynamic=None):
@@ -50,60 +57,79 @@ def source_pipeline(train_root, *, seed=1, exec_dynamic=None):
     return decode()
 
 
-def _drive(mixer, epochs, feed=None):
-    """Calls the stage like DALI's external_source does, ``epochs`` epochs.
-    Returns a list of epochs, each a list of batches (lists of host arrays)."""
-    result, batches = [], []
-    while len(result) < epochs:
-        try:
-            out = mixer()
-        except StopIteration:
-            if feed is not None:
-                batches += feed(None)
-            result.append(batches)
-            batches = []
-            continue
-        if feed is None:
-            batches.append([np.array(a) for a in out])    # CPU ring arrays: copy now
+class Stage:
+    """A mixing pipeline built by ``dr.fn.rehearsal`` and DALI's side of it."""
+
+    def __init__(self, train_root, *, device, prepare_ahead, capacity=CAPACITY,
+                 exec_dynamic=None, device_id=0):
+        from emulation.dali import GpuSourcePipeline, recording_external_source
+        gpu = device == "gpu"
+        self.device_id = device_id
+        if gpu:
+            import cupy
+            with cupy.cuda.Device(device_id):     # the buffer lives on the current device
+                self.buffer = RehearsalBuffer(capacity=capacity, num_representatives=R,
+                                              device="gpu", seed=0)
         else:
-            batches += feed(out)
-    return result
+            self.buffer = RehearsalBuffer(capacity=capacity, num_representatives=R,
+                                          device="cpu", seed=0)
+        source = source_pipeline(train_root, exec_dynamic=exec_dynamic)
+        if gpu:
+            source = GpuSourcePipeline(source, device_id=device_id,
+                                       exec_dynamic=exec_dynamic is not False)
+
+        @pipeline_def(batch_size=B + R, num_threads=1, device_id=device_id if gpu else None,
+                      prefetch_queue_depth=PREFETCH)
+        def mixing():
+            return tuple(dr.fn.rehearsal(source, buffer=self.buffer, replay_flag=True,
+                                         prepare_ahead=prepare_ahead))
+
+        with recording_external_source() as calls:
+            # the stage lives as long as this pipeline
+            self.pipe = mixing()
+        (self.kwargs,) = calls
+        self.mixer = dr.stage.stage_of(self.pipe)
+
+    def dali(self, *, read_after=0, **overrides):
+        """DALI's side: runs the recorded callback (``overrides`` change the
+        arguments external_source was given)."""
+        from emulation.dali import ExternalSource
+        return ExternalSource(self.kwargs, read_after=read_after, device_id=self.device_id,
+                              **overrides)
+
+    def run(self, epochs=EPOCHS, *, read_after=0, **overrides):
+        """The batches of ``epochs`` epochs, as lists of host arrays per step."""
+        dali = self.dali(read_after=read_after, **overrides)
+        result, batches = [], []
+        while len(result) < epochs:
+            try:
+                batches += dali.step()
+            except StopIteration:
+                batches += dali.drain()
+                result.append(batches)
+                batches = []
+        return result
+
+    def close(self):
+        self.buffer.close()
 
 
-def cpu_reference(train_root):
-    buffer = dr.RehearsalBuffer(capacity=CAPACITY, num_representatives=R, device="cpu",
-                                seed=0)
-    mixer = Mixer(source_pipeline(train_root), buffer, out_batch_size=B + R,
-                  replay_flag=True, prepare_ahead=0)
+def gpu_run(train_root, *, prepare_ahead, read_after, **overrides):
+    stage = Stage(train_root, device="gpu", prepare_ahead=prepare_ahead,
+                  exec_dynamic=overrides.pop("exec_dynamic", None))
     try:
-        return _drive(mixer, EPOCHS)
+        return stage.run(read_after=read_after, **overrides), stage
     finally:
-        buffer.close()
+        stage.close()
 
 
 @pytest.fixture(scope="module")
 def reference(mnist):
-    return cpu_reference(mnist[0])
-
-
-def gpu_run(train_root, *, prepare_ahead, read_after, exec_dynamic=None, no_copy=True):
-    from emulation.dali import ExternalSourceReader, GpuSourcePipeline
-    buffer = dr.RehearsalBuffer(capacity=CAPACITY, num_representatives=R, device="gpu",
-                                seed=0)
-    source = GpuSourcePipeline(source_pipeline(train_root, exec_dynamic=exec_dynamic),
-                               exec_dynamic=exec_dynamic is not False)
-    # ring depth as dr.fn.rehearsal sets it for a prefetch queue of 2
-    mixer = Mixer(source, buffer, out_batch_size=B + R, replay_flag=True,
-                  prepare_ahead=prepare_ahead, ring_depth=4)
-    reader = ExternalSourceReader(read_after=read_after,
-                                  cuda_stream=None if no_copy else mixer.stream)
-
-    def feed(out):
-        return reader.drain() if out is None else reader.feed(out)
+    stage = Stage(mnist[0], device="cpu", prepare_ahead=0)
     try:
-        return _drive(mixer, EPOCHS, feed), buffer
+        return stage.run()
     finally:
-        buffer.close()
+        stage.close()
 
 
 def assert_same_batches(got, expected):
@@ -122,86 +148,271 @@ def assert_same_batches(got, expected):
     assert replayed > 0
 
 
+# ------------------------------------------------------------------ the emulated DALI side
+
+def test_dali_tensor_list_is_emulated_only_while_the_emulation_is_installed():
+    """The stage wraps its outputs in DALI's TensorListGPU, which needs a CUDA
+    driver: the emulation puts its own in place, and puts DALI's back."""
+    import nvidia.dali.tensors as tensors
+
+    from emulation import emulated
+    real = tensors.TensorListGPU
+    for _ in range(2):
+        with emulated() as cp:
+            from emulation.dali import TensorListGPU
+            assert tensors.TensorListGPU is TensorListGPU
+            s = cp.cuda.Stream(non_blocking=True)
+            with s:
+                a = cp.zeros((3, 2), np.uint8)
+                wrapped = TensorListGPU(a, "HW", 0)
+            assert wrapped.order == s and wrapped.layout() == "HW"   # the reading thread's
+            assert TensorListGPU(a, "", 0).order.ptr == 0            # legacy, outside `with`
+        assert tensors.TensorListGPU is real
+
+
+# ------------------------------------------------------------------ the stage as built
+
+def test_the_stage_hands_gpu_batches_over_by_copy_on_its_stream(mnist, emulated_gpu):
+    """What the tests below model: on the GPU, ``dr.fn.rehearsal`` gives
+    ``external_source`` the stage's stream and asks DALI to copy each batch;
+    its ring holds ``prefetch_queue_depth + prepare_ahead + 2`` batches."""
+    stage = Stage(mnist[0], device="gpu", prepare_ahead=2)
+    try:
+        kwargs = stage.kwargs
+        assert kwargs["device"] == "gpu" and kwargs["batch"] is True
+        assert kwargs["no_copy"] is False
+        assert kwargs["cuda_stream"] is stage.mixer.stream is not None
+        assert stage.mixer.stream.non_blocking
+        assert stage.mixer.handover.depth == PREFETCH + 2 + 2
+    finally:
+        stage.close()
+
+
 @pytest.mark.parametrize("prepare_ahead", [0, 2])
-@pytest.mark.parametrize("read_after", [0, 2])
-def test_stage_steps_match_the_cpu_path(mnist, reference, emulated_gpu, prepare_ahead,
-                                        read_after):
-    """The steps themselves (source hand-over, copies, gathers, scatters,
-    flags, epoch ends, the worker) when DALI copies the batch on the stage's
-    ``cuda_stream`` (external_source's copy path), at once or a queue later."""
-    got, _ = gpu_run(mnist[0], prepare_ahead=prepare_ahead, read_after=read_after,
-                     no_copy=False)
-    assert_same_batches(got, reference)
-
-
-@pytest.mark.parametrize("prepare_ahead", [
-    pytest.param(0, marks=pytest.mark.xfail(strict=True, reason=DEFECT_1, raises=AssertionError)),
-    # With the worker, whether a later step's synchronisation happens to run
-    # before DALI reads depends on thread timing until the fix: not strict.
-    pytest.param(2, marks=pytest.mark.xfail(strict=False, reason=DEFECT_1, raises=AssertionError))])
-@pytest.mark.parametrize("read_after", [0, 2])
-def test_stage_no_copy_batches_read_as_dali_reads_them_match_the_cpu_path(
-        mnist, reference, emulated_gpu, prepare_ahead, read_after):
-    """The hand-over DALI's no_copy path relies on: the batch's order is the
-    feeding thread's stream (legacy), so the stage must have finished
-    writing it before returning it."""
+@pytest.mark.parametrize("read_after", [0, PREFETCH])
+def test_stage_batches_as_dali_copies_them_match_the_cpu_path(mnist, reference, emulated_gpu,
+                                                              prepare_ahead, read_after):
+    """The steps (source hand-over, copies, gathers, scatters, flags, epoch
+    ends, the worker) and the hand-over as the stage configures it: DALI
+    copies each batch on the stage's stream when it is fed, and runs the
+    iteration at once or a prefetch queue later."""
     got, _ = gpu_run(mnist[0], prepare_ahead=prepare_ahead, read_after=read_after)
     assert_same_batches(got, reference)
 
 
-def test_stage_buffer_contents_after_the_run(mnist, reference, emulated_gpu):
+@pytest.mark.parametrize("prepare_ahead", [0, 2])
+@pytest.mark.parametrize("read_after", [0, PREFETCH])
+def test_stage_no_copy_batches_match_the_cpu_path(mnist, reference, emulated_gpu,
+                                                  prepare_ahead, read_after):
+    """The hand-over's promise that a batch is complete whatever stream DALI
+    reads it on: a ``no_copy=True`` consumer, which waits for no stream at
+    all, reads the stage's own arrays, at once or a prefetch queue later (the
+    ring is deep enough)."""
+    got, _ = gpu_run(mnist[0], prepare_ahead=prepare_ahead, read_after=read_after,
+                     no_copy=True, cuda_stream=None)
+    assert_same_batches(got, reference)
+
+
+def test_stage_buffer_contents_after_the_run(mnist, emulated_gpu):
     """What the stage stored is readable from the host once the stage stops."""
     from dali_rehearsal._backend import to_host
-    got, buffer = gpu_run(mnist[0], prepare_ahead=2, read_after=2, no_copy=False)
-    images, labels, logits = (to_host(f) for f in buffer.stored())
+    _, stage = gpu_run(mnist[0], prepare_ahead=2, read_after=PREFETCH)
+    images, labels, logits = (to_host(f) for f in stage.buffer.stored())
     assert len(images) == CAPACITY and (images != 0xCD).any()
     np.testing.assert_allclose(logits.reshape(CAPACITY, 28),
                                images.reshape(CAPACITY, 28, 28).mean(axis=2), rtol=1e-5)
 
 
 @pytest.mark.parametrize("prepare_ahead", [0, 2])
-@pytest.mark.parametrize("read_after", [0, 2])
-def test_no_copy_batches_match_once_the_hand_over_synchronises(mnist, reference, emulated_gpu,
-                                                               monkeypatch, prepare_ahead,
-                                                               read_after):
-    """The other side of the teeth: with a hand-over that waits for the stage
-    stream before the batch leaves the stage (a test-only patch, the shape of
-    the fix issue 8 suggests), the no_copy batches DALI reads are right."""
-    finish = Mixer._finish
-
-    def synchronised_finish(self, *args, **kwargs):
-        result = finish(self, *args, **kwargs)
-        self.stream.synchronize()
-        return result
-    monkeypatch.setattr(Mixer, "_finish", synchronised_finish)
-    got, _ = gpu_run(mnist[0], prepare_ahead=prepare_ahead, read_after=read_after)
+def test_stage_with_a_source_off_the_dynamic_executor(mnist, reference, emulated_gpu,
+                                                      prepare_ahead):
+    """Defect 2 of issue 8: a source pipeline that DALI does not let hand its
+    outputs over on a stream (``exec_dynamic=False``: ``run(stream)`` raises)
+    runs without one, and its recycled outputs stay correct."""
+    from dali_rehearsal.stage import runs_with_stream
+    stage = Stage(mnist[0], device="gpu", prepare_ahead=prepare_ahead, exec_dynamic=False)
+    try:
+        assert not runs_with_stream(stage.mixer.source.source)
+        got = stage.run(read_after=PREFETCH)
+    finally:
+        stage.close()
     assert_same_batches(got, reference)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="issue 8 defect 2: source.run(stream) raises for sources that are not "
-                          "on DALI's dynamic executor")
-def test_stage_with_a_source_off_the_dynamic_executor(mnist, reference, emulated_gpu):
-    got, _ = gpu_run(mnist[0], prepare_ahead=0, read_after=2, exec_dynamic=False,
-                     no_copy=False)
-    assert_same_batches(got, reference)
+def test_stage_on_another_device_than_the_calling_threads(mnist, reference):
+    """Defect 5 of issue 8: a buffer, source and mixing pipeline on GPU 1,
+    driven from a thread whose current device is GPU 0. The emulation raises
+    on any stream or memory of one device used from the other."""
+    from emulation import emulated
+    with emulated(device_count=2) as cp:
+        for prepare_ahead in (0, 2):
+            assert cp.cuda.runtime.getDevice() == 0
+            stage = Stage(mnist[0], device="gpu", prepare_ahead=prepare_ahead, device_id=1)
+            try:
+                assert stage.buffer.backend.device_id == 1
+                assert stage.mixer.stream.device_id == 1
+                got = stage.run(read_after=PREFETCH)
+            finally:
+                stage.close()
+            assert_same_batches(got, reference)
 
 
-# Names the hand-over fix (defect 1) may give the method that orders a prepared
-# batch before DALI reads it; the lead adds the final name when merging.
-HAND_OVER_NAMES = ("_hand_over", "hand_over", "_handover", "_publish", "_ready_for_dali")
+# ------------------------------------------------------------------ teeth
+
+def _without_hand_over_ordering(monkeypatch):
+    assert callable(getattr(Handover, "_order", None)), "Handover._order is gone: update " \
+        "the teeth tests to the hand-over's ordering point"
+    monkeypatch.setattr(Handover, "_order", lambda self: None)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="completed by the lead when the defect-1 fix lands: name its "
-                          "hand-over method in HAND_OVER_NAMES")
-def test_teeth_stage_without_its_hand_over_ordering(mnist, reference, emulated_gpu,
-                                                    monkeypatch):
-    """Defect 1 put back: the stage's hand-over ordering patched out, the
-    batches DALI reads at once differ from the CPU path."""
-    names = [n for n in HAND_OVER_NAMES if hasattr(Mixer, n)]
-    assert names, f"none of {HAND_OVER_NAMES} is a Mixer method"
-    monkeypatch.setattr(Mixer, names[0], lambda self, *args, **kwargs: None)
-    with pytest.raises(AssertionError):
-        got, _ = gpu_run(mnist[0], prepare_ahead=0, read_after=0)
+def test_teeth_no_copy_batches_without_the_hand_over_ordering(mnist, reference, emulated_gpu,
+                                                              monkeypatch):
+    """Defect 1 put back: without ``Handover._order`` a batch leaves the stage
+    while its writes are still queued on the stage's stream, and a consumer
+    that does not wait for that stream (DALI's no_copy path) reads stale or
+    never-written rows. (Deterministic without the worker; with it, a later
+    step's synchronisation may happen to come first.)"""
+    _without_hand_over_ordering(monkeypatch)
+    got, _ = gpu_run(mnist[0], prepare_ahead=0, read_after=0, no_copy=True, cuda_stream=None)
+    with pytest.raises(AssertionError, match="differ from the CPU path"):
         assert_same_batches(got, reference)
+
+
+@pytest.mark.parametrize("prepare_ahead", [0, 2])
+def test_copy_path_is_ordered_by_the_stage_stream_alone(mnist, reference, emulated_gpu,
+                                                        monkeypatch, prepare_ahead):
+    """The other half of the hand-over's argument: DALI's copy is queued on
+    the stage's own stream, after the stage's writes in stream order, so the
+    batches the stage delivers as configured are right even without
+    ``Handover._order`` (which keeps any consumer right, no_copy included)."""
+    _without_hand_over_ordering(monkeypatch)
+    got, _ = gpu_run(mnist[0], prepare_ahead=prepare_ahead, read_after=PREFETCH)
+    assert_same_batches(got, reference)
+
+
+def test_teeth_source_outputs_recycled_before_the_stage_copied_them(mnist, reference,
+                                                                    emulated_gpu, monkeypatch):
+    """Defect 2's synchronisation put back out: the stage must let its copies
+    out of the source's outputs finish before it runs the source again (DALI
+    recycles them). The MNIST epoch (180 images) is no multiple of the batch:
+    the first step of the second epoch copies the rest of a source batch,
+    then runs the source; without the synchronisation those copies read the
+    next batch."""
+    fetch = SourceStream.fetch
+
+    def fetch_without_sync(self):
+        self.batch = None                   # what the synchronisation is conditioned on
+        return fetch(self)
+    monkeypatch.setattr(SourceStream, "fetch", fetch_without_sync)
+    got, _ = gpu_run(mnist[0], prepare_ahead=0, read_after=PREFETCH, exec_dynamic=False)
+    with pytest.raises(AssertionError, match="epoch 1 step 0"):
+        assert_same_batches(got, reference)
+
+
+# ------------------------------------------------------------------ defect 4: after a stage
+
+STOP_CAPACITY, STOP_CALLS = 64, 2
+
+
+def stage_then_checkpoint(train_root, device, prepare_ahead, path, *, reload=True):
+    """A stage runs ``STOP_CALLS`` steps and stops (as a newer stage or
+    ``buffer.close()`` stops it); then ``state_dict()``, ``save()``, and (with
+    ``reload``) a new buffer ``load()``\\ s the saved directory. Returns host
+    copies of the state's fields, the reloaded buffer's stored rows, and the
+    state's size."""
+    from dali_rehearsal._backend import to_host
+    stage = Stage(train_root, device=device, prepare_ahead=prepare_ahead,
+                  capacity=STOP_CAPACITY)
+    try:
+        dali = stage.dali(read_after=PREFETCH)
+        for _ in range(STOP_CALLS):
+            dali.step()
+        dr.stage.stage_of(stage.pipe).stop()
+        state = stage.buffer.state_dict()
+        fields = [np.array(to_host(f)) for f in state["fields"]]
+        stage.buffer.save(path)
+    finally:
+        stage.close()
+    if not reload:
+        return fields, None, int(state["policy"]["size"])
+    reloaded = RehearsalBuffer(capacity=STOP_CAPACITY, num_representatives=R, device=device,
+                               seed=0)
+    reloaded.load(path)
+    stored = [np.array(to_host(f)) for f in reloaded.stored()]
+    reloaded.close()
+    return fields, stored, int(state["policy"]["size"])
+
+
+@pytest.fixture(scope="module")
+def checkpoint_reference(mnist, tmp_path_factory):
+    return {p: stage_then_checkpoint(mnist[0], "cpu", p, tmp_path_factory.mktemp(f"cpu{p}"))
+            for p in (0, 2)}
+
+
+def _without(monkeypatch, orderings):
+    """Removes the named orderings between the stage's writes and a host read."""
+    if "hand-over" in orderings:
+        _without_hand_over_ordering(monkeypatch)
+    if "stop" in orderings:
+        stop = Mixer.stop
+
+        def stop_without_sync(self, *, drain=True):
+            backend, caller = self.buffer.backend, threading.current_thread()
+            synchronize = backend.synchronize
+
+            def skip_in_caller(stream=None):     # the worker's own waits stay
+                if threading.current_thread() is not caller:
+                    synchronize(stream)
+            backend.synchronize = skip_in_caller
+            try:
+                stop(self, drain=drain)
+            finally:
+                del backend.synchronize
+        monkeypatch.setattr(Mixer, "stop", stop_without_sync)
+    if "host wait" in orderings:
+        wait = RehearsalBuffer.wait_for_writes
+
+        def wait_on_streams_only(self, stream=None):
+            if stream is not None:
+                wait(self, stream)
+        monkeypatch.setattr(RehearsalBuffer, "wait_for_writes", wait_on_streams_only)
+
+
+ORDERINGS = ("hand-over", "stop", "host wait")
+
+
+@pytest.mark.parametrize("prepare_ahead", [0, 2])
+@pytest.mark.parametrize("kept", ["all", *ORDERINGS])
+def test_checkpoint_right_after_a_stage_sees_every_row_it_wrote(
+        mnist, checkpoint_reference, emulated_gpu, monkeypatch, tmp_path, prepare_ahead, kept):
+    """Defect 4 on the stage side: ``state_dict()`` and ``save()`` right after
+    a stage stopped hold every row the stage wrote (the last step's scatter
+    included), and a buffer loaded from the save stores them. Three orderings
+    guarantee it, and each one alone suffices: the hand-over synchronises the
+    stage's stream after every step, ``stop()`` joins the worker and then
+    synchronises it, and host reads wait for the buffer's last write event."""
+    _without(monkeypatch, [o for o in ORDERINGS if kept not in ("all", o)])
+    fields, stored, size = stage_then_checkpoint(mnist[0], "gpu", prepare_ahead, tmp_path)
+    ref_fields, ref_stored, ref_size = checkpoint_reference[prepare_ahead]
+    assert size == ref_size == STOP_CALLS * B + (prepare_ahead + 1) * B * (prepare_ahead > 0)
+    for got, expected in ((fields, ref_fields), (stored, ref_stored)):
+        for g, x in zip(got, expected):
+            np.testing.assert_array_equal(g, x)
+
+
+@pytest.mark.parametrize("prepare_ahead", [0, 2])
+def test_teeth_checkpoint_after_a_stage_without_its_orderings(
+        mnist, checkpoint_reference, emulated_gpu, monkeypatch, tmp_path, prepare_ahead):
+    """Defect 4 put back: without the hand-over's synchronisation, the one in
+    ``stop()`` and the host wait, the checkpoint holds rows the last step had
+    not written yet (here never-written slots: ``load`` then refuses the saved
+    directory, whose label rows disagree with the policy's slot labels)."""
+    from dali_rehearsal.checkpoint import CheckpointError
+    _without(monkeypatch, ORDERINGS)
+    fields, _, _ = stage_then_checkpoint(mnist[0], "gpu", prepare_ahead, tmp_path,
+                                         reload=False)
+    ref_fields = checkpoint_reference[prepare_ahead][0]
+    assert any(not np.array_equal(g, x) for g, x in zip(fields, ref_fields))
+    with pytest.raises(CheckpointError, match="disagrees with the policy's slot labels"):
+        RehearsalBuffer(capacity=STOP_CAPACITY, num_representatives=R, device="gpu",
+                        seed=0).load(tmp_path)

@@ -67,10 +67,16 @@ class TorchTransport(Transport):
         self._data = None if self.device_buffers else self._control
 
     def _new_group(self, backend: str, timeout):
+        # Over the whole world, torch names a group from a counter that only grows;
+        # a group over a subset of the ranks ("local synchronization": only its
+        # members call this) gets a name hashed from its ranks and the number of
+        # groups alive, which repeats once a group is destroyed, and a repeated
+        # name meets the old group's keys in the rendezvous store.
+        local = sorted(self._ranks) != list(range(self._dist.get_world_size()))
+        self._keep_groups = local     # such groups are never destroyed: names stay unique
         try:
-            # Only the members of the user's group call this (a subgroup works).
             return self._dist.new_group(ranks=self._ranks, backend=backend, timeout=timeout,
-                                        use_local_synchronization=True)
+                                        use_local_synchronization=local)
         except Exception as e:   # a member never arrived: the store barrier timed out
             if "timeout" in str(e).lower() and self.timeout is not None:
                 raise RemoteError(
@@ -125,8 +131,10 @@ class TorchTransport(Transport):
         groups = [g for g in {id(g): g for g in (self._control, self._data)}.values()
                   if g is not None]
         self._control = self._data = None
-        if broken:
-            return      # a collective may still be pending: destroying would wait for it
+        if broken or getattr(self, "_keep_groups", False):
+            # broken: a collective may still be pending, destroying would wait for it;
+            # a group over a subset of the world keeps its name taken while it lives
+            return
         for g in groups:
             try:
                 self._dist.destroy_process_group(g)

@@ -11,7 +11,9 @@ deterministically instead of a rare race on a GPU.
 Modules: :mod:`.runtime` (memory, streams, events, the legacy default
 stream), :mod:`.fake_cupy` (the CuPy subset), :mod:`.kernels` (RawModule
 whose kernels run a NumPy reference), :mod:`.dali` (stand-ins for a DALI GPU
-source pipeline and for DALI reading an ``external_source`` batch).
+source pipeline, DALI's ``TensorListGPU``, and DALI feeding and reading an
+``external_source`` batch), :mod:`.exchange_program` (global sampling between
+emulated GPUs, run under ``mpiexec`` or with torchrun's environment).
 
 Use :func:`emulated` (a context manager) or the ``emulated_gpu`` fixture of
 tests/conftest.py; a program run under ``mpiexec`` calls :func:`install`
@@ -26,6 +28,7 @@ import sys
 __all__ = ["install", "uninstall", "emulated", "runtime"]
 
 _saved: dict | None = None
+_saved_dali: dict = {}
 _NAMES = ("cupy", "cupyx", "cupy_backends")
 
 
@@ -42,8 +45,31 @@ def _clear_library_caches() -> None:
         kernels.clear_caches()
 
 
+def _patch_dali() -> None:
+    """DALI's ``TensorListGPU`` needs a CUDA driver to wrap device memory; where
+    DALI is loaded, the library's wrapping (the stage hands its outputs over
+    with layouts) uses :class:`.dali.TensorListGPU` instead."""
+    tensors = sys.modules.get("nvidia.dali.tensors")
+    if tensors is None or _saved is None:
+        return          # DALI not loaded yet (emulation.dali patches it on import)
+    from .dali import TensorListGPU     # (its first import calls this function too)
+    if "TensorListGPU" in _saved_dali:
+        return
+    _saved_dali["TensorListGPU"] = tensors.TensorListGPU
+    tensors.TensorListGPU = TensorListGPU
+
+
+def _unpatch_dali() -> None:
+    tensors = sys.modules.get("nvidia.dali.tensors")
+    if tensors is not None and "TensorListGPU" in _saved_dali:
+        tensors.TensorListGPU = _saved_dali["TensorListGPU"]
+    _saved_dali.clear()
+
+
 def install(device_count: int = 1) -> dict:
-    """Puts the emulated ``cupy``/``cupyx`` in ``sys.modules``; returns them."""
+    """Puts the emulated ``cupy``/``cupyx`` in ``sys.modules`` (and, when DALI
+    is loaded, the emulated ``TensorListGPU`` in ``nvidia.dali.tensors``);
+    returns the modules."""
     global _saved
     from . import fake_cupy, runtime
     from .kernels import RawModule
@@ -58,6 +84,7 @@ def install(device_count: int = 1) -> dict:
     runtime.THREAD.current.clear()
     RawModule.reset_counters()
     _clear_library_caches()
+    _patch_dali()
     return modules
 
 
@@ -67,6 +94,7 @@ def uninstall() -> None:
     if _saved is None:
         return
     from . import runtime
+    _unpatch_dali()
     for name in [n for n in sys.modules if _is_ours(n)]:
         del sys.modules[name]
     sys.modules.update(_saved)

@@ -469,13 +469,20 @@ def arange(*args, dtype=None):
 
 def _from_interface(obj):
     desc = obj.__cuda_array_interface__
+    if desc.get("version", 0) >= 3 and desc.get("stream") is not None:
+        # CUPY_CUDA_ARRAY_INTERFACE_SYNC=1 (default): wait for the producer's stream
+        _stream_from_ptr(desc["stream"], rt.THREAD.device).synchronize()
+    return wrap_interface(desc, obj)
+
+
+def wrap_interface(desc, owner=None, device_id=None):
+    """An array over the memory a CUDA array interface describes (on
+    ``device_id``, default the current device), without any synchronisation
+    (what DALI does when it wraps one)."""
     shape = tuple(desc["shape"])
     dtype = np.dtype(desc["typestr"])
     ptr = desc["data"][0]
-    device = rt.THREAD.device
-    if desc.get("version", 0) >= 3 and desc.get("stream") is not None:
-        # CUPY_CUDA_ARRAY_INTERFACE_SYNC=1 (default): wait for the producer's stream
-        _stream_from_ptr(desc["stream"], device).synchronize()
+    device = rt.THREAD.device if device_id is None else int(device_id)
     strides = desc.get("strides")
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
@@ -487,8 +494,7 @@ def _from_interface(obj):
         raise rt.CUDARuntimeError(f"cudaErrorInvalidValue: {ptr:#x} is not device memory")
     raw = rt.MEMORY.bytes_at(ptr, nbytes, device_id=device, what="wrap")
     view = raw.view(dtype).reshape(shape)
-    arr = ndarray(None, _view=view, _owner=(block, obj), _device=block.device_id)
-    return arr
+    return ndarray(None, _view=view, _owner=(block, owner), _device=block.device_id)
 
 
 def asarray(a, dtype=None, order=None):
