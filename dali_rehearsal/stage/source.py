@@ -30,6 +30,13 @@ def runs_with_stream(source) -> bool:
     return bool(source.exec_dynamic) and source.device_id is not None
 
 
+def _runs_as_dali(source) -> bool:
+    """Whether ``source.run()`` is DALI's own ``Pipeline.run``, i.e.
+    ``schedule_run()`` then ``outputs()``."""
+    from nvidia.dali.pipeline import Pipeline
+    return getattr(type(source), "run", None) is Pipeline.run
+
+
 class _Claim:
     """Which stage reads a source pipeline, and whether it has read from it."""
 
@@ -77,9 +84,9 @@ class SourceStream:
         self._claim = _claim(source, stage)
         source.build()
         self.with_stream = stream is not None and runs_with_stream(source)
-        # run as schedule_run() + outputs() (a pipeline-like object with run()
-        # only, e.g. a test double, keeps to run())
-        self._scheduled = hasattr(source, "schedule_run") and hasattr(source, "outputs")
+        # run as schedule_run() + outputs(), which is what DALI's run() does;
+        # a pipeline class with a run() of its own is run with it
+        self._scheduled = _runs_as_dali(source)
         self._ran = False
         self.batch = None
         self.labels = None
