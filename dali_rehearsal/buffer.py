@@ -251,6 +251,9 @@ class RehearsalBuffer:
         else:
             for i, (a, s) in enumerate(zip(arrays, spec)):
                 if a.shape[1:] != s.shape or a.dtype != s.dtype:
+                    if a.dtype.kind not in _STORABLE_KINDS:
+                        raise TypeError(f"field {i} has dtype {a.dtype}; stored fields must be "
+                                        "numeric (bool, integer, float or complex)")
                     raise ValueError(
                         f"field {i}: samples of shape {a.shape[1:]} and dtype {a.dtype} do not "
                         f"match the buffer ({s.shape}, {s.dtype}), fixed by the first "

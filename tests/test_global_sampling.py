@@ -279,18 +279,23 @@ def test_a_rank_that_fails_to_build_its_buffer_stops_every_rank(transport, kind,
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_failing_dali_stage_stops_every_rank(transport, mnist_dir):
     """Rank 1's source pipeline meets a corrupt PNG: its stage raises the
-    decoder's error and every other rank's stage raises RemoteError naming it."""
+    decoder's error (a source error is recoverable: global sampling goes on if
+    the loop does), the loop lets it out of ``with buffer:``, and every other
+    rank's stage raises RemoteError naming rank 1 and the error it handled."""
     (mnist_dir / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     results, done = run(transport, 2, "stage_failure", mnist_dir, timeout=120,
                         expect_ok=False)
     assert set(results) == {0, 1}, output(done)
     assert results[1]["error"] not in (None, "RemoteError"), results[1]
     assert results[0]["error"] == "RemoteError", results[0]
-    assert "rank 1 failed (" in results[0]["message"], results[0]
-    # DALI asks the stage for batches ahead of the iterator: how many good
-    # batches come out before the error depends on its prefetching, never more
-    # than the three before the corrupt file.
-    assert results[0]["steps"] <= 3 and results[1]["steps"] <= 3
+    assert "rank 1 closed its buffer while handling RuntimeError" in results[0]["message"], \
+        results[0]
+    # Rank 1's loop sees the three good batches before the corrupt file, then the
+    # error. Its stage took part in the rounds of the steps DALI and the worker
+    # asked for ahead (prefetch_queue_depth 2 + prepare_ahead 2 + the one being
+    # built), so rank 0 may step that much further before the close reaches it.
+    assert results[1]["steps"] <= 3
+    assert results[0]["steps"] <= 3 + 5
 
 
 # ---------------------------------------------------------------- agreement

@@ -107,8 +107,9 @@ def test_stop_joins_the_worker_then_synchronises_the_stream(mnist, monkeypatch):
     for _ in range(3):
         pipe.run()
     stage = dr.stage.stage_of(pipe)
-    worker = [t for t in threading.enumerate() if t.name == "dali-rehearsal-stage"]
-    assert len(worker) == 1
+    # this stage's worker (threads of earlier tests' pipelines may still be alive)
+    worker = [stage._worker._thread]
+    assert worker[0].name == "dali-rehearsal-stage" and worker[0].is_alive()
     seen = []
     backend = buffer.backend
     original = type(backend).synchronize
