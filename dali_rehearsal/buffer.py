@@ -292,13 +292,15 @@ class RehearsalBuffer:
         return self._sampler.finish()
 
     def end_step(self, out, fresh_count: int, labels: np.ndarray, reps: Representatives,
-                 *, stream=None, next_active: bool = True) -> int:
+                 *, stream=None, next_active: bool | None = True) -> int:
         """Writes ``reps`` after the ``fresh_count`` fresh rows already in
         ``out``, inserts the fresh rows and, for global sampling, opens the next
         step's round at once so that it overlaps with training. Every device
         operation is queued on ``stream``. Returns the row count.
 
-        ``next_active`` says whether this process has a next step in its epoch.
+        ``next_active`` says whether this process has a next step in its epoch;
+        ``None`` (a stage that learns it only when it builds that step) leaves
+        the round closed: :meth:`begin_step` opens it with what it knows then.
         """
         self.wait_for_writes(stream)
         reps.write_into(self.store, out, fresh_count, stream)
@@ -306,7 +308,7 @@ class RehearsalBuffer:
         batch_index, slots = self._policy.offer(labels[:fresh_count])
         self.store.scatter(out, batch_index, slots, stream)
         self._wrote(stream)
-        if self._sampler.is_global:
+        if self._sampler.is_global and next_active is not None:
             self._sampler.start(active=next_active, event=self._last_write[1])
         return fresh_count + reps.count
 

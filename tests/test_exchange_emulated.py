@@ -180,14 +180,11 @@ def test_stage_with_readerless_sources_of_equal_length(tmp_path):
 
 
 @pytest.mark.mpi
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "stage/mixer.py: a process whose source has no reader learns that its epoch ended only "
-    "when the next source run raises StopIteration, after its previous step opened the next "
-    "round as active (end_step(next_active=True)); _end_epoch then takes that round as its "
-    "epoch end while the other processes use it for a step, so epochs end at different steps "
-    "(5 and 6 steps per epoch here), against 'every process ends its epoch at the same step' "
-    "(the same on the CPU)"))
 def test_readerless_sources_of_different_lengths_end_their_epochs_together(tmp_path):
+    """Sources without a reader (their epoch ends when they raise StopIteration)
+    of different lengths on the two processes: the process whose source ends
+    first learns it only when it builds its next step, so the stage opens that
+    step's round only then, and every process ends its epoch at the same step."""
     results = run_stages(tmp_path, "readerless-unequal")
     for r in results:
         assert r["mismatched_steps"] == [], r        # the GPU stage still equals the CPU's

@@ -285,8 +285,12 @@ class Mixer:
         if fresh + reps.count > self.out_batch_size:
             raise ValueError(f"{fresh} fresh + {reps.count} representatives exceed the mixing "
                              f"pipeline's batch size {self.out_batch_size}")
-        next_active = (self.steps + 1 < self._epoch_steps if self.plan is not None
-                       else not self._source_ended)
+        # With a reader the plan says whether this process has a next step, and
+        # the round for it opens now, overlapped with training. A source without
+        # a reader tells only when the next step is built (its StopIteration may
+        # come then): that round opens then (None), so that every process ends
+        # its epoch at the same step; the worker still builds it ahead.
+        next_active = self.steps + 1 < self._epoch_steps if self.plan is not None else None
         rows = self.buffer.end_step(out, fresh, step.labels, reps, stream=self._stream,
                                     next_active=next_active)
         if self.replay_flag:
