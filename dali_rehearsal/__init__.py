@@ -12,8 +12,10 @@ import logging as _logging
 from . import datasets, fn, streams
 from ._backend import gpu_available
 from .buffer import RehearsalBuffer
-from .storage import FieldSpec
+from .checkpoint import CheckpointError
+from .exchange import MismatchError, RemoteError
 from .policies import POLICIES
+from .storage import FieldSpec
 from .stage import LastBatchPolicy, epoch_size, steps_per_epoch
 from .streams import ClassIncremental, LabelledFiles, Task
 
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = ["RehearsalBuffer", "FieldSpec", "LastBatchPolicy", "POLICIES", "fn", "streams",
            "datasets", "ClassIncremental", "LabelledFiles", "Task", "gpu_available",
-           "steps_per_epoch", "epoch_size", "__version__"]
+           "steps_per_epoch", "epoch_size", "CheckpointError", "RemoteError", "MismatchError",
+           "__version__"]
 
 _logging.getLogger("dali_rehearsal").addHandler(_logging.NullHandler())
