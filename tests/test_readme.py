@@ -77,7 +77,7 @@ def test_every_python_block_runs(index, tmp_path):
         # after the second task the buffer holds both tasks' classes
         assert "9:" in lines[-1] and "0:" in lines[-1]
     if "torchrun" in code.splitlines()[0] or "mpiexec" in code.splitlines()[0]:
-        ranks = re.findall(r"rank (\d): representatives from ranks \[(.*)\]", proc.stdout)
+        ranks = re.findall(r"rank (\d): representatives from ranks \[([^\]]*)\]", proc.stdout)
         assert sorted(r for r, _ in ranks) == ["0", "1"], proc.stdout
         for _, seen in ranks:           # every rank replays samples of the other rank too
             assert seen.replace(" ", "") == "0,1", proc.stdout
