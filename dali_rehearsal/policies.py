@@ -282,13 +282,16 @@ class ClassBalanced(InsertionPolicy):
         self._arena_used = 0
         self._sorted_labels = empty.copy()  # class_labels sorted, and their class indices
         self._sorted_index = empty.copy()
-        self._table = np.full(0, -1, dtype=np.int64)   # label -> class index (small labels)
+        # label -> class index for small labels, then one -1 that larger labels
+        # clip to (``take(mode="clip")``: no bounds check on the common path)
+        self._table = np.full(1, -1, dtype=np.int64)
 
     # ------------------------------------------------------------ lookup
     def _lookup(self, labels: np.ndarray) -> np.ndarray:
         """Class index of each label (-1: not seen before)."""
-        if len(labels) and labels.max() < len(self._table):
-            return self._table[labels]
+        cls = self._table.take(labels, mode="clip")
+        if len(labels) == 0 or cls.min() >= 0:
+            return cls
         if len(self._sorted_labels) == 0:
             return np.full(len(labels), -1, dtype=np.int64)
         pos = np.searchsorted(self._sorted_labels, labels)
@@ -301,10 +304,10 @@ class ClassBalanced(InsertionPolicy):
         self._sorted_labels = labels[order]
         self._sorted_index = order.astype(np.int64)
         small = labels[labels < self._TABLE_LIMIT]
-        size = max(len(self._table), int(small.max()) + 1 if len(small) else 0)
-        if size > len(self._table):
-            size = min(self._TABLE_LIMIT, max(size, 2 * len(self._table), 64))
-        self._table = np.full(size, -1, dtype=np.int64)
+        size = max(len(self._table) - 1, int(small.max()) + 1 if len(small) else 0)
+        if size > len(self._table) - 1:
+            size = min(self._TABLE_LIMIT, max(size, 2 * (len(self._table) - 1), 64))
+        self._table = np.full(size + 1, -1, dtype=np.int64)
         known = np.flatnonzero(labels < size)
         self._table[labels[known]] = known
 
@@ -381,9 +384,10 @@ class ClassBalanced(InsertionPolicy):
     # ------------------------------------------------------------ offers
     def _decide(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         b = len(labels)
-        cls = self._lookup(labels)
+        cls = self._table.take(labels, mode="clip")    # -1: unknown, or a large label
         if self.size == self.capacity and cls.min() >= 0:
             return self._replace(cls)                      # the common step
+        cls = self._lookup(labels)
         # Split the batch where a class appears and where the buffer fills up.
         starts = {0}
         new_at: dict[int, int] = {}

@@ -57,7 +57,8 @@ _ROW_LOOP_MIN_BYTES = 4096    # and only rows at least this large
 
 
 def _check_slots(slots: np.ndarray, capacity: int) -> None:
-    if slots.min() < 0 or slots.max() >= capacity:
+    # One reduction: a negative int64 is a huge uint64.
+    if int(slots.view(np.uint64).max()) >= capacity:
         raise IndexError(f"internal: slots outside [0, {capacity}): "
                          f"[{slots.min()}, {slots.max()}]")
 

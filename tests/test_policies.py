@@ -292,6 +292,10 @@ def _label_streams():
         "random-4-classes": rng.integers(0, 4, 500),
         "more-classes-than-slots": rng.integers(0, 15, 400),
         "large-and-small-labels": rng.choice([3, 70_000, 2**40, 9, 2**62], 400),
+        # labels at and just past the edges of the label -> class lookup table
+        "labels-at-the-table-edge": np.concatenate([rng.choice([0, 63, 64], 100),
+                                                    rng.choice([0, 63, 64, 65, 127, 128,
+                                                                65_535, 65_536], 300)]),
         "one-class-floods-then-new-ones": np.concatenate([np.zeros(80, np.int64),
                                                           rng.integers(0, 6, 300)]),
     }
