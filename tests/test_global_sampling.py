@@ -247,6 +247,16 @@ def test_a_rank_that_stops_answering_stops_every_rank_after_the_timeout(transpor
                         expect_ok=False, launcher="mpiexec" if mpi else "spawn",
                         mpiexec_args=("-disable-auto-cleanup",) if mpi else (),
                         python_args=("-m", "mpi4py") if mpi else ())
+    if mpi and kind == "sigkill" and 0 not in results:
+        # Hydra (MPICH 5) kills every other rank as soon as one dies from a
+        # signal, -disable-auto-cleanup or not: the job ends at once (run()
+        # bounds it), with the signal as its status, and the exchange's
+        # timeout is never reached. The "hang" variant checks that timeout
+        # under mpiexec.
+        assert any(p.returncode != 0 for p in done), output(done)
+        assert "Killed (signal 9)" in output(done), output(done)
+        no_mispaired_rows(results)
+        return
     r = results[0]
     assert r["error"] == "RemoteError", (r, output(done))
     if mpi or kind == "hang":
