@@ -298,7 +298,11 @@ def direct_iterator(pipe):
 def mixing_iterator(pipe):
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
     # No reader in the mixing pipeline: the rehearsal stage ends the epoch.
-    return DALIGenericIterator(pipe, ["images", "labels"], auto_reset=True)
+    # auto_reset=False: with auto_reset, DALI would start the epoch after the
+    # task's last one at once (prefetching it), and the stage would insert
+    # the first batches of an epoch that is never trained on into the buffer,
+    # as many as the timing allows; reset by hand before each epoch instead.
+    return DALIGenericIterator(pipe, ["images", "labels"], auto_reset=False)
 
 
 def load_test_set(test_root, *, num_threads, gpu, device):
@@ -336,9 +340,11 @@ class Trainer:
         trained = self.dist.wrap(model, self.device)
         return model, trained, torch.optim.Adam(trained.parameters(), lr=self.args.lr)
 
-    def run_epochs(self, it, trained, opt, pbar) -> int:
+    def run_epochs(self, it, trained, opt, pbar, *, manual_reset: bool = False) -> int:
         """Trains ``args.epochs`` epochs from a DALI iterator; returns the
-        samples used on this rank.
+        samples used on this rank. ``manual_reset``: the iterator was made
+        with ``auto_reset=False`` and is reset before each epoch but the
+        first (so that nothing starts an epoch after the last one).
 
         Every rank takes the same optimizer steps: a rank whose epoch has
         ended joins the others' steps with a zero loss until every rank has
@@ -352,14 +358,16 @@ class Trainer:
         seen = 0
         trained.train()
         idle = torch.zeros(1, 1, 28, 28, device=self.device)
-        for _ in range(self.args.epochs):
+        for epoch in range(self.args.epochs):
+            if manual_reset and epoch:
+                it.reset()
             ended = False
             while True:
                 data = None
                 if not ended:
                     try:
                         data = next(it)
-                    except StopIteration:      # auto_reset: the next call starts a new epoch
+                    except StopIteration:      # the epoch has ended on this rank
                         ended = True
                 n = 0 if data is None else int(data[0]["labels"].shape[0])
                 total = self.dist.sum(n)
@@ -464,7 +472,8 @@ def run_mode(mode: str, stream, trainer: Trainer, test) -> dict:
             else:
                 source = pipe = trainer.new_source(data, seed, normalize=True)
                 it = direct_iterator(pipe)
-            out["samples"] += trainer.run_epochs(it, trained, opt, pbar)
+            out["samples"] += trainer.run_epochs(it, trained, opt, pbar,
+                                                   manual_reset=mode == "rehearsal")
             elapsed = dist.max(time.perf_counter() - start)
             del it, pipe, source
             if pbar is not None:

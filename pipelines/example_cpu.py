@@ -32,8 +32,10 @@ for task in tasks:
         return images, labels
 
     pipe = train(decode())                          # new pipelines per task, same buffer
-    loader = DALIGenericIterator(pipe, ["images", "labels"], auto_reset=True)
+    loader = DALIGenericIterator(pipe, ["images", "labels"])   # reset by hand: see "Epochs"
     for epoch in range(2):
+        if epoch:
+            loader.reset()
         for batch in loader:
             x, y = batch[0]["images"], batch[0]["labels"].reshape(-1).long()
             loss = F.cross_entropy(model(x), y)

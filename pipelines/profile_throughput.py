@@ -23,9 +23,14 @@ Four variants read the same ImageNet-like JPEGs (real photographs, see
     The rehearsal variant without buffer and stage: the same two pipelines
     (the same DALI threads), the mixing pipeline fed by an ``external_source``
     that hands over the source's ``b`` images followed by ``r`` of them again,
-    then ``crop_mirror_normalize`` on all ``b + r``. It does what is inherent
-    to mixing representatives into a DALI pipeline (``r`` more samples
-    augmented per step, a second pipeline) and nothing else.
+    then ``crop_mirror_normalize`` on all ``b + r``. Its epochs are those of
+    (1) and (2) (``LastBatchPolicy.PARTIAL``: the shard once, the last batch
+    shorter, the rest of that reader batch opening the next epoch), and like
+    any ``external_source`` feed it ends an epoch with ``StopIteration``, after
+    which DALI restarts the mixing pipeline's prefetching. It does what is
+    inherent to mixing representatives into a DALI pipeline (``r`` more
+    samples augmented per step, a second pipeline, epochs ended by the feed)
+    and nothing else.
 
 So the headline ratio splits in two, each measured in the same run:
 ``rehearsal / dali = (no_buffer / dali) x (rehearsal / no_buffer)``: the first
@@ -134,33 +139,76 @@ def _pipelines(args, root, device, device_id, rank, world):
     return plain, source, mixing, fed
 
 
-def no_buffer_feed(src, r: int, device: str, depth: int):
+def no_buffer_feed(src, r: int, device: str, depth: int, epoch_samples: int):
     """The reference's ``external_source`` callback: runs the source pipeline
-    ``src`` (batch b) and returns its b images and labels followed by the first
-    r of them again, as one b + r batch. On the CPU the batch is written into a
-    ring of ``depth`` preallocated arrays that DALI reads in place (as the
-    stage hands over its own ring); on the GPU it is a new CuPy array that
-    DALI copies (as it copies the stage's)."""
+    ``src`` (batch b) and returns b of its images and labels followed by the
+    first r of them again, as one b + r batch. Epochs of ``epoch_samples``
+    samples as (1) and (2) have them (``PARTIAL``): the last batch of an epoch
+    is shorter, the rest of that reader batch opens the next epoch, and the
+    call after an epoch's last batch raises ``StopIteration``. On the CPU the
+    batch is written into a ring of ``depth`` preallocated arrays that DALI
+    reads in place (as the stage hands over its own ring); on the GPU it is a
+    new CuPy array that DALI copies (as it copies the stage's)."""
     ring, turn = [], [0]
+    pending = []                  # rows of the last reader batch not delivered yet
+    left = [epoch_samples]        # samples still to deliver in this epoch
+
+    def rows(n):
+        """The next ``n`` rows of the reader's stream (host or device arrays)."""
+        got, count = [], 0
+        while count < n:
+            if not pending:
+                images, labels = src.run()
+                images, labels = images.as_tensor(), labels.as_tensor()
+                if device == "gpu":
+                    import cupy
+                    pending.append((cupy.asarray(images), cupy.asarray(np.asarray(labels))))
+                else:
+                    pending.append((np.asarray(images), np.asarray(labels)))
+            x, y = pending.pop(0)
+            take = min(n - count, len(x))
+            got.append((x[:take], y[:take]))
+            if take < len(x):
+                pending.insert(0, (x[take:], y[take:]))
+            count += take
+        return got
 
     def feed():
-        images, labels = src.run()
-        images, labels = images.as_tensor(), labels.as_tensor()
+        if left[0] == 0:
+            left[0] = epoch_samples
+            raise StopIteration
+        b = src.max_batch_size
+        n = min(b, left[0])
+        left[0] -= n
+        parts = rows(n)
         if device == "gpu":
             import cupy
-            x, y = cupy.asarray(images), cupy.asarray(np.asarray(labels))
-            return cupy.concatenate([x, x[:r]]), cupy.concatenate([y, y[:r]])
-        x, y = np.asarray(images), np.asarray(labels)
+            x = cupy.concatenate([p[0] for p in parts])
+            y = cupy.concatenate([p[1] for p in parts])
+            again = cupy.arange(r) % n           # the first r rows (fewer: repeated)
+            return cupy.concatenate([x, x[again]]), cupy.concatenate([y, y[again]])
         if not ring:
-            ring.extend((np.empty((len(x) + r,) + x.shape[1:], x.dtype),
-                         np.empty((len(y) + r,) + y.shape[1:], y.dtype)) for _ in range(depth))
+            x0, y0 = parts[0]
+            ring.extend((np.empty((b + r,) + x0.shape[1:], x0.dtype),
+                         np.empty((b + r,) + y0.shape[1:], y0.dtype)) for _ in range(depth))
         out_x, out_y = ring[turn[0] % depth]
         turn[0] += 1
-        out_x[:len(x)], out_y[:len(y)] = x, y
-        out_x[len(x):], out_y[len(y):] = x[:r], y[:r]
-        return out_x, out_y
+        at = 0
+        for x, y in parts:
+            out_x[at:at + len(x)], out_y[at:at + len(y)] = x, y
+            at += len(x)
+        again = np.arange(r) % n                 # the first r rows (fewer: repeated)
+        out_x[n:n + r], out_y[n:n + r] = out_x[again], out_y[again]
+        return out_x[:n + r], out_y[:n + r]
 
     return feed
+
+
+def shard_samples(src, rank: int, world: int) -> int:
+    """Samples of this process's shard per epoch, as DALI's iterator counts
+    them with ``reader_name`` (no padding)."""
+    total = int(src.reader_meta("Reader")["epoch_size"])
+    return total * (rank + 1) // world - total * rank // world
 
 
 class TorchReplay:
@@ -282,7 +330,8 @@ def build_variants(args, root, device, device_id, rank, world, comm):
     # (R) the reference: the two pipelines of (2) without buffer and stage
     ref_source = source()
     ref_source.build()
-    ref_pipe = fed(no_buffer_feed(ref_source, r, device, args.prefetch + 2))
+    ref_pipe = fed(no_buffer_feed(ref_source, r, device, args.prefetch + 2,
+                                  shard_samples(ref_source, rank, world)))
     ref_pipe.build()
     it4 = _bench.endless(DALIGenericIterator(ref_pipe, ["images", "labels"], auto_reset=True))
 
@@ -576,8 +625,8 @@ def main(argv=None) -> int:
     print(f"headline: rehearsal / plain DALI, fresh samples/s = {fmt_ratio(rr)} (pooled "
           f"{rr['pooled']:.3f}; target >= 0.95)\n"
           f"  inherent part, reference / plain DALI = {fmt_ratio(nb)} (pooled "
-          f"{nb['pooled']:.3f}): {args.representatives} more samples augmented per step and a "
-          f"second pipeline, no buffer\n"
+          f"{nb['pooled']:.3f}): {args.representatives} more samples augmented per step, a "
+          f"second pipeline and its epoch ends, no buffer\n"
           f"  buffer and stage, rehearsal / reference = {fmt_ratio(st)} (pooled "
           f"{st['pooled']:.3f})\n"
           f"rehearsal / PyTorch replay, fresh samples/s = {fmt_ratio(rt)} (pooled "

@@ -146,3 +146,46 @@ def test_a_source_run_by_the_user_first_still_feeds_the_stage():
     # DALI's source prefetch ran ahead of the user's run; the stage takes what follows
     assert seen == sorted(seen) and len(set(seen)) == len(seen) and min(seen) >= B
     buffer.close()
+
+
+def _run_task(files, labels, buffer, epochs):
+    """``epochs`` epochs through DALIGenericIterator(auto_reset=False), reset by
+    hand before each epoch but the first; returns the fresh labels delivered
+    and the digest of every batch."""
+    import hashlib
+
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    pipe = _mixing(files, labels, buffer)
+    it = DALIGenericIterator(pipe, ["images", "labels", "flag"])
+    digest, fresh = hashlib.sha1(), 0
+    for epoch in range(epochs):
+        if epoch:
+            it.reset()
+        for batch in it:
+            images, flags = batch[0]["images"].numpy(), batch[0]["flag"].numpy().reshape(-1)
+            digest.update(images.tobytes())
+            fresh += int((flags == dr.stage.FRESH).sum())
+    return pipe, it, fresh, digest.hexdigest()
+
+
+def test_nothing_is_prepared_across_an_epoch_end_until_the_next_epoch_is_asked_for(classes):
+    """After a task's last epoch the stage inserts nothing more: the buffer has
+    received exactly the samples trained on (given time to run ahead, it does
+    not), and the next task's batches are the same run after run."""
+    by_class, _ = classes
+    files = by_class[1][:5 * B + 3]         # 6 steps per epoch, the last one short
+    labels = [2] * len(files)
+    runs = []
+    for _ in range(2):
+        buffer = dr.RehearsalBuffer(capacity=20, num_representatives=R, device="cpu", seed=0)
+        pipe, it, fresh, first = _run_task(files, labels, buffer, epochs=2)
+        assert fresh == 2 * len(files)
+        time.sleep(0.5)                     # time enough to run into a third epoch, if it did
+        assert buffer.num_seen == 2 * len(files)
+        del pipe, it
+        files2 = by_class[0][:3 * B]
+        _, _, _, second = _run_task(files2, [1] * len(files2), buffer, epochs=1)
+        runs.append((first, second, buffer.num_seen, buffer.class_counts()))
+        buffer.close()
+    assert runs[0] == runs[1]

@@ -11,7 +11,13 @@ on a condition until the other side (or a stop) wakes them, with no polling
 and no timeouts, so that an idle stage costs nothing and a prepared batch is
 handed over at once. The worker builds a step, then waits for room to hand it
 over: it is at most ``prepare_ahead + 1`` steps ahead of the callback (what
-the output ring is sized for, see :mod:`.handover`). After a step that raised
+the output ring is sized for, see :mod:`.handover`). It never works ahead
+across an epoch end: after handing over the end of an epoch it waits until
+DALI asks for the next epoch's first batch (after the iterator's reset). So
+the buffer receives exactly the samples of the epochs the training loop
+consumed, whenever the loop stops between epochs (a task's last epoch, then
+the next task's pipelines): the same seed gives the same buffer and the same
+batches whatever the timing. After a step that raised
 (a source batch that failed) it prepares nothing more until the callback has
 taken that error: what the buffer holds when the training loop sees an error
 does not depend on timing, and nothing past the failed batch is inserted
@@ -48,7 +54,7 @@ class _Channel:
     """
 
     __slots__ = ("_items", "_capacity", "_lock", "_not_empty", "_not_full",
-                 "stopping", "draining", "closed")
+                 "stopping", "draining", "closed", "_asking")
 
     def __init__(self, capacity: int):
         self._items: collections.deque = collections.deque()
@@ -59,6 +65,7 @@ class _Channel:
         self.stopping = False
         self.draining = False
         self.closed = False
+        self._asking = False     # the consumer waits on an empty channel
 
     def put(self, item) -> bool:
         """Hands ``item`` over once there is room; False (item dropped) when
@@ -84,13 +91,27 @@ class _Channel:
                 self._not_full.wait()
             return not self.stopping
 
+    def wait_asked(self) -> bool:
+        """Waits until the consumer has taken everything handed over and asks
+        for more; False when the channel is stopped or draining first."""
+        with self._lock:
+            while self._items or not self._asking:
+                if self.stopping or self.draining:
+                    return False
+                self._not_full.wait()
+            return not self.stopping
+
     def get(self):
         """The next item; ``_CLOSED`` once the producer ended and nothing is left."""
         with self._lock:
             while not self._items:
                 if self.closed:
                     return _CLOSED
+                if not self._asking:
+                    self._asking = True
+                    self._not_full.notify()      # a producer waiting in wait_asked
                 self._not_empty.wait()
+            self._asking = False
             item = self._items.popleft()
             self._not_full.notify()
             return item
@@ -133,6 +154,8 @@ def _work(ref, channel: _Channel, backend) -> None:
             if not channel.put(item) or failed:
                 return
             if isinstance(item, BaseException) and not channel.wait_taken():
+                return
+            if item is END and not channel.wait_asked():
                 return
     finally:
         channel.close()
