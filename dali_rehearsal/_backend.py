@@ -83,6 +83,7 @@ class Backend:
 
     def __init__(self, device: str, device_id: int | None = None):
         self.device = device
+        self.is_gpu = device == "gpu"     # read on every step: a plain attribute
         if device == "gpu":
             import cupy
             self.xp = cupy
@@ -90,10 +91,6 @@ class Backend:
         else:
             self.xp = np
             self.device_id = None
-
-    @property
-    def is_gpu(self) -> bool:
-        return self.device == "gpu"
 
     # ----------------------------------------------------------------- arrays
     def asarray(self, x, stream=None):

@@ -118,7 +118,7 @@ class SampleStore:
         _check_slots(slots, self.capacity)
         for src, dst in zip(self.fields, out):
             # In-range indices: "clip" is exact and, unlike "raise", unbuffered.
-            np.take(src, slots, axis=0, mode="clip", out=dst[offset:offset + n])
+            src.take(slots, axis=0, mode="clip", out=dst[offset:offset + n])
 
     def scatter(self, rows, batch_index, slots, stream=None) -> None:
         """Writes ``rows[f][batch_index[k]]`` into slot ``slots[k]``, every
