@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import shlex
@@ -21,6 +20,8 @@ import subprocess
 import sys
 
 import pytest
+
+from dist_programs import launching
 
 pytest.importorskip("nvidia.dali")
 pytest.importorskip("torch")
@@ -34,12 +35,8 @@ def blocks(kind: str) -> list[str]:
 
 
 def _env(tmp_path) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["DALI_REHEARSAL_CACHE"] = str(tmp_path / "cache")
-    env["DALI_DISABLE_NVML"] = "1"
-    env.setdefault("MPLBACKEND", "Agg")
-    return env
+    """The environment of a script run: this checkout first, a fresh data cache."""
+    return launching.env(DALI_REHEARSAL_CACHE=tmp_path / "cache")
 
 
 def _launcher(code: str) -> list[str]:

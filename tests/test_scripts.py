@@ -9,7 +9,6 @@ anything.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -18,19 +17,17 @@ import sys
 
 import pytest
 
+from dist_programs import launching
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PIPELINES = ROOT / "pipelines"
 TINY = ["--images", "40", "--image-size", "32", "--batch-size", "8", "--representatives", "2",
         "--steps", "3", "--warmup", "1", "--repeats", "2", "--no-progress"]
 
 
-def _env(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["DALI_REHEARSAL_CACHE"] = str(tmp_path / "cache")
-    env["DALI_DISABLE_NVML"] = "1"
-    env.setdefault("MPLBACKEND", "Agg")
-    return env
+def _env(tmp_path) -> dict:
+    """The environment of a script run: this checkout first, a fresh data cache."""
+    return launching.env(DALI_REHEARSAL_CACHE=tmp_path / "cache")
 
 
 def _run(cmd, tmp_path, timeout):

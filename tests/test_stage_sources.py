@@ -413,7 +413,7 @@ def test_the_mixing_pipeline_must_be_on_the_buffers_device():
     from dali_rehearsal.stage.api import _check_devices
 
     gpu1 = Backend.__new__(Backend)
-    gpu1.device, gpu1.device_id = "gpu", 1
+    gpu1.device, gpu1.device_id, gpu1.is_gpu = "gpu", 1, True
     buffer = SimpleNamespace(backend=gpu1)
 
     def pipe(device_id):
