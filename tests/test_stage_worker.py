@@ -189,3 +189,42 @@ def test_nothing_is_prepared_across_an_epoch_end_until_the_next_epoch_is_asked_f
         runs.append((first, second, buffer.num_seen, buffer.class_counts()))
         buffer.close()
     assert runs[0] == runs[1]
+
+
+def _events(pipe, epochs):
+    """What a loop driving ``pipe.run()`` sees over ``epochs`` epochs: the
+    fresh rows' labels of each batch, or the error, in order."""
+    events = []
+    for _ in range(epochs):
+        while True:
+            try:
+                _, labels, flags = (o.as_array() for o in pipe.run())
+            except StopIteration:
+                pipe.reset()
+                events.append("end")
+                break
+            except ValueError as e:
+                events.append(f"error: {str(e)[:40]}")
+                continue
+            fresh = flags.reshape(-1) == dr.stage.FRESH
+            events.append(sorted(labels.reshape(-1)[fresh].tolist()))
+    return events
+
+
+def test_a_source_error_at_an_epoch_start_keeps_its_place(classes):
+    """Between epochs the worker takes the next epoch's first fresh rows ahead
+    (buffer untouched); a source batch that fails then is still raised after
+    the batches before it and before those after it, as without a worker."""
+    by_class, _ = classes
+    ones, zeros = by_class[1], by_class[0]
+    files = ones[:B] + zeros[:B] + ones[B:2 * B]
+    labels = [2] * B + [0] * B + [2] * B          # stored as 1, -1 (fails), 1
+    seen = {}
+    for ahead in (0, 2):
+        buffer = dr.RehearsalBuffer(capacity=40, num_representatives=R, device="cpu", seed=0)
+        seen[ahead] = (_events(_mixing(files, labels, buffer, prepare_ahead=ahead), 3),
+                       buffer.num_seen)
+        buffer.close()
+    events, _ = seen[0]
+    assert sum(e != "end" and not isinstance(e, list) for e in events) == 3   # once per epoch
+    assert seen[2] == seen[0]

@@ -17,6 +17,8 @@ stage failed.
 
 from __future__ import annotations
 
+import collections
+
 import logging
 
 import numpy as np
@@ -95,6 +97,9 @@ class Mixer:
         self._epoch_steps: int | None = None  # steps of this epoch (None: not started)
         self._source_ended = False          # a source without reader ended its epoch
         self._step: _Step | None = None     # the step being built
+        self._filled: collections.deque = collections.deque()  # next epoch's steps, fresh rows only
+        # an error of fill_ahead, and the filled step it belongs to (None: the first)
+        self._ahead_error: tuple[_Step | None, BaseException] | None = None
         self._worker: Worker | None = None
         buffer.attach_stage(self)
 
@@ -138,6 +143,33 @@ class Mixer:
                 self.buffer.fail_step()
             raise
 
+    def fill_ahead(self, steps: int) -> None:
+        """Between epochs (the worker waits for DALI to ask for the next
+        epoch): takes the fresh rows of the next epoch's first ``steps`` steps
+        from the source, the slow part of a step, without touching the buffer;
+        each step is completed (representatives, inserts) when DALI asks for
+        it, so the buffer still receives only the epochs asked for. Only for a
+        source with a reader (its epochs are known in advance). Never raises:
+        an error is raised when the step whose rows it interrupted is asked
+        for, after the steps filled before it, as it would have been."""
+        if self.plan is None or self.failed or self.stopped or self._step is not None \
+                or self._filled or not self.buffer.store.allocated:
+            return
+        be = self.buffer.backend
+        try:
+            if self._epoch_steps is None:
+                self._start_epoch()
+            for _ in range(min(steps, self._epoch_steps - self.steps)):
+                step = _Step(*self.handover.take(), self.fresh_batch_size)
+                self._filled.append(step)
+                if self._stream is None:
+                    self._fill(step)
+                else:
+                    with be.device_context(), be.stream_context(self._stream):
+                        self._fill(step)
+        except BaseException as e:    # noqa: BLE001 - raised again in its place
+            self._ahead_error = (self._filled[-1] if self._filled else None, e)
+
     def stop(self, *, drain: bool = True) -> None:
         """Stops preparing batches (the buffer moves on to a newer stage).
 
@@ -168,13 +200,22 @@ class Mixer:
         self._source_ended = False
         raise StopIteration
 
+    def _raise_ahead_error(self, step) -> None:
+        if self._ahead_error is not None and self._ahead_error[0] is step:
+            error, self._ahead_error = self._ahead_error[1], None
+            raise error
+
     def _build(self):
+        self._raise_ahead_error(None)
         if self._epoch_steps is None:
             self._start_epoch()
         if self.steps == self._epoch_steps or (self._source_ended and self._step is None):
             # every process ends the epoch at the same step (global sampling)
             self._end_epoch()
         step = self._step
+        if step is None and self._filled:
+            step = self._step = self._filled.popleft()
+            self._raise_ahead_error(step)   # the step stays open, as after a failed fill
         if step is None:
             if not self.buffer.store.allocated:
                 try:

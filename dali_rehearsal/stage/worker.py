@@ -12,8 +12,11 @@ and no timeouts, so that an idle stage costs nothing and a prepared batch is
 handed over at once. The worker builds a step, then waits for room to hand it
 over: it is at most ``prepare_ahead + 1`` steps ahead of the callback (what
 the output ring is sized for, see :mod:`.handover`). It never works ahead
-across an epoch end: after handing over the end of an epoch it waits until
-DALI asks for the next epoch's first batch (after the iterator's reset). So
+across an epoch end: after handing over the end of an epoch it only takes the
+fresh rows of the next epoch's first ``prepare_ahead`` steps from the source
+(the slow part of a step; the buffer is left untouched), then waits until
+DALI asks for the next epoch's first batch (after the iterator's reset) to
+complete those steps. So
 the buffer receives exactly the samples of the epochs the training loop
 consumed, whenever the loop stops between epochs (a task's last epoch, then
 the next task's pipelines): the same seed gives the same buffer and the same
@@ -155,8 +158,15 @@ def _work(ref, channel: _Channel, backend) -> None:
                 return
             if isinstance(item, BaseException) and not channel.wait_taken():
                 return
-            if item is END and not channel.wait_asked():
-                return
+            if item is END:
+                mixer = ref()
+                if mixer is None:
+                    return
+                # the next epoch's first fresh rows, the buffer untouched
+                mixer.fill_ahead(mixer.prepare_ahead)
+                del mixer
+                if not channel.wait_asked():
+                    return
     finally:
         channel.close()
 
