@@ -137,19 +137,26 @@ def test_profile_throughput_help_explains_every_option_once(tmp_path):
 
 
 @pytest.mark.slow
+def _check_two_processes(data, launcher):
+    """A two-process run: global sampling on both, aggregate figures the sums
+    of the per-process ones."""
+    _check_throughput(data, 2)
+    assert data["settings"]["launcher"] == launcher
+    assert len(data["per_rank"]) == 2
+    assert all(b["world_size"] == 2 and b["sampling"] == "global" for b in data["buffer"])
+    for variant in ("dali", "rehearsal"):
+        agg = data["variants"][variant]["fresh_samples_per_s"]
+        assert agg == pytest.approx(sum(r[variant]["fresh_samples_per_s"]
+                                        for r in data["per_rank"]))
+
+
 @pytest.mark.mpi
 def test_profile_throughput_mpi(tmp_path):
     out = tmp_path / "throughput_mpi.json"
     proc = _run([_mpiexec(), "-n", "2", sys.executable, PIPELINES / "profile_throughput.py",
                  *TINY, "--device", "cpu", "--out", out], tmp_path, timeout=400)
     data = json.loads(out.read_text())
-    _check_throughput(data, 2)
-    assert data["settings"]["launcher"] == "mpiexec"
-    assert len(data["per_rank"]) == 2
-    assert all(b["world_size"] == 2 and b["sampling"] == "global" for b in data["buffer"])
-    agg = data["variants"]["dali"]["fresh_samples_per_s"]
-    parts = sum(r["dali"]["fresh_samples_per_s"] for r in data["per_rank"])
-    assert agg == pytest.approx(parts)
+    _check_two_processes(data, "mpiexec")
     assert out.with_suffix(".png").exists()
     _check_throughput_output(proc.stdout, data)
 
@@ -166,13 +173,7 @@ def test_profile_throughput_torchrun(tmp_path):
                   extra_env={"DALI_REHEARSAL_CACHE": tmp_path / "cache"})
     assert done[0].returncode == 0, output(done)
     data = json.loads(out.read_text())
-    _check_throughput(data, 2)
-    assert data["settings"]["launcher"] == "torchrun"
-    assert len(data["per_rank"]) == 2
-    assert all(b["world_size"] == 2 and b["sampling"] == "global" for b in data["buffer"])
-    agg = data["variants"]["rehearsal"]["fresh_samples_per_s"]
-    assert agg == pytest.approx(sum(r["rehearsal"]["fresh_samples_per_s"]
-                                    for r in data["per_rank"]))
+    _check_two_processes(data, "torchrun")
     _check_throughput_output(done[0].stdout, data)
 
 
