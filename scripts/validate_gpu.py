@@ -13,9 +13,10 @@ exit status, duration, figures and verdict, continuing past failures:
 1. ``environment``: GPU, driver, CUDA, PyTorch, CuPy (and its NVRTC), MPI
    library and whether it is CUDA-aware, nvcc, compute-sanitizer;
 2. ``install``: joins the parts (checked against SHA256SUMS), creates a venv
-   that sees the system's packages and installs every wheel the machine does
-   not already have, offline (``pip install --no-index --no-deps``); checks
-   that DALI imports;
+   that sees the packages of the Python running this script (a virtual
+   environment's included: its PyTorch, CuPy, mpi4py) and installs every wheel
+   that Python does not already have, offline (``pip install --no-index
+   --no-deps``); checks that DALI imports;
 3. ``gpu_tests``: the ``gpu`` test suite (pytest -m gpu);
 4. ``stress``: the stage stress test (224x224x3 rows, prepare_ahead 0 and 2,
    a concurrent GPU load, every row checked over many epochs);
@@ -42,8 +43,10 @@ import pathlib
 import platform
 import re
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import time
 import xml.etree.ElementTree as ET
 
@@ -156,6 +159,57 @@ def join_parts(wheel_dir: pathlib.Path, work: pathlib.Path) -> tuple[list[pathli
                     "have_sha256sums": sums_file.is_file()}
 
 
+# ------------------------------------------------------------------- the venv
+
+def site_dirs() -> list[str]:
+    """The folders the running Python imports installed packages from: its
+    site-packages (a virtual environment's own, and those it sees of the
+    interpreter it was made from), those that ``.pth`` files added, and the
+    user's site-packages."""
+    found = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        found.append(site.getusersitepackages())
+    found += [p for p in sys.path
+              if pathlib.Path(p).name in ("site-packages", "dist-packages")]
+    found.append(sysconfig.get_paths()["purelib"])
+    out = []
+    for p in found:
+        p = os.path.abspath(p)
+        if p not in out and os.path.isdir(p):
+            out.append(p)
+    return out
+
+
+def make_venv(venv: pathlib.Path) -> tuple[int, str]:
+    """Creates ``venv`` so that it sees the packages of the Python running
+    this script, in a virtual environment too.
+
+    ``--system-site-packages`` alone would show the new venv the packages of
+    the *base* interpreter: started from a venv, it would miss that venv's
+    PyTorch, CuPy or mpi4py. A ``.pth`` file in the new venv adds the running
+    Python's site folders after the venv's own (what the venv installs comes
+    first), processing their ``.pth`` files as Python does."""
+    code, _, log = run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+                       timeout=600)
+    if code != 0:
+        return code, log
+    python = venv / "bin" / "python"
+    code, _, out = run([str(python), "-c",
+                        "import json, sys, sysconfig; "
+                        "print(json.dumps([sysconfig.get_paths()['purelib'], sys.path]))"],
+                       timeout=120)
+    if code != 0:
+        return code, log + out
+    purelib, seen = json.loads(out.strip().splitlines()[-1])
+    seen = {os.path.abspath(p) for p in seen if p}
+    missing = [d for d in site_dirs() if d not in seen]     # what --system-site-packages misses
+    (pathlib.Path(purelib) / "_validate_gpu_parent.pth").write_text(
+        f"# the packages of {sys.executable}, which made this venv (scripts/validate_gpu.py)\n"
+        + "".join(f"import site; site.addsitedir({d!r})\n" for d in missing))
+    return 0, log + (f"added the site folders of {sys.executable}: {', '.join(missing)}\n"
+                     if missing else "")
+
+
 def step_install(args, report) -> str | None:
     """Returns the venv's python, or None when the install failed."""
     wheel_dir = pathlib.Path(args.wheels).resolve()
@@ -173,8 +227,7 @@ def step_install(args, report) -> str | None:
     python = venv / "bin" / "python"
     log = ""
     if not python.exists():
-        code, _, out = run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                           timeout=600)
+        code, out = make_venv(venv)
         log += out
         if code != 0:
             report.add("install", "FAIL", figures=figures, log=log, note="venv creation failed")
@@ -320,8 +373,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="outputs/gpu-validation",
                    help="report folder (default: outputs/gpu-validation)")
     p.add_argument("--venv", default=None,
-                   help="venv to install into (default: OUT/venv, created with "
-                        "--system-site-packages)")
+                   help="venv to install into (default: OUT/venv, created so that it sees the "
+                        "packages of the Python running this script, a venv's included)")
     p.add_argument("--only", default=None,
                    help=f"comma-separated steps to run (default: all of {', '.join(STEPS)})")
     p.add_argument("--stress-epochs", type=int, default=20,

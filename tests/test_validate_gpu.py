@@ -1,6 +1,8 @@
 """The install step of the one-command GPU validation (scripts/validate_gpu.py),
 on a wheel made here: parts joined in order, checked against SHA256SUMS,
-installed offline into a fresh venv; a corrupted part is refused."""
+installed offline into a fresh venv; a corrupted part is refused. The
+validation is started from a virtual environment, as on most GPU machines:
+the venv it makes must see that environment's packages."""
 
 import hashlib
 import importlib.util
@@ -64,23 +66,51 @@ def test_parts_are_joined_in_order_and_checked(validate, tmp_path):
     assert figures["checksum_mismatch"] == ["drprobe-1.0-py3-none-any.whl"]
 
 
+def _venv_over_this_python(path: pathlib.Path) -> pathlib.Path:
+    """A virtual environment made the usual way (``python -m venv
+    --system-site-packages``, no pip: fast) that also sees this Python's
+    packages, wherever they live, and holds a module of its own: the kind of
+    venv a GPU machine's PyTorch or CuPy lives in."""
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                    str(path)], check=True, capture_output=True, timeout=300)
+    python = path / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c",
+                              "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True,
+                             timeout=120).stdout.strip()
+    here = [p for p in sys.path if pathlib.Path(p).name in ("site-packages", "dist-packages")]
+    (pathlib.Path(purelib) / "this_python.pth").write_text(
+        "".join(f"import site; site.addsitedir({p!r})\n" for p in here))
+    (pathlib.Path(purelib) / "only_in_the_first_venv.py").write_text("WHERE = 'first venv'\n")
+    return python
+
+
 @pytest.mark.slow
-def test_install_step_installs_offline_into_a_fresh_venv(tmp_path):
+def test_install_step_started_from_a_venv_installs_offline_into_a_venv_that_sees_it(tmp_path):
+    """The validation is started from a virtual environment (the usual case on
+    GPU machines): the venv it makes sees that venv's packages, not only the
+    base interpreter's, installs the missing wheel offline, and DALI imports."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     _wheel(wheels)
     _split(wheels / "drprobe-1.0-py3-none-any.whl", 100_000)
+    first = _venv_over_this_python(tmp_path / "first-venv")
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--wheels", str(wheels), "--only",
+    proc = subprocess.run([str(first), str(SCRIPT), "--wheels", str(wheels), "--only",
                            "install", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     report = json.loads((out / "report.json").read_text())
     step = report["steps"]["install"]
     assert step["figures"]["installed"] == ["drprobe"], step
+    assert "only_in_the_first_venv" not in step["figures"]["already_present"]
     venv_python = out / "venv" / "bin" / "python"
-    probe = subprocess.run([str(venv_python), "-c", "import drprobe; print(drprobe.VALUE)"],
-                           capture_output=True, text=True, timeout=120)
-    assert probe.stdout.strip() == "42", probe.stderr
-    # DALI comes from this machine's own packages here (the venv sees them)
+    probe = subprocess.run(
+        [str(venv_python), "-c",
+         "import drprobe, only_in_the_first_venv as m, nvidia.dali; "
+         "print(drprobe.VALUE, m.WHERE)"],
+        capture_output=True, text=True, timeout=300)
+    assert probe.stdout.strip() == "42 first venv", probe.stderr[-3000:]
+    # DALI comes from the packages of the Python that started the validation
     assert proc.returncode == 0 and step["verdict"] == "PASS", proc.stdout + proc.stderr
+    assert step["figures"]["dali_imports"] is True
     assert "| install | **PASS** |" in (out / "report.md").read_text()
