@@ -26,7 +26,32 @@ import functools
 
 import numpy as np
 
-__all__ = ["Backend", "get_backend", "gpu_available", "to_host"]
+__all__ = ["Backend", "get_backend", "gpu_available", "to_host", "GPU_EXTRAS"]
+
+#: How to install CuPy (with the NVRTC library the kernels compile with),
+#: named in the errors raised when it is missing.
+GPU_EXTRAS = ('pip install "dali-rehearsal[gpu]" (CUDA 12 drivers) or '
+              'pip install "dali-rehearsal[gpu-cuda13]" (CUDA 13 drivers)')
+
+
+def _cupy_installed() -> bool:
+    import importlib.util
+    import sys
+    if "cupy" in sys.modules:               # imported already (or set to None: blocked)
+        return sys.modules["cupy"] is not None
+    try:
+        return importlib.util.find_spec("cupy") is not None
+    except (ImportError, ValueError):    # a module set to None in sys.modules
+        return False
+
+
+def _import_cupy(why: str):
+    try:
+        import cupy
+    except ImportError as e:
+        raise ModuleNotFoundError(f"{why} needs CuPy, which is not installed ({e}): "
+                                  f"{GPU_EXTRAS}", name="cupy") from e
+    return cupy
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,7 +92,9 @@ def to_host(x) -> np.ndarray:
     if hasattr(x, "as_array"):                                # DALI TensorListCPU
         return x.as_array()
     if _cuda_interface(x) is not None:
-        import cupy
+        if hasattr(x, "detach") and not _cupy_installed():   # a CUDA torch.Tensor
+            return x.detach().cpu().numpy()
+        cupy = _import_cupy("reading a CUDA array on the host")
         return cupy.asnumpy(cupy.asarray(x))
     if hasattr(x, "detach"):                                  # torch.Tensor
         return x.detach().cpu().numpy()
@@ -209,7 +236,12 @@ def get_backend(device: str | None) -> Backend:
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     if device == "gpu" and not gpu_available():
+        if not _cupy_installed():
+            raise RuntimeError(
+                f"device='gpu' needs CuPy, which is not installed: {GPU_EXTRAS}; use "
+                "device='cpu' on machines without a GPU")
         raise RuntimeError(
-            "device='gpu' needs CuPy (pip install 'dali-rehearsal[gpu]') and a visible CUDA "
-            "device, and none was found; use device='cpu' on machines without a GPU")
+            "device='gpu' needs a CUDA device visible to CuPy, and CuPy sees none (no GPU, "
+            "no driver, or a CuPy built for another CUDA major version than the driver's: "
+            f"{GPU_EXTRAS}); use device='cpu' on machines without a GPU")
     return Backend(device)

@@ -6,7 +6,7 @@
   shipped with ``scikit-image`` (one class folder per source photograph).
 
 Nothing is downloaded: both sources are bundled with their pip packages
-(install them with ``pip install dali-rehearsal[data]``).  Outputs go below
+(install them with ``pip install "dali-rehearsal[data]"``).  Outputs go below
 :func:`cache_dir` unless a ``root`` is given.  A folder is built in a hidden
 temporary sibling directory, completed by a marker file written last, and
 then renamed into place, so an interrupted run leaves no half-written folder
@@ -57,10 +57,10 @@ def _import_extra(module: str, package: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(
-            f"{module} is required for dali_rehearsal.datasets; install it with "
-            f"`pip install dali-rehearsal[data]` (or `pip install {package}`)"
-        ) from exc
+        raise ModuleNotFoundError(
+            f"{module} is required for dali_rehearsal.datasets and is not installed; install "
+            f'it with pip install "dali-rehearsal[data]" (or pip install {package})',
+            name=module) from exc
 
 
 def cache_dir() -> pathlib.Path:

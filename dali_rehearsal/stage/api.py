@@ -8,7 +8,12 @@ from ..buffer import RehearsalBuffer
 from ..epochs import LastBatchPolicy, policy_name
 from .mixer import Mixer
 
-__all__ = ["rehearsal", "stage_of", "steps_per_epoch", "epoch_size"]
+__all__ = ["rehearsal", "stage_of", "steps_per_epoch", "epoch_size", "DALI_EXTRAS"]
+
+#: How to install DALI, named in the error raised when it is missing.
+DALI_EXTRAS = ('pip install "dali-rehearsal[dali]" (DALI for CUDA 12 drivers, and for '
+               'machines without a GPU) or pip install "dali-rehearsal[dali-cuda13]" (DALI for '
+               'CUDA 13 drivers)')
 
 #: mixing pipeline -> its stages. This is what keeps a stage alive: the weak
 #: key lets a dropped pipeline take its stages with it at once (a stage holds
@@ -43,6 +48,29 @@ _CHECKPOINT_ADVICE = (
     "would start its epoch and its buffer from scratch without a word. Checkpoint the buffer "
     "itself (buffer.save(path) / buffer.load(path), or buffer.state_dict() / "
     "load_state_dict()) between tasks or epochs, and build new pipelines after loading it")
+
+
+def _dali():
+    """DALI's ``fn``, ``types`` and ``Pipeline``; a missing DALI is an error
+    that says which extra installs it."""
+    try:
+        from nvidia.dali import fn as dali_fn
+        from nvidia.dali import types
+        from nvidia.dali.pipeline import Pipeline
+    except ImportError as e:
+        raise ModuleNotFoundError(
+            f"dr.fn.rehearsal needs NVIDIA DALI, which is not installed ({e}): {DALI_EXTRAS}. "
+            "The buffer alone (RehearsalBuffer.mix) works without DALI", name="nvidia.dali"
+        ) from e
+    return dali_fn, types, Pipeline
+
+
+def _describe(value) -> str:
+    """``NoneType``, or ``function 'decode'``: what a misused argument was."""
+    name = getattr(value, "__name__", None)
+    if callable(value) and name is not None and not isinstance(value, type):
+        return f"the function {name!r}"
+    return type(value).__name__
 
 
 def _check_checkpointing(pipe, what: str) -> None:
@@ -118,19 +146,20 @@ def rehearsal(source, *, buffer: RehearsalBuffer, reader_name: str | None = None
         to ``r`` representatives, on the buffer's device, with the source's
         layouts.
     """
-    from nvidia.dali import fn as dali_fn
-    from nvidia.dali import types
-    from nvidia.dali.pipeline import Pipeline
-
+    dali_fn, types, Pipeline = _dali()
     pipe = Pipeline.current()
     if pipe is None:
         raise RuntimeError("dali_rehearsal.fn.rehearsal must be called inside the definition "
                            "of the mixing pipeline (a @pipeline_def function)")
     if not isinstance(source, Pipeline):
-        raise TypeError(f"source must be a DALI Pipeline (the user's pipeline), got "
-                        f"{type(source).__name__}")
+        hint = (": call the @pipeline_def function to make the pipeline, e.g. "
+                "train(decode()) rather than train(decode)"
+                if callable(source) and not isinstance(source, type) else "")
+        raise TypeError(f"source must be a DALI Pipeline (your own pipeline, batch b), got "
+                        f"{_describe(source)}{hint}")
     if not isinstance(buffer, RehearsalBuffer):
-        raise TypeError(f"buffer must be a RehearsalBuffer, got {type(buffer).__name__}")
+        raise TypeError(f"buffer must be a dali_rehearsal.RehearsalBuffer, got "
+                        f"{_describe(buffer)}")
     if isinstance(prepare_ahead, bool) or not isinstance(prepare_ahead, int) or prepare_ahead < 0:
         raise ValueError(f"prepare_ahead must be an integer >= 0, got {prepare_ahead!r}")
     policy = policy_name(last_batch_policy)
@@ -187,8 +216,25 @@ def rehearsal(source, *, buffer: RehearsalBuffer, reader_name: str | None = None
     return list(dali_fn.external_source(**kwargs))
 
 
+def _check_pipeline(pipe, what: str) -> None:
+    try:
+        from nvidia.dali.pipeline import Pipeline
+    except ImportError:
+        Pipeline = None
+    if Pipeline is None or not isinstance(pipe, Pipeline):
+        raise TypeError(
+            f"{what} takes the mixing pipeline (a DALI Pipeline whose definition calls "
+            f"dr.fn.rehearsal), got {_describe(pipe)}"
+            + ("" if Pipeline is not None else f"; DALI is not installed: {DALI_EXTRAS}"))
+
+
 def stage_of(pipe) -> Mixer:
     """The rehearsal stage of a mixing pipeline."""
+    _check_pipeline(pipe, "stage_of()")
+    return _stage(pipe)
+
+
+def _stage(pipe) -> Mixer:
     stages = _stages.get(pipe, [])
     if len(stages) != 1:
         raise ValueError("this pipeline has no rehearsal stage (dr.fn.rehearsal)" if not stages
@@ -204,11 +250,15 @@ def steps_per_epoch(pipe, epoch: int = 0) -> int:
     step schedules. Epochs can differ in length (``FILL`` on an unpadded
     reader, shards of different sizes without ``stick_to_shard``).
     """
-    stage = stage_of(pipe)
+    _check_pipeline(pipe, "steps_per_epoch()")
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise TypeError(f"epoch must be an integer >= 0 (0 for the first epoch), got "
+                        f"{_describe(epoch)} {epoch!r}")
+    stage = _stage(pipe)
     if stage.plan is None:
         raise ValueError("the source pipeline has no reader: its epoch ends when it raises "
                          "StopIteration, so the number of steps is not known in advance")
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+    if epoch < 0:
         raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
     return stage.plan.steps(epoch)
 
@@ -217,7 +267,8 @@ def epoch_size(pipe) -> int:
     """Samples per epoch of a mixing pipeline built with ``static_batch=True``:
     ``steps x (b + r)``, for ``DALIGenericIterator(pipe, ..., size=epoch_size(pipe))``
     (so that ``len(iterator)`` is the number of steps)."""
-    stage = stage_of(pipe)
+    _check_pipeline(pipe, "epoch_size()")
+    stage = _stage(pipe)
     if not stage.static_batch:
         raise ValueError("epoch_size() needs a stage built with static_batch=True: DALI "
                          "iterators given size= require full batches")
