@@ -3,17 +3,22 @@
 Environment capture (library versions, CPU model, GPU), launcher detection
 (``mpiexec`` or ``torchrun``, without importing mpi4py or initialising
 torch.distributed in a plain run), timing statistics, the printed table, JSON
-output, a bar chart and the help formatter. Nothing here depends on DALI.
+output, a bar chart, the help formatter, the names of a run's output files
+(:func:`run_name`, :func:`default_out`) and the check that the packages a
+script needs are installed (:func:`require`). Nothing here depends on DALI.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
+import importlib.util
 import json
 import os
 import pathlib
 import platform
+import re
 import socket
 import sys
 
@@ -21,7 +26,78 @@ import numpy as np
 
 __all__ = ["environment", "cpu_model", "mpi_world", "launched_world", "torch_from_mpi", "stats",
            "table", "write_json", "bar_chart", "parse_hw", "out_paths", "gpu_name",
-           "HelpFormatter"]
+           "HelpFormatter", "require", "run_name", "default_out", "replacing"]
+
+#: The extra that installs what the scripts of pipelines/ import.
+EXAMPLES = 'pip install "dali-rehearsal[examples]"'
+#: Where each module a script may need comes from.
+_PACKAGES = {"nvidia.dali": "nvidia-dali-cuda120 (or nvidia-dali-cuda130)", "torch": "torch",
+             "tqdm": "tqdm", "matplotlib": "matplotlib", "mlxtend": "mlxtend",
+             "skimage": "scikit-image", "PIL": "pillow", "mpi4py": "mpi4py"}
+
+
+def _installed(module: str) -> bool:
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require(script: str, modules) -> None:
+    """Exits with the command that installs them when modules ``script``
+    needs are missing (a bare ``No module named ...`` says neither)."""
+    missing = [m for m in modules if not _installed(m)]
+    if missing:
+        names = ", ".join(f"{m} ({_PACKAGES.get(m, m)})" for m in missing)
+        raise SystemExit(f"{script} needs {names}, not installed: {EXAMPLES} installs what "
+                         "every script in pipelines/ needs")
+
+
+def run_name(parser: argparse.ArgumentParser, args: argparse.Namespace,
+             ignore=("out", "no_progress", "help")) -> str:
+    """The options given with a value other than their default, as a file
+    name suffix (``"-seed=1-representatives=16"``; ``""`` for a run with the
+    defaults): runs with other settings write other files. Call it on what
+    ``parse_args`` returned, before any default is filled in."""
+    parts = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ignore:
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = max(action.option_strings, key=len).lstrip("-")
+        if value is True and action.nargs == 0:
+            parts.append(flag)
+            continue
+        if isinstance(value, (list, tuple)):
+            value = "x".join(map(str, value))
+        value = re.sub(r"[^A-Za-z0-9.,+_-]+", "_", str(value)).strip("_")[:40]
+        parts.append(f"{flag}={value}")
+    name = "".join(f"-{p}" for p in parts)
+    if len(name) > 100:    # many options: a digest (results.json holds the settings)
+        name = "-" + hashlib.sha1(name.encode()).hexdigest()[:12]
+    return name
+
+
+def default_out(script: str, name: str, world: int, launcher: str | None,
+                suffix: str = ".json") -> str:
+    """``outputs/SCRIPT[-settings][-Nproc-LAUNCHER]SUFFIX``: runs with other
+    settings, launchers or process counts never write the same files; a
+    run with the same ones replaces them (and says so: :func:`replacing`)."""
+    launch = f"-{world}proc-{launcher or 'launcher'}" if world > 1 else ""
+    return f"outputs/{script}{name}{launch}{suffix}"
+
+
+def replacing(*paths, same_settings: bool = True) -> str:
+    """What to add to the line that names the files written: that they
+    replace an earlier run's, when one of ``paths`` exists already."""
+    if not any(pathlib.Path(p).exists() for p in paths):
+        return ""
+    return (" (replacing those of an earlier run with the same settings)" if same_settings
+            else " (replacing an earlier run's files there)")
 
 _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE",
                   "SLURM_NTASKS_PER_JOB_STEP")
@@ -91,6 +167,7 @@ def mpi_world():
         size = 1
     if size <= 1:
         return None
+    require(f"{pathlib.Path(sys.argv[0]).name} under mpiexec", ["mpi4py"])
     from mpi4py import MPI
     return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
 
@@ -225,9 +302,12 @@ def out_paths(out: str) -> tuple[pathlib.Path, pathlib.Path]:
 
 def bar_chart(path: pathlib.Path, groups: list[str], series: dict[str, list[float]], *,
               errors: dict[str, list[tuple[float, float]]] | None = None, ylabel: str,
-              title: str, annotate: bool = True) -> None:
+              title: str, annotate: bool = True, value_format: str | None = None,
+              reference: float | None = None) -> None:
     """Grouped bar chart: one group per entry of ``groups``, one bar per series.
-    ``errors[name][i]`` is (low, high) drawn as an error bar."""
+    ``errors[name][i]`` is (low, high) drawn as an error bar; each bar is
+    labelled with its value (``value_format``, e.g. ``"{:.3f}"``); ``reference``
+    draws a horizontal line (1 for ratios)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -245,11 +325,17 @@ def bar_chart(path: pathlib.Path, groups: list[str], series: dict[str, list[floa
             yerr = [lo, hi]
         bars = ax.bar(pos, values, width, label=name, yerr=yerr, capsize=3)
         if annotate:
-            for bar, v in zip(bars, values):
-                ax.annotate(f"{v:,.0f}" if v >= 10 else f"{v:.2f}",
-                            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            tops = [max(v, e[1]) for v, e in zip(values, errors[name])] \
+                if errors and name in errors else values
+            for bar, v, top in zip(bars, values, tops):
+                text = (value_format.format(v) if value_format is not None
+                        else f"{v:,.0f}" if v >= 10 else f"{v:.2f}")
+                ax.annotate(text,
+                            (bar.get_x() + bar.get_width() / 2, top),
                             ha="center", va="bottom", fontsize=8, xytext=(0, 2),
                             textcoords="offset points")
+    if reference is not None:
+        ax.axhline(reference, color="0.3", linewidth=0.8, linestyle="--")
     ax.set_xticks(x, groups)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

@@ -329,8 +329,11 @@ def parse_args(argv=None):
                    help="seed of the random slots and indices (default: 0)")
     p.add_argument("--out", default=None,
                    help="JSON output, plot next to it as .png (default: "
-                        "outputs/bench_kernels.json, outputs/bench_kernels_cpu.json with --cpu)")
+                        "outputs/bench_kernels.json; options given other values add to the "
+                        "name: outputs/bench_kernels-cpu.json with --cpu)")
     args = p.parse_args(argv)
+    args.run_name = _bench.run_name(p, args)       # before any default is filled in
+    args.same_settings = args.out is None
     args.accepted = args.batch_size if args.accepted is None else args.accepted
     if not 0 <= args.accepted <= args.batch_size:
         p.error("--accepted must be between 0 and --batch-size")
@@ -341,7 +344,7 @@ def parse_args(argv=None):
     if args.iters is None:
         args.iters = 20 if args.cpu else 200
     if args.out is None:
-        args.out = "outputs/bench_kernels_cpu.json" if args.cpu else "outputs/bench_kernels.json"
+        args.out = _bench.default_out("bench_kernels", args.run_name, 1, None)
     args.shape_list = [parse_shape(s) for s in args.shapes.split(",") if s.strip()]
     return args
 
@@ -356,6 +359,7 @@ def main(argv=None) -> int:
         print("no GPU: nothing measured (no CUDA device visible to CuPy). "
               "Run with --cpu to measure the NumPy paths against np.copyto.")
         return 0
+    _bench.require("bench_kernels.py", ["matplotlib"])
     results = measure(args, args.shape_list, device)
     json_path, png_path = _bench.out_paths(args.out)
     head_shape = list(args.shape_list[0][0])
@@ -368,8 +372,9 @@ def main(argv=None) -> int:
     headline.update(shape=head_shape, dtype=head_dtype, mode=head_mode, target_pct=TARGET_PCT,
                     meets_target=all(v >= TARGET_PCT for k, v in headline.items()
                                      if k.endswith("_pct_of_copy")))
-    settings = {k: v for k, v in vars(args).items() if k != "shape_list"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("shape_list", "same_settings")}
     settings["device"] = device
+    replaced = _bench.replacing(json_path, png_path, same_settings=args.same_settings)
     _bench.write_json(json_path, {
         "script": "bench_kernels", "measured": True,
         "environment": _bench.environment(device), "settings": settings,
@@ -392,13 +397,18 @@ def main(argv=None) -> int:
 
     head = [r for r in results if r["shape"] == head_shape and r["dtype"] == head_dtype
             and r["mode"] == head_mode]
+    def spread(r, key):      # GB/s of the slowest and the fastest repeat
+        return (r["bytes"] / max(r[key]) / 1e3, r["bytes"] / min(r[key]) / 1e3)
     _bench.bar_chart(png_path, [r["op"] for r in head],
                      {"kernel": [r["kernel_GBps"] for r in head],
                       ref: [r["copy_GBps"] for r in head]},
-                     ylabel="GB/s (bytes written)",
+                     errors={"kernel": [spread(r, "per_repeat_kernel_us") for r in head],
+                             ref: [spread(r, "per_repeat_copy_us") for r in head]},
+                     ylabel="GB/s (bytes written)\n"
+                            f"bar: median, whisker: range over {args.repeats} repeats",
                      title=f"{device}: {'x'.join(map(str, head_shape))} {head_dtype}, "
                            f"b={args.batch_size}, r={args.representatives} ({head_mode})")
-    print(f"wrote {json_path} and {png_path}")
+    print(f"wrote {json_path} and {png_path}{replaced}")
     return 0
 
 

@@ -23,7 +23,8 @@ interleaved over repetitions; median and range over repetitions):
     python pipelines/bench_step.py --parts mix --repeats 15
 
 Writes ``outputs/bench_step/results.json`` (settings, machine, load average
-before and after, every repetition) and prints a table.
+before and after, every repetition; with options other than the defaults the
+folder name says which, ``outputs/bench_step-repeats=15/``) and prints a table.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import dali_rehearsal as dr  # noqa: E402
-from _bench import environment, table, write_json  # noqa: E402
+from _bench import environment, replacing, require, run_name, table, write_json  # noqa: E402
 
 
 class BareStep:
@@ -290,13 +291,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--prepare-ahead", type=int, default=2,
                         help="stage part: the stage's prepare_ahead")
     parser.add_argument("--num-threads", type=int, default=1, help="DALI threads per pipeline")
-    parser.add_argument("--out", default="outputs/bench_step/results.json", help="JSON output")
+    parser.add_argument("--out", default=None,
+                        help="JSON output (default: outputs/bench_step/results.json; options "
+                             "given other values add to the folder name, e.g. "
+                             "outputs/bench_step-repeats=15/)")
     args = parser.parse_args(argv)
+    same_settings = args.out is None
+    if args.out is None:
+        args.out = f"outputs/bench_step{run_name(parser, args)}/results.json"
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(parts) - {"mix", "stage"}
     if unknown:
         parser.error(f"unknown part(s) {sorted(unknown)}; choose from mix, stage")
 
+    if "stage" in parts:
+        require("bench_step.py --parts stage", ["nvidia.dali"])
     load_before = os.getloadavg()
     results = {"settings": vars(args), "environment": environment("cpu")}
     if "mix" in parts:
@@ -304,6 +313,7 @@ def main(argv=None) -> dict:
     if "stage" in parts:
         results["stage"] = part_stage(args)
     results["environment"]["load_average_after"] = list(os.getloadavg())
+    replaced = replacing(args.out, same_settings=same_settings)
     write_json(pathlib.Path(args.out), results)
 
     print(f"b={args.b}, r={args.r}, samples {tuple(args.shape)} uint8, capacity {args.capacity}; "
@@ -335,7 +345,7 @@ def main(argv=None) -> dict:
               f"{_fmt(s['added_over_two_pipelines_us'])} us per step, steps/s "
               f"{_fmt(s['rehearsal_vs_two_pipelines'], 2)} of the reference's")
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
-          f"JSON: {args.out}")
+          f"JSON: {args.out}{replaced}")
     return results
 
 

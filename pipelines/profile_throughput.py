@@ -78,6 +78,8 @@ import dali_rehearsal as dr  # noqa: E402
 sys.path.insert(0, str(_HERE))
 import _bench  # noqa: E402
 
+#: What this script imports beyond NumPy (the `examples` extra).
+NEEDS = ("nvidia.dali", "torch", "matplotlib", "tqdm", "skimage", "PIL")
 VARIANTS = ("dali", "rehearsal", "torch_replay", "no_buffer")
 LABELS = {"dali": "(1) DALI", "rehearsal": "(2) DALI + dr.fn.rehearsal",
           "torch_replay": "(3) DALI + PyTorch replay",
@@ -424,6 +426,37 @@ def aggregate(per_rank: list[dict], raw: list[dict]) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- plot
+#: (variant, its ratio to plain DALI) in the order of the plot
+PLOTTED = (("dali", None), ("rehearsal", "rehearsal_vs_dali"), ("no_buffer", "no_buffer_vs_dali"),
+           ("torch_replay", "torch_replay_vs_dali"))
+
+
+def plot_spec(args, device: str, world: int, ratios: dict) -> dict:
+    """What the plot shows (``_bench.bar_chart``'s arguments, kept in the
+    JSON as ``plotted``): the figures the headline quotes, each variant's
+    fresh samples/s over plain DALI's in the same repetition, the median as
+    the bar and the range over the repetitions as the whisker (plain DALI is 1
+    by definition)."""
+    medians, ranges = [], []
+    for _, key in PLOTTED:
+        r = ratios[key] if key else {"median": 1.0, "min": 1.0, "max": 1.0}
+        medians.append(r["median"])
+        ranges.append([r["min"], r["max"]])
+    rr, st = ratios["rehearsal_vs_dali"], ratios["rehearsal_vs_no_buffer"]
+    name = "fresh samples/s over plain DALI's"
+    return {
+        "groups": [LABELS[v].replace(" + ", "\n+ ").replace(": ", ":\n") for v, _ in PLOTTED],
+        "series": {name: medians}, "errors": {name: ranges}, "value_format": "{:.3f}",
+        "reference": 1.0,
+        "ylabel": "fresh samples/s / plain DALI's, same repetition\n"
+                  f"bar: median, whisker: range over {args.repeats} repetitions",
+        "title": f"b={args.batch_size}, r={args.representatives}, {device}, {world} "
+                 f"process(es): rehearsal/plain = {rr['median']:.3f} "
+                 f"[{rr['min']:.3f}..{rr['max']:.3f}], rehearsal/reference = "
+                 f"{st['median']:.3f} (medians)"}
+
+
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -467,11 +500,15 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=None,
                    help="folder of JPEGs in class subfolders to read instead of the generated "
                         "ones (default: the photo_jpegs cache, under $DALI_REHEARSAL_CACHE)")
-    p.add_argument("--out", default="outputs/profile_throughput.json",
-                   help="JSON output; the plot is written next to it as .png")
+    p.add_argument("--out", default=None,
+                   help="JSON output; the plot is written next to it as .png (default: "
+                        "outputs/profile_throughput.json; options given other values add to "
+                        "the name, e.g. -repeats=6, and N processes add -Nproc-mpiexec or "
+                        "-Nproc-torchrun)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar, also on a terminal (there is none off a terminal)")
     args = p.parse_args(argv)
+    args.run_name = _bench.run_name(p, args)       # before any default is filled in
     if args.resize_size is None:
         args.resize_size = int(round(args.image_size * 256 / 224))
     if args.resize_size < args.image_size:
@@ -503,9 +540,14 @@ def resolve_device(choice: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    _bench.require("profile_throughput.py", NEEDS)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     comm, bench_comm = _bench.launched_world()      # mpiexec or torchrun; barriers, gathers
     rank, world, local_rank, local_size = _bench.ranks(comm)
+    launcher = None if comm is None else ("mpiexec" if hasattr(comm, "Get_rank") else "torchrun")
+    same_settings = args.out is None
+    if args.out is None:
+        args.out = _bench.default_out("profile_throughput", args.run_name, world, launcher)
     if args.num_threads is None:
         args.num_threads = _bench.threads_per_rank(local_size)
     device = resolve_device(args.device)
@@ -579,7 +621,6 @@ def main(argv=None) -> int:
         "meets_cost_target": rr["median"] >= 0.95,
         "beats_torch_replay": ratios["rehearsal_vs_torch_replay"]["median"] > 1.0,
     }
-    launcher = None if comm is None else ("mpiexec" if hasattr(comm, "Get_rank") else "torchrun")
     settings = {k: v for k, v in vars(args).items() if k not in ("no_progress",)}
     settings.update(data_root=str(root), world_size=world, device=device, launcher=launcher,
                     images_per_rank=args.images // world)
@@ -593,9 +634,11 @@ def main(argv=None) -> int:
         "buffer": all_buffers,
         "elapsed_s": elapsed,
         "plot": str(png_path),
+        "plotted": plot_spec(args, device, world, ratios),
     }
     if world > 1:
         result["per_rank"] = all_figs
+    replaced = _bench.replacing(json_path, png_path, same_settings=same_settings)
     _bench.write_json(json_path, result)
 
     def row(label, figs, v):
@@ -632,23 +675,8 @@ def main(argv=None) -> int:
           f"rehearsal / PyTorch replay, fresh samples/s = {fmt_ratio(rt)} (pooled "
           f"{rt['pooled']:.3f})")
 
-    series = {"fresh samples/s": [figures[v]["fresh_samples_per_s"] for v in shown],
-              "delivered samples/s": [figures[v]["delivered_samples_per_s"] for v in shown]}
-    errors = {"fresh samples/s": [(min(figures[v]["per_repeat_fresh_samples_per_s"]),
-                                   max(figures[v]["per_repeat_fresh_samples_per_s"]))
-                                  for v in shown],
-              "delivered samples/s": [(min(figures[v]["per_repeat_delivered_samples_per_s"]),
-                                       max(figures[v]["per_repeat_delivered_samples_per_s"]))
-                                      for v in shown]}
-    _bench.bar_chart(png_path, [LABELS[v].replace(" + ", "\n+ ").replace(": ", ":\n")
-                                for v in shown], series,
-                     errors=errors, ylabel="samples/s, pooled"
-                     + (" (sum over processes)" if world > 1 else "")
-                     + "\nwhiskers: min-max over repetitions",
-                     title=f"b={args.batch_size}, r={args.representatives}, {device}, {world} "
-                           f"process(es): rehearsal/plain = {rr['median']:.3f} (median), "
-                           f"rehearsal/reference = {st['median']:.3f}")
-    print(f"wrote {json_path} and {png_path}")
+    _bench.bar_chart(png_path, **result["plotted"])
+    print(f"wrote {json_path} and {png_path}{replaced}")
     return 0
 
 

@@ -11,6 +11,10 @@
 # SHA256SUMS holds the checksums of the whole wheels; the install step checks them after
 # joining the parts.
 set -euo pipefail
+case "${1:-}" in
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "unknown option $1 (usage: bash $0 [OUT_DIR])" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 out="${1:-.whl/gpu}"
 py="${PYTHON_VERSION:-3.12}"

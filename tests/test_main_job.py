@@ -112,11 +112,28 @@ def test_options_are_checked():
             script.parse_args(bad)
 
 
-def test_outputs_of_multi_process_runs_go_to_their_own_folder():
+def test_runs_with_other_settings_or_launches_write_other_folders():
     script = _load_script()
-    assert script.default_out(1) == "outputs/continual_mnist"
-    assert script.default_out(2) == "outputs/continual_mnist-2proc"
-    assert script.parse_args([]).out is None          # chosen once the world size is known
+
+    def folder(argv, world=1, launcher=None):
+        return script.default_out(script.parse_args(argv).run_name, world, launcher)
+
+    assert script.parse_args([]).out is None          # chosen once the launch is known
+    assert folder([]) == "outputs/continual_mnist"
+    assert folder(["--seed", "0", "--epochs", "3"]) == "outputs/continual_mnist"  # the defaults
+    assert folder([], 2, "mpiexec") == "outputs/continual_mnist-2proc-mpiexec"
+    assert folder([], 2, "torchrun") == "outputs/continual_mnist-2proc-torchrun"
+    assert folder(["--seed", "1"]) == "outputs/continual_mnist-seed=1"
+    assert folder(["--modes", "rehearsal", "--representatives", "16"], 4, "torchrun") == \
+        "outputs/continual_mnist-modes=rehearsal-representatives=16-4proc-torchrun"
+    assert folder(["--no-progress"]) == "outputs/continual_mnist"  # changes no figure
+    many = folder(["--seed", "1", "--epochs", "2", "--per-class", "100", "--lr", "0.001",
+                   "--batch-size", "16", "--representatives", "8", "--capacity", "100",
+                   "--increment", "5", "--policy", "reservoir"])
+    assert many.startswith("outputs/continual_mnist-") and len(many) < 60   # a digest
+    assert many != folder(["--seed", "2", "--epochs", "2", "--per-class", "100", "--lr",
+                           "0.001", "--batch-size", "16", "--representatives", "8",
+                           "--capacity", "100", "--increment", "5", "--policy", "reservoir"])
 
 
 def _have_mpi() -> bool:
@@ -137,19 +154,24 @@ TWO_RANKS = ["--modes", "rehearsal", "--per-class", "60", "--epochs", "3", "--ba
 
 
 def _two_ranks(launcher, tmp_path, sampling):
-    out = tmp_path / f"out-{launcher}-{sampling}"
+    """Runs the main job on two ranks, writing where it writes by default
+    (under ``outputs/`` of the working folder, ``tmp_path``)."""
+    script = _load_script()
+    argv = [*TWO_RANKS, "--sampling", sampling]
+    out = tmp_path / script.default_out(script.parse_args(argv).run_name, 2, launcher)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["DALI_REHEARSAL_CACHE"] = str(tmp_path / "cache")
     env["DALI_DISABLE_NVML"] = "1"
     env.setdefault("MPLBACKEND", "Agg")
-    args = [str(SCRIPT), *TWO_RANKS, "--sampling", sampling, "--out", str(out)]
+    args = [str(SCRIPT), *argv]
     if launcher == "mpiexec":
         cmd = ["mpiexec", "-n", "2", sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                                   f"\n--- stderr\n{proc.stderr[-4000:]}")
     assert "\r" not in proc.stderr + proc.stdout, "progress bars in a log"
@@ -184,6 +206,10 @@ def test_mpiexec_and_torchrun_give_the_same_figures(tmp_path):
     same samples, losses and accuracies."""
     mpi = _two_ranks("mpiexec", tmp_path, "global")
     torch = _two_ranks("torchrun", tmp_path, "global")
+    # each launch wrote its own folder: the second did not replace the first
+    folders = sorted(p.name for p in (tmp_path / "outputs").iterdir())
+    assert len(folders) == 2 and folders[0].endswith("-2proc-mpiexec") \
+        and folders[1].endswith("-2proc-torchrun"), folders
     a, b = mpi["modes"]["rehearsal"], torch["modes"]["rehearsal"]
     assert a["accuracy"] == b["accuracy"]
     assert a["task_accuracy"] == b["task_accuracy"]

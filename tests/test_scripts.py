@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -87,6 +88,17 @@ def _check_throughput(data, world):
                                       ratios["no_buffer_vs_dali"]["per_repeat"],
                                       ratios["rehearsal_vs_no_buffer"]["per_repeat"]):
         assert whole == pytest.approx(inherent * stage)
+    # the plot shows the figures the headline and its title quote: the medians of the
+    # ratios, whiskers from the smallest to the largest repetition
+    plotted = data["plotted"]
+    (bars,), (whiskers,) = plotted["series"].values(), plotted["errors"].values()
+    for i, key in enumerate((None, "rehearsal_vs_dali", "no_buffer_vs_dali",
+                             "torch_replay_vs_dali")):
+        r = ratios[key] if key else {"median": 1.0, "min": 1.0, "max": 1.0}
+        assert bars[i] == r["median"] and whiskers[i] == [r["min"], r["max"]], (key, plotted)
+    rr = ratios["rehearsal_vs_dali"]
+    assert f"rehearsal/plain = {rr['median']:.3f} [{rr['min']:.3f}..{rr['max']:.3f}]" in \
+        plotted["title"]
     head = data["headline"]
     assert head["rehearsal_over_dali_fresh"] == ratios["rehearsal_vs_dali"]["median"]
     assert head["rehearsal_over_dali_fresh_pooled"] == ratios["rehearsal_vs_dali"]["pooled"]
@@ -232,6 +244,15 @@ def _check_global(data, world):
                                         "fresh_samples_per_s"])
         assert len(data["variants"][v]["per_repeat_mean_step_ms"]) == 2
     _positive(data["ratio_global_over_local"], ["median", "pooled"])
+    # the plot shows the ratios the summary quotes: medians, whiskers over the repetitions
+    plotted = data["plotted"]
+    for (label, bars), whiskers in zip(plotted["series"].items(),
+                                       plotted["errors"].values()):
+        variant = label.split(" ")[0]
+        r = data["ratios_over_local"][variant]
+        assert bars == [r["median"]] and whiskers == [[r["min"], r["max"]]], plotted
+        assert f"{label} {r['median']:.3f}" in plotted["title"]
+    assert set(plotted["series"]) and len(plotted["series"]) == len(data["ratios_over_local"])
     assert "overhead_pct" in data["headline"]
     assert data["headline"]["exchange"] == ("GlobalSampler" if world > 1 else "LocalSampler")
 
@@ -270,3 +291,70 @@ def test_profile_global_sampling_launch(tmp_path):
     for run, world in zip(data["runs"], (1, 2)):
         _check_global(run, world)
     assert out.with_suffix(".png").exists()
+
+
+# --------------------------------------------------------------------- every script
+
+SCRIPTS = sorted(p for p in PIPELINES.glob("*.py") if not p.name.startswith("_")) + \
+    sorted((ROOT / "scripts").glob("*.py")) + sorted((ROOT / "scripts").glob("*.sh"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_help_prints_help_and_does_nothing_else(script, tmp_path):
+    """``--help`` of every script in pipelines/ and scripts/ prints its help
+    and exits: no data written, nothing trained, measured or downloaded."""
+    work, tmp = tmp_path / "work", tmp_path / "tmp"
+    work.mkdir()
+    tmp.mkdir()
+    command = ([sys.executable] if script.suffix == ".py" else ["bash"]) + [str(script), "--help"]
+    start = time.monotonic()
+    proc = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=120,
+                          env=launching.env(DALI_REHEARSAL_CACHE=tmp_path / "cache", TMPDIR=tmp))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert script.stem in proc.stdout, proc.stdout[:2000]     # usage: script.py ...
+    assert not list(work.iterdir()) and not list(tmp.iterdir()), "--help wrote files"
+    assert not (tmp_path / "cache").exists(), "--help prepared data"
+    assert time.monotonic() - start < 60
+
+
+def test_runs_with_other_settings_write_other_files_and_a_rerun_says_it_replaces(tmp_path):
+    """Default output names: the same settings replace the earlier run's files
+    (and say so), other settings write other files."""
+    tiny = ["--cpu", "--shapes", "4x4x3:uint8", "--batch-size", "8", "--representatives", "2",
+            "--capacity", "16", "--iters", "2",
+            "--warmup", "0"]
+
+    def run(*extra):
+        proc = subprocess.run([sys.executable, PIPELINES / "bench_kernels.py", *tiny, *extra],
+                              cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.splitlines()[-1]
+
+    first = run("--repeats", "2")
+    assert first.startswith("wrote outputs/bench_kernels-cpu-") and "replacing" not in first
+    again = run("--repeats", "2")
+    assert again == first + " (replacing those of an earlier run with the same settings)"
+    other = run("--repeats", "3")
+    assert "repeats=3" in other and "replacing" not in other
+    assert len(list((tmp_path / "outputs").glob("*.json"))) == 2
+
+
+def test_profile_output_names_follow_the_launch_and_the_settings():
+    import importlib.util
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, PIPELINES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    for name in ("profile_throughput", "profile_global_sampling"):
+        script = load(name)
+        plain = script.parse_args([]).run_name
+        assert plain == "" and script.parse_args(["--repeats", "6"]).run_name == "-repeats=6"
+        names = {script._bench.default_out(name, plain, world, launcher)
+                 for world, launcher in ((1, None), (2, "mpiexec"), (2, "torchrun"),
+                                         (4, "mpiexec"))}
+        assert f"outputs/{name}.json" in names and len(names) == 4
+
