@@ -667,6 +667,11 @@ def run(args, dist: Dist, gpu: bool, wall0: float) -> dict:
         torch.set_num_threads(args.torch_threads
                               or max(1, (os.cpu_count() or 1) // dist.size - 1))
     num_threads = args.num_threads or (1 if dist.size > 1 else 2)
+    # The vector instructions PyTorch's CPU kernels use decide the order of their
+    # floating-point sums, and so the last digit of some accuracies (README).
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not gpu:
+        device_name += f", PyTorch {capability} kernels, {torch.get_num_threads()} thread(s)"
 
     # data: rank 0 writes the PNG folders once (cached), the others reuse them
     if dist.rank == 0:
@@ -705,6 +710,7 @@ def run(args, dist: Dist, gpu: bool, wall0: float) -> dict:
         "world_size": dist.size,
         "launcher": dist.launcher,
         "threads": {"dali": num_threads, "torch": torch.get_num_threads()},
+        "torch_cpu_capability": capability,
         "class_order": list(stream.class_order),
         "tasks": [list(t.classes) for t in stream],
         "train_samples": len(stream.data),

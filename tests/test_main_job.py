@@ -62,7 +62,7 @@ def test_rehearsal_beats_incremental(tmp_path, cache, capsys):
     data = json.loads((out / "results.json").read_text())
     assert data == json.loads(json.dumps(report))          # main() returns what it wrote
     for key in ("settings", "versions", "device", "world_size", "class_order", "tasks",
-                "modes", "gap_closure", "total_wall_s", "test_samples"):
+                "modes", "gap_closure", "total_wall_s", "test_samples", "torch_cpu_capability"):
         assert key in data, key
     assert data["world_size"] == 1 and data["device"] == "cpu"
     assert data["settings"]["representatives"] == 32 and data["settings"]["per_class"] == 100
