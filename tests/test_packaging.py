@@ -1,13 +1,16 @@
-"""The wheel ships the CUDA sources: ``dali_rehearsal.kernels`` with ``movement.cu``."""
+"""The wheel ships the CUDA sources (``dali_rehearsal.kernels`` with
+``movement.cu``), and the wheel and the sdist ship the license."""
 
 from __future__ import annotations
 
+import email.parser
 import importlib.util
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 
 import pytest
@@ -18,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
+def dists(tmp_path_factory):
+    """The wheel and the sdist, built from a copy of the checkout."""
     if importlib.util.find_spec("build") is None:
         pytest.skip("the 'build' package is not installed")
     out = tmp_path_factory.mktemp("wheel")
@@ -30,14 +34,41 @@ def wheel(tmp_path_factory):
     proc = None
     for isolation in (["--no-isolation"], []):   # no network needed when setuptools is here
         proc = subprocess.run(
-            [sys.executable, "-m", "build", "--wheel", *isolation, "--outdir", str(out), str(src)],
+            [sys.executable, "-m", "build", "--wheel", "--sdist", *isolation, "--outdir",
+             str(out), str(src)],
             capture_output=True, text=True, timeout=300)
         if proc.returncode == 0:
             break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     wheels = list(out.glob("dali_rehearsal-*.whl"))
-    assert len(wheels) == 1, wheels
-    return wheels[0]
+    sdists = list(out.glob("dali_rehearsal-*.tar.gz"))
+    assert len(wheels) == 1 and len(sdists) == 1, list(out.iterdir())
+    return wheels[0], sdists[0]
+
+
+@pytest.fixture(scope="module")
+def wheel(dists):
+    return dists[0]
+
+
+def test_the_wheel_and_the_sdist_ship_the_license(dists):
+    wheel, sdist = dists
+    license_text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        shipped = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+        assert len(shipped) == 1, names
+        assert z.read(shipped[0]).decode() == license_text
+        metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        meta = email.parser.Parser().parsestr(z.read(metadata).decode())
+    assert meta["License-Expression"] == "Apache-2.0"
+    assert meta.get_all("License-File") == ["LICENSE"]
+    with tarfile.open(sdist) as t:
+        member = next(m for m in t.getmembers() if m.name.count("/") == 1
+                      and m.name.endswith("/LICENSE"))
+        assert t.extractfile(member).read().decode() == license_text
 
 
 def test_wheel_contains_kernel_sources(wheel):
