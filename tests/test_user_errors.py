@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 from nvidia.dali import fn, pipeline_def, types
 
@@ -159,6 +160,7 @@ def test_epochs_must_be_integers(pipes):
     _, decode, train = pipes
     pipe = train(decode())
     assert dr.steps_per_epoch(pipe, 0) == dr.steps_per_epoch(pipe) > 0
+    assert dr.steps_per_epoch(pipe, np.int64(1)) == dr.steps_per_epoch(pipe, 1)
     with pytest.raises(TypeError, match="epoch must be an integer"):
         dr.steps_per_epoch(pipe, "1")
     with pytest.raises(TypeError, match="epoch must be an integer"):

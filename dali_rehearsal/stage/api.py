@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import weakref
 
 from ..buffer import RehearsalBuffer
@@ -251,9 +252,10 @@ def steps_per_epoch(pipe, epoch: int = 0) -> int:
     reader, shards of different sizes without ``stick_to_shard``).
     """
     _check_pipeline(pipe, "steps_per_epoch()")
-    if isinstance(epoch, bool) or not isinstance(epoch, int):
+    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral):
         raise TypeError(f"epoch must be an integer >= 0 (0 for the first epoch), got "
                         f"{_describe(epoch)} {epoch!r}")
+    epoch = int(epoch)
     stage = _stage(pipe)
     if stage.plan is None:
         raise ValueError("the source pipeline has no reader: its epoch ends when it raises "
