@@ -142,7 +142,10 @@ class RehearsalBuffer:
     @property
     def lock(self) -> threading.RLock:
         """The re-entrant lock that serialises the buffer's operations. A
-        stage holds it across each of its steps' use of the buffer."""
+        stage holds it across each of its steps' use of the buffer. Holding
+        it yourself makes a sequence of calls atomic; do not build pipelines
+        or call ``close()`` while holding it (they wait for the stage's worker,
+        which needs it)."""
         return self._lock
 
     @property
@@ -436,8 +439,11 @@ class RehearsalBuffer:
 
         The arrays are CPU ``torch`` tensors when PyTorch can be imported
         (``torch.save`` then ``torch.load(..., weights_only=True)`` round-trips
-        the dict), NumPy arrays otherwise. Take it between tasks, when no
-        stage is preparing batches. See :mod:`dali_rehearsal.checkpoint`.
+        the dict), NumPy arrays otherwise. It is a consistent snapshot from
+        any thread at any time; while a stage runs it also holds the steps the
+        stage prepared ahead of training, so take it between tasks for the
+        state that matches what training consumed. See
+        :mod:`dali_rehearsal.checkpoint`.
         """
         with self._lock:
             return checkpoint.state_dict(self, self._policy)
