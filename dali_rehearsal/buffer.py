@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import threading
 import weakref
 
 import numpy as np
@@ -81,6 +82,16 @@ class RehearsalBuffer:
             waits forever). It bounds the wait for a process that stopped
             answering without a word (killed, hung); failures a process can
             report reach the others at once.
+
+    Threads: one buffer may be used from several threads. Its operations
+    (``mix``, ``add``, ``sample``, ``state_dict``, ``load_state_dict``,
+    ``save``, ``load``, ``stored``, ``stored_labels``, ``class_counts``,
+    ``close``, and the steps of a DALI stage feeding it) are serialised by one
+    re-entrant lock (:attr:`lock`): each runs as if alone, in some order. With
+    ``comm``, a thread waiting in a collective step holds the lock until the
+    step ends (at most ``timeout``). ``stored()`` returns views, which later
+    inserts overwrite: take ``state_dict()`` for a snapshot. After
+    :meth:`close`, ``mix``, ``add`` and ``sample`` raise ``RuntimeError``.
     """
 
     def __init__(self, *, capacity: int, num_representatives: int,
@@ -92,6 +103,12 @@ class RehearsalBuffer:
         self.num_representatives = _check_int("num_representatives", num_representatives, 0)
         self.label_index = _check_int("label_index", label_index, 0)
         self.seed = _check_seed(seed)
+        # Serialises every operation on the buffer (see the class docstring).
+        # The exchange's progress thread never takes it: it reads only what
+        # does not need it (size, spec, store, settings), and a thread that
+        # holds the lock while it waits for a round must not wait for itself.
+        self._lock = threading.RLock()
+        self._closed = False
         if sampling not in ("global", "local"):
             raise ValueError(f"sampling must be 'global' or 'local', got {sampling!r}")
         self._backend: Backend = get_backend(device)
@@ -122,6 +139,25 @@ class RehearsalBuffer:
         self._last_reps: Representatives | None = None
 
     # ----------------------------------------------------------------- state
+    @property
+    def lock(self) -> threading.RLock:
+        """The re-entrant lock that serialises the buffer's operations. A
+        stage holds it across each of its steps' use of the buffer. Holding
+        it yourself makes a sequence of calls atomic; do not build pipelines
+        or call ``close()`` while holding it (they wait for the stage's worker,
+        which needs it)."""
+        return self._lock
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"{what} on a closed RehearsalBuffer: close() ended its use "
+                               "(build a new buffer, or load a checkpoint into one)")
+
     @property
     def log_level(self) -> int:
         """INFO on rank 0, DEBUG elsewhere: logs stay quiet except on rank 0."""
@@ -175,24 +211,28 @@ class RehearsalBuffer:
 
     def class_counts(self) -> dict[int, int]:
         """Samples stored per class in this process's shard."""
-        return self._policy.class_counts()
+        with self._lock:
+            return self._policy.class_counts()
 
     def stored_labels(self) -> np.ndarray:
         """Labels of the stored samples, slot by slot (host array)."""
-        return self._policy.slot_labels[: self.size].copy()
+        with self._lock:
+            return self._policy.slot_labels[: self.size].copy()
 
     def stored(self, field: int | None = None):
         """The stored samples (arrays of this buffer's backend), slot by slot.
 
         Returns one field when ``field`` is given, else a tuple of all fields.
         On the GPU the device work that wrote them is complete on return, so
-        the views can be read on any stream.
+        the views can be read on any stream. They are views: the next insert
+        (from any thread) overwrites them.
         """
-        if not self.store.allocated:
-            raise RuntimeError("the buffer is empty: nothing has been inserted yet")
-        self.wait_for_writes()
-        views = tuple(s[: self.size] for s in self.store.fields)
-        return views if field is None else views[field]
+        with self._lock:
+            if not self.store.allocated:
+                raise RuntimeError("the buffer is empty: nothing has been inserted yet")
+            self.wait_for_writes()
+            views = tuple(s[: self.size] for s in self.store.fields)
+            return views if field is None else views[field]
 
     # -------------------------------------------------------------- ordering
     def wait_for_writes(self, stream=None) -> None:
@@ -207,7 +247,9 @@ class RehearsalBuffer:
             self._backend.wait_event(stream, event)
 
     def _wrote(self, stream) -> None:
-        """Remembers that the store was written on ``stream`` (the GPU only)."""
+        """Remembers that the store was accessed (written, or read by a
+        gather) on ``stream`` (the GPU only): later writes on other streams
+        are ordered after it."""
         if self._backend.is_gpu:
             self._last_write = (stream, self._backend.record_event(stream))
 
@@ -217,6 +259,8 @@ class RehearsalBuffer:
 
         Returns the arrays (on this buffer's device, uploaded on ``stream``)
         and the labels as a host int64 array. Raises before anything changes.
+        Hold :attr:`lock` across this and :meth:`ensure_storage`: the first
+        batch of another thread may fix the layout in between.
         """
         n_fields, li = len(fields), self.label_index
         if n_fields < 2:
@@ -274,22 +318,26 @@ class RehearsalBuffer:
 
     def ensure_storage(self, arrays) -> None:
         """Allocates the storage from the first batch's layout."""
-        if self.store.allocated:
-            return
-        self.store.allocate(spec_of(arrays))
+        with self._lock:
+            if self.store.allocated:
+                return
+            self.store.allocate(spec_of(arrays))
         log.log(self.log_level, "rehearsal buffer: %d samples x %s on %s (%.1f MiB)",
                 self.capacity, [f.describe() for f in self.spec], self.device,
                 self.nbytes / 2**20)
 
     # -------------------------------------------------------------- the step
     # The interface a stage uses (dali_rehearsal.stage): check_batch,
-    # ensure_storage, begin_step, end_step, fail_step and attach_stage.
+    # ensure_storage, begin_step, end_step, fail_step and attach_stage; the
+    # stage holds ``lock`` from begin_step to end_step, so that no other
+    # thread uses the buffer between a step's representatives and its insert.
     def begin_step(self, *, active: bool = True) -> Representatives | None:
         """The representatives of the next step (None: the epoch ends here on
         every process). ``active`` says whether this process has a step."""
-        if not self._sampler.started:
-            self._sampler.start(active=active, event=self._last_write[1])
-        return self._sampler.finish()
+        with self._lock:
+            if not self._sampler.started:
+                self._sampler.start(active=active, event=self._last_write[1])
+            return self._sampler.finish()
 
     def end_step(self, out, fresh_count: int, labels: np.ndarray, reps: Representatives,
                  *, stream=None, next_active: bool | None = True) -> int:
@@ -302,20 +350,22 @@ class RehearsalBuffer:
         ``None`` (a stage that learns it only when it builds that step) leaves
         the round closed: :meth:`begin_step` opens it with what it knows then.
         """
-        self.wait_for_writes(stream)
-        reps.write_into(self.store, out, fresh_count, stream)
-        self._last_reps = reps
-        batch_index, slots = self._policy.offer(labels[:fresh_count])
-        self.store.scatter(out, batch_index, slots, stream)
-        self._wrote(stream)
-        if self._sampler.is_global and next_active is not None:
-            self._sampler.start(active=next_active, event=self._last_write[1])
-        return fresh_count + reps.count
+        with self._lock:
+            self.wait_for_writes(stream)
+            reps.write_into(self.store, out, fresh_count, stream)
+            self._last_reps = reps
+            batch_index, slots = self._policy.offer(labels[:fresh_count])
+            self.store.scatter(out, batch_index, slots, stream)
+            self._wrote(stream)
+            if self._sampler.is_global and next_active is not None:
+                self._sampler.start(active=next_active, event=self._last_write[1])
+            return fresh_count + reps.count
 
     def fail_step(self) -> None:
         """A step failed on this process: other processes raise instead of
         waiting for it."""
-        self._sampler.abort()
+        with self._lock:
+            self._sampler.abort()
 
     def mix(self, *fields, stream=None):
         """Returns the batch's ``b`` fresh samples followed by up to ``r``
@@ -331,47 +381,54 @@ class RehearsalBuffer:
         """
         if stream is None and self._backend.is_gpu:
             stream = self._backend.current_stream()
-        try:
-            arrays, labels = self.check_batch(fields, stream)
-            self.ensure_storage(arrays)
-            b = arrays[0].shape[0]
-            reps = self.begin_step()
-        except Exception:
-            self.fail_step()     # other processes raise instead of waiting for this one
-            raise
-        out = self.store.empty_rows(b + reps.count)
-        self.store.copy(arrays, out, 0, stream)
-        self.end_step(out, b, labels, reps, stream=stream)
-        return tuple(out)
+        with self._lock:
+            self._check_open("mix()")
+            try:
+                arrays, labels = self.check_batch(fields, stream)
+                self.ensure_storage(arrays)
+                b = arrays[0].shape[0]
+                reps = self.begin_step()
+            except Exception:
+                self.fail_step()     # other processes raise instead of waiting for this one
+                raise
+            out = self.store.empty_rows(b + reps.count)
+            self.store.copy(arrays, out, 0, stream)
+            self.end_step(out, b, labels, reps, stream=stream)
+            return tuple(out)
 
     def add(self, *fields, stream=None) -> None:
         """Offers a batch to the buffer without drawing representatives."""
         if stream is None and self._backend.is_gpu:
             stream = self._backend.current_stream()
-        arrays, labels = self.check_batch(fields, stream)
-        self.ensure_storage(arrays)
-        self.wait_for_writes(stream)
-        # With global sampling the round for the next step may still be
-        # reading the store in the background: let it finish first.
-        self._sampler.settle()
-        batch_index, slots = self._policy.offer(labels)
-        self.store.scatter(arrays, batch_index, slots, stream)
-        self._wrote(stream)
+        with self._lock:
+            self._check_open("add()")
+            arrays, labels = self.check_batch(fields, stream)
+            self.ensure_storage(arrays)
+            self.wait_for_writes(stream)
+            # With global sampling the round for the next step may still be
+            # reading the store in the background: let it finish first.
+            self._sampler.settle()
+            batch_index, slots = self._policy.offer(labels)
+            self.store.scatter(arrays, batch_index, slots, stream)
+            self._wrote(stream)
 
     def sample(self, num: int | None = None, *, stream=None):
         """Draws ``num`` (default ``r``) stored samples uniformly without
         replacement from this process's shard; one array per field."""
-        if not self.store.allocated:
-            raise RuntimeError("the buffer is empty: nothing has been inserted yet")
         k = self.num_representatives if num is None else _check_int("num", num, 0)
-        k = min(k, self.size)
         if stream is None and self._backend.is_gpu:
             stream = self._backend.current_stream()
-        slots = np.sort(self._sampler.rng.choice(self.size, size=k, replace=False))
-        out = self.store.empty_rows(k)
-        self.wait_for_writes(stream)
-        self.store.gather(slots.astype(np.int64), out, 0, stream)
-        return tuple(out)
+        with self._lock:
+            self._check_open("sample()")
+            if not self.store.allocated:
+                raise RuntimeError("the buffer is empty: nothing has been inserted yet")
+            k = min(k, self.size)
+            slots = np.sort(self._sampler.rng.choice(self.size, size=k, replace=False))
+            out = self.store.empty_rows(k)
+            self.wait_for_writes(stream)
+            self.store.gather(slots.astype(np.int64), out, 0, stream)
+            self._wrote(stream)     # a later write on another stream waits for this read
+            return tuple(out)
 
     # ------------------------------------------------------------ checkpoints
     # The formats, checks and collectives live in dali_rehearsal.checkpoint.
@@ -382,10 +439,14 @@ class RehearsalBuffer:
 
         The arrays are CPU ``torch`` tensors when PyTorch can be imported
         (``torch.save`` then ``torch.load(..., weights_only=True)`` round-trips
-        the dict), NumPy arrays otherwise. Take it between tasks, when no
-        stage is preparing batches. See :mod:`dali_rehearsal.checkpoint`.
+        the dict), NumPy arrays otherwise. It is a consistent snapshot from
+        any thread at any time; while a stage runs it also holds the steps the
+        stage prepared ahead of training, so take it between tasks for the
+        state that matches what training consumed. See
+        :mod:`dali_rehearsal.checkpoint`.
         """
-        return checkpoint.state_dict(self, self._policy)
+        with self._lock:
+            return checkpoint.state_dict(self, self._policy)
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a :meth:`state_dict` into this new buffer (before its first
@@ -396,14 +457,16 @@ class RehearsalBuffer:
         state raises :class:`~dali_rehearsal.checkpoint.CheckpointError` (a
         ``ValueError``) and leaves the buffer as it was.
         """
-        checkpoint.load_state_dict(self, self._policy, self._wrote, state)
+        with self._lock:
+            checkpoint.load_state_dict(self, self._policy, self._wrote, state)
 
     def save(self, path) -> None:
         """Writes a checkpoint directory at ``path`` (NumPy files and JSON, no
         pickle, no PyTorch): atomically, with checksums. With ``comm`` this is
         a collective call: every process writes its shard into the same
         directory (a filesystem every process can reach)."""
-        checkpoint.save(self, self._policy, path)
+        with self._lock:
+            checkpoint.save(self, self._policy, path)
 
     def load(self, path, *, resize: bool = False) -> None:
         """Restores a checkpoint directory written by :meth:`save` into this new
@@ -416,19 +479,22 @@ class RehearsalBuffer:
         buffers of another capacity. Checked first: a bad checkpoint raises on
         every process and changes nothing.
         """
-        checkpoint.load(self, self._policy, self._wrote, path, resize=resize)
+        with self._lock:
+            checkpoint.load(self, self._policy, self._wrote, path, resize=resize)
 
     def attach_stage(self, stage) -> None:
         """A new DALI stage feeds this buffer: the previous one stops preparing
         batches, so that only one stage at a time writes into the buffer."""
+        self._check_open("a new rehearsal stage")
         previous = self._stage() if self._stage is not None else None
         if previous is not None and previous is not stage:
-            previous.stop()
-        if self._sampler.started:
-            # The previous stage opened the round for its next step, with its own
-            # epoch's state; every process discards it at this same point.
-            self._sampler.finish()
-        self._stage = weakref.ref(stage)
+            previous.stop()     # without the lock: its worker may be finishing a step
+        with self._lock:
+            if self._sampler.started:
+                # The previous stage opened the round for its next step, with its own
+                # epoch's state; every process discards it at this same point.
+                self._sampler.finish()
+            self._stage = weakref.ref(stage)
 
     def close(self) -> None:
         """Stops the stage's worker and the background exchange; idempotent.
@@ -441,11 +507,17 @@ class RehearsalBuffer:
         raises that ``RemoteError`` (it is logged instead when ``close`` runs
         while an exception is being handled). Each of its waits for the others
         is bounded by the buffer's ``timeout``.
+
+        From another thread: ``mix``, ``add`` and ``sample`` refuse at once;
+        an operation under way ends first (with ``comm``, a step waiting for
+        the other processes ends within the timeout).
         """
+        self._closed = True
         stage = self._stage() if self._stage is not None else None
         if stage is not None:
-            stage.stop()
-        self._sampler.close()
+            stage.stop()        # without the lock: its worker may be finishing a step
+        with self._lock:
+            self._sampler.close()
 
     def __enter__(self):
         return self

@@ -25,7 +25,8 @@ are those of offering the samples one at a time, in batch order, with the same
 random stream (so a batch gives the same result as its samples offered one by
 one, and a later sample of a batch wins a slot chosen twice). The only
 sequential work is per event, not per sample: the first sample of a new class,
-and the moment the buffer becomes full.
+the moment the buffer becomes full, and (class-balanced) one heap operation per
+slot that a class over its share gives up.
 
 How the class-balanced policy stays vectorised: each class keeps the list of
 its slots. When the buffer becomes full, and whenever a new class re-divides
@@ -37,6 +38,17 @@ slots until the next re-division, so the slot given up is a uniformly random
 one of that class, as if drawn at the time, and which class gives up each slot
 of a batch follows from the counts alone.
 
+What a step of the class-balanced policy costs depends on its batch, not on
+the number of classes seen (large label spaces: ImageNet-21k, iNaturalist):
+it looks up and updates the batch's classes only; a class's share is computed
+from its index; the classes over their share are kept in a set and a heap
+(furthest over first, first seen among equals) updated as counts and shares
+change; a new class costs a constant, plus, while the buffer is full and
+holds fewer classes than slots, the re-division itself: the shares of at most
+``capacity / classes + 1`` classes shrink, and the lists of the classes over
+their share are shuffled (at most ``capacity`` slots, as defined above). Once
+the classes outnumber the slots, a new class changes no share.
+
 A policy's state (:meth:`InsertionPolicy.state_dict`) is made of NumPy arrays
 and plain values only; :meth:`InsertionPolicy.validate_state` checks a state
 completely without changing the policy, :meth:`InsertionPolicy.load_state_dict`
@@ -44,6 +56,8 @@ restores it.
 """
 
 from __future__ import annotations
+
+import heapq
 
 import numpy as np
 
@@ -254,11 +268,12 @@ class Reservoir(InsertionPolicy):
 
 
 class ClassBalanced(InsertionPolicy):
-    """Equal share of the capacity per class seen, reservoir sampling within a class."""
+    """Equal share of the capacity per class seen, reservoir sampling within a
+    class; a step costs what its batch holds (see the module documentation)."""
 
     name = "class_balanced"
 
-    #: labels below this are looked up in a table, larger ones by binary search
+    #: labels below this are looked up in a table, larger ones in a dict
     _TABLE_LIMIT = 1 << 16
     #: the slot lists are compacted when they take more than this many times
     #: the capacity (lists that outgrow their room move to the end)
@@ -269,116 +284,191 @@ class ClassBalanced(InsertionPolicy):
         self._clear()
 
     def _clear(self) -> None:
-        empty = np.empty(0, dtype=np.int64)
-        self.class_labels = empty.copy()    # classes in order of first appearance
-        self._seen = empty.copy()           # offers per class
-        self._count = empty.copy()          # slots per class
-        self._quota = empty.copy()          # share per class
-        self._short = False                 # some class holds less than its share
-        # Each class's slots: arena[base[k] : base[k] + count[k]], room[k] reserved.
-        self._base = empty.copy()
-        self._room = empty.copy()
+        self._k = 0                                   # classes seen
+        # Per class, in order of first appearance (the first _k entries; the
+        # arrays grow by doubling): its label, offers, slots, and where its
+        # slot list lives: arena[base : base + count], room reserved.
+        self._labels = np.zeros(16, dtype=np.int64)
+        self._seen = np.zeros(16, dtype=np.int64)
+        self._count = np.zeros(16, dtype=np.int64)
+        self._base = np.zeros(16, dtype=np.int64)
+        self._room = np.zeros(16, dtype=np.int64)
         self._arena = np.empty(max(16, self.capacity), dtype=np.int64)
         self._arena_used = 0
-        self._sorted_labels = empty.copy()  # class_labels sorted, and their class indices
-        self._sorted_index = empty.copy()
         # label -> class index for small labels, then one -1 that larger labels
         # clip to (``take(mode="clip")``: no bounds check on the common path)
         self._table = np.full(1, -1, dtype=np.int64)
+        self._large: dict[int, int] = {}             # label -> class index, larger labels
+        # While the buffer is full: the classes over their share, and a heap of
+        # (-excess, class) entries for them, the class to give up a slot first
+        # on top (entries are checked against the counts when they come up)
+        self._over: set[int] = set()
+        self._heap: list[tuple[int, int]] = []
 
-    # ------------------------------------------------------------ lookup
+    @property
+    def class_labels(self) -> np.ndarray:
+        """The classes seen, in order of first appearance."""
+        return self._labels[: self._k]
+
+    # ------------------------------------------------------------ classes
     def _lookup(self, labels: np.ndarray) -> np.ndarray:
         """Class index of each label (-1: not seen before)."""
         cls = self._table.take(labels, mode="clip")
-        if len(labels) == 0 or cls.min() >= 0:
+        if len(labels) == 0 or not self._large or cls.min() >= 0:
             return cls
-        if len(self._sorted_labels) == 0:
-            return np.full(len(labels), -1, dtype=np.int64)
-        pos = np.searchsorted(self._sorted_labels, labels)
-        np.minimum(pos, len(self._sorted_labels) - 1, out=pos)
-        return np.where(self._sorted_labels[pos] == labels, self._sorted_index[pos], -1)
+        far = np.flatnonzero(labels >= self._TABLE_LIMIT)
+        if len(far):
+            get = self._large.get
+            cls[far] = [get(v, -1) for v in labels[far].tolist()]
+        return cls
 
-    def _index_classes(self) -> None:
-        labels = self.class_labels
-        order = np.argsort(labels, kind="stable")
-        self._sorted_labels = labels[order]
-        self._sorted_index = order.astype(np.int64)
-        small = labels[labels < self._TABLE_LIMIT]
-        size = max(len(self._table) - 1, int(small.max()) + 1 if len(small) else 0)
-        if size > len(self._table) - 1:
-            size = min(self._TABLE_LIMIT, max(size, 2 * (len(self._table) - 1), 64))
-        self._table = np.full(size + 1, -1, dtype=np.int64)
-        known = np.flatnonzero(labels < size)
-        self._table[labels[known]] = known
+    def _add_classes(self, labels: np.ndarray) -> None:
+        """Appends new classes (distinct labels, in order of first appearance)."""
+        k, n = self._k, len(labels)
+        if k + n > len(self._labels):
+            size = max(2 * len(self._labels), k + n)
+            for name in ("_labels", "_seen", "_count", "_base", "_room"):
+                grown = np.zeros(size, dtype=np.int64)
+                grown[:k] = getattr(self, name)[:k]
+                setattr(self, name, grown)
+        index = np.arange(k, k + n, dtype=np.int64)
+        self._labels[k:k + n] = labels
+        for a in (self._seen, self._count, self._room):
+            a[k:k + n] = 0
+        self._base[k:k + n] = self._arena_used
+        small = labels < self._TABLE_LIMIT
+        if small.any():
+            top = int(labels[small].max())
+            if top >= len(self._table) - 1:
+                size = min(self._TABLE_LIMIT, max(top + 1, 2 * (len(self._table) - 1), 64))
+                table = np.full(size + 1, -1, dtype=np.int64)
+                table[: len(self._table) - 1] = self._table[:-1]
+                self._table = table
+            self._table[labels[small]] = index[small]
+        if not small.all():
+            self._large.update(zip(labels[~small].tolist(), index[~small].tolist()))
+        self._k = k + n
+
+    def _quota(self, c: np.ndarray) -> np.ndarray:
+        """The share of each class index: the capacity divided equally among
+        the classes seen, the remainder going to the classes seen first."""
+        base, extra = divmod(self.capacity, self._k)
+        return base + (c < extra)
+
+    def _shrunk(self, k: int):
+        """Index ranges of the first ``k`` classes whose share changes when a
+        ``k + 1``-th class arrives (shares only shrink)."""
+        if k == 0:
+            return []
+        b0, e0 = divmod(self.capacity, k)
+        b1, e1 = divmod(self.capacity, k + 1)
+        cuts = sorted({0, e0, e1, k})
+        return [(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])
+                if b0 + (lo < e0) != b1 + (lo < e1)]
 
     def class_counts(self) -> dict[int, int]:
-        order = np.argsort(self.class_labels)
-        return {int(self.class_labels[k]): int(self._count[k]) for k in order
-                if self._count[k] > 0}
+        k = self._k
+        order = np.argsort(self._labels[:k])
+        held = order[self._count[order] > 0]
+        return dict(zip(self._labels[held].tolist(), self._count[held].tolist()))
 
     def _members(self, k: int) -> np.ndarray:
         base = self._base[k]
         return self._arena[base: base + self._count[k]]
 
     # ------------------------------------------------------------ events
-    def _register(self, label: int) -> None:
-        """A new class: equal shares are re-divided among every class seen."""
-        self.class_labels = np.append(self.class_labels, np.int64(label))
-        zero = np.zeros(1, dtype=np.int64)
-        self._seen = np.concatenate([self._seen, zero])
-        self._count = np.concatenate([self._count, zero])
-        self._base = np.concatenate([self._base, [self._arena_used]]).astype(np.int64)
-        self._room = np.concatenate([self._room, zero])
-        self._index_classes()
-        self._requota()
-        if self.size == self.capacity:
-            self._shuffle_over_share()
+    def _quiet(self) -> bool:
+        """Whether a class arriving now into the full buffer changes nothing
+        for the others: no share shrinks (there are already as many classes
+        as slots) and no class is over its share (nothing to shuffle)."""
+        return self._k >= self.capacity and not self._over
 
-    def _requota(self) -> None:
-        k = len(self.class_labels)
-        base, extra = divmod(self.capacity, k)
-        self._quota = base + (np.arange(k) < extra).astype(np.int64)
-        self._short = bool((self._count < self._quota).any())
+    def _register(self, label: int) -> None:
+        """A new class arrives while the buffer is full: the shares are
+        re-divided and the classes over their share shuffle their lists."""
+        k = self._k
+        self._add_classes(np.array([label], dtype=np.int64))
+        for lo, hi in self._shrunk(k):
+            c = np.arange(lo, hi, dtype=np.int64)
+            self._note_excess(c, self._count[c] - self._quota(c))
+        self._shuffle_over_share()
+
+    def _track_over_share(self) -> None:
+        """The buffer became full (or was restored full): which classes are
+        over their share, once over every class."""
+        c = np.arange(self._k, dtype=np.int64)
+        excess = self._count[: self._k] - self._quota(c)
+        over = np.flatnonzero(excess > 0)
+        self._over = set(over.tolist())
+        self._heap = list(zip((-excess[over]).tolist(), over.tolist()))
+        heapq.heapify(self._heap)
+
+    def _note_excess(self, classes: np.ndarray, excess: np.ndarray) -> None:
+        """The excess over their share of ``classes`` changed to ``excess``."""
+        over, heap = self._over, self._heap
+        for k, e in zip(classes.tolist(), excess.tolist()):
+            if e > 0:
+                over.add(k)
+                heapq.heappush(heap, (-e, k))
+            else:
+                over.discard(k)
+        self._trim_heap()
+
+    def _trim_heap(self) -> None:
+        """Drops the heap's outdated entries once they outnumber the live ones."""
+        if len(self._heap) > 2 * len(self._over) + 64:
+            over = np.fromiter(self._over, dtype=np.int64, count=len(self._over))
+            excess = self._count[over] - self._quota(over)
+            self._heap = list(zip((-excess).tolist(), over.tolist()))
+            heapq.heapify(self._heap)
 
     def _shuffle_over_share(self) -> None:
         """Puts the slot lists of classes over their share in random order:
         they give up slots from the end of their list."""
-        for k in np.flatnonzero(self._count > self._quota).tolist():
-            members = self._members(k)
-            members[:] = self.rng.permutation(members)
+        count = self._count
+        for k in sorted(self._over):
+            if count[k] > 1:        # a list of one draws nothing
+                members = self._members(k)
+                members[:] = self.rng.permutation(members)
 
     # ------------------------------------------------------------ arena
-    def _ensure_room(self, need: np.ndarray) -> None:
-        """Makes room for ``need[k]`` slots in class ``k``'s list."""
-        short = np.flatnonzero(need > self._room)
-        if len(short) == 0:
+    def _ensure_room(self, classes: np.ndarray, need: np.ndarray) -> None:
+        """Makes room for ``need[i]`` slots in the list of class ``classes[i]``."""
+        short = need > self._room[classes]
+        if not short.any():
             return
-        new_room = np.maximum(2 * need[short], 16)
+        classes, need = classes[short], need[short]
+        new_room = np.maximum(2 * need, 16)
         total = int(new_room.sum())
-        if self._arena_used + total > self._ARENA_SLACK * (self.capacity + 8 * len(self._room)):
-            room = np.maximum(2 * np.maximum(need, self._count), 16)
-            self._layout(self._arena, self._base, self._count, room)
+        if self._arena_used + total > self._ARENA_SLACK * (self.capacity + 8 * self._k):
+            count = self._count[: self._k]
+            room = np.where(count > 0, np.maximum(2 * count, 16), 0)
+            room[classes] = new_room
+            self._layout(self._arena, self._base[: self._k], count, room)
             return
         if self._arena_used + total > len(self._arena):
             grown = np.empty(max(2 * len(self._arena), self._arena_used + total), np.int64)
             grown[: self._arena_used] = self._arena[: self._arena_used]
             self._arena = grown
         new_base = self._arena_used + np.cumsum(new_room) - new_room
-        counts = self._count[short]
+        counts = self._count[classes]
         offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
         self._arena[np.repeat(new_base, counts) + offsets] = \
-            self._arena[np.repeat(self._base[short], counts) + offsets]
-        self._base[short] = new_base
-        self._room[short] = new_room
+            self._arena[np.repeat(self._base[classes], counts) + offsets]
+        self._base[classes] = new_base
+        self._room[classes] = new_room
         self._arena_used += total
 
     def _layout(self, arena, base, count, room) -> None:
         """Copies each class's slot list into a fresh arena with ``room``."""
+        k = len(count)
         new_base = np.cumsum(room) - room
         new = np.empty(max(16, int(room.sum())), dtype=np.int64)
         offsets = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
         new[np.repeat(new_base, count) + offsets] = arena[np.repeat(base, count) + offsets]
-        self._arena, self._base, self._room = new, new_base, room.astype(np.int64)
+        self._arena = new
+        self._base[:k] = new_base
+        self._room[:k] = room
         self._arena_used = int(room.sum())
 
     # ------------------------------------------------------------ offers
@@ -388,35 +478,44 @@ class ClassBalanced(InsertionPolicy):
         if self.size == self.capacity and cls.min() >= 0:
             return self._replace(cls)                      # the common step
         cls = self._lookup(labels)
-        # Split the batch where a class appears and where the buffer fills up.
-        starts = {0}
-        new_at: dict[int, int] = {}
+        new_pos = new_labels = np.empty(0, dtype=np.int64)
         unknown = np.flatnonzero(cls < 0)
         if len(unknown):
             values, first = np.unique(labels[unknown], return_index=True)
-            first_pos = unknown[first]
-            order = np.argsort(first_pos)
+            order = np.argsort(unknown[first])
+            new_pos, new_labels = unknown[first][order], values[order]
             index = np.empty(len(values), dtype=np.int64)
-            index[order] = len(self.class_labels) + np.arange(len(values))
+            index[order] = self._k + np.arange(len(values))
             cls[unknown] = index[np.searchsorted(values, labels[unknown])]
-            for p, v in zip(first_pos[order].tolist(), values[order].tolist()):
-                new_at[p] = v
-                starts.add(p)
-        free = self.capacity - self.size
-        if 0 < free < b:
-            starts.add(free)
-        bounds = sorted(starts) + [b]
+        # Segments: the batch is split where the buffer becomes full, and where
+        # a new class arrives into the full buffer unless that is quiet. Other
+        # new classes are added when their segment starts: until their first
+        # sample, they change nothing.
         batch_index, slots = [], []
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            if s in new_at:
-                self._register(new_at[s])
-            c = cls[s:e]
-            if self.size < self.capacity:
-                i, sl = np.arange(len(c), dtype=np.int64), self._fill(c)
+        pos = i = 0
+        while pos < b:
+            full = self.size == self.capacity
+            end = b if full else min(b, pos + self.capacity - self.size)
+            if full and i < len(new_pos) and new_pos[i] == pos and not self._quiet():
+                self._register(int(new_labels[i]))
+                i += 1
+            if not full or self._quiet():
+                j = int(np.searchsorted(new_pos, end))
             else:
-                i, sl = self._replace(c)
-            batch_index.append(s + i)
+                j = i
+                if i < len(new_pos) and new_pos[i] < end:
+                    end = int(new_pos[i])
+            if j > i:
+                self._add_classes(new_labels[i:j])
+                i = j
+            c = cls[pos:end]
+            if full:
+                k, sl = self._replace(c)
+            else:
+                k, sl = np.arange(len(c), dtype=np.int64), self._fill(c)
+            batch_index.append(pos + k)
             slots.append(sl)
+            pos = end
         return np.concatenate(batch_index), np.concatenate(slots)
 
     def _fill(self, c: np.ndarray) -> np.ndarray:
@@ -424,30 +523,30 @@ class ClassBalanced(InsertionPolicy):
         n = len(c)
         slots = self.size + np.arange(n, dtype=np.int64)
         rank = _rank_within(c)
-        per = np.bincount(c, minlength=len(self._count))
-        self._ensure_room(self._count + per)
+        classes, per = np.unique(c, return_counts=True)
+        self._ensure_room(classes, self._count[classes] + per)
         self._arena[self._base[c] + self._count[c] + rank] = slots
-        self._count += per
-        self._seen += per
+        self._count[classes] += per
+        self._seen[classes] += per
         self.size += n
-        self._short = bool((self._count < self._quota).any())
         if self.size == self.capacity:
+            self._track_over_share()
             self._shuffle_over_share()
         return slots
 
     def _replace(self, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The buffer is full and every class of the segment is known."""
         rank = _rank_within(c)
-        if self._short or len(self._count) > self.capacity:
+        if self._over or self._k > self.capacity:
             return self._replace_rebalancing(c, rank)
         # Every class holds exactly its share (at least one slot): reservoir
         # sampling within the class, the k-th sample of a class replacing a
         # random slot of its class with probability share / k.
         j = _below(self.rng, self._seen[c] + rank + 1)
-        batch_index = np.flatnonzero(j < self._quota[c])
+        batch_index = np.flatnonzero(j < self._quota(c))
         cb = c[batch_index]
         slots = self._arena[self._base[cb] + j[batch_index]]
-        self._seen += np.bincount(c, minlength=len(self._seen))
+        np.add.at(self._seen, c, 1)
         return batch_index, slots
 
     def _replace_rebalancing(self, c: np.ndarray, rank: np.ndarray):
@@ -455,34 +554,32 @@ class ClassBalanced(InsertionPolicy):
         (they take slots from the classes furthest over theirs), or some
         classes have no share at all (more classes than slots)."""
         n = len(c)
-        K = len(self._count)
         out = np.full(n, -1, dtype=np.int64)
-        per = np.bincount(c, minlength=K)
-        count0 = self._count
-        deficit = np.maximum(self._quota - count0, 0)
+        count0 = self._count[c]
+        quota = self._quota(c)
+        deficit = np.maximum(quota - count0, 0)
         # A class below its share takes a slot for each of its first `deficit`
         # samples; after that (and for the other classes) reservoir sampling
         # within the class. A class without a share drops its samples.
-        transfer = rank < deficit[c]
-        reservoir = ~transfer & (self._quota[c] > 0)
+        transfer = rank < deficit
+        reservoir = ~transfer & (quota > 0)
         num_transfers = int(np.count_nonzero(transfer))
-        evicted = np.zeros(K, dtype=np.int64)
         if num_transfers:
             takers = c[transfer]
-            received = np.bincount(takers, minlength=K)
-            self._ensure_room(count0 + received)
+            takers_k, received = np.unique(takers, return_counts=True)
+            self._ensure_room(takers_k, self._count[takers_k] + received)
             givers = self._eviction_sequence(num_transfers)
-            given = self._arena[self._base[givers] + count0[givers] - 1 - _rank_within(givers)]
-            self._arena[self._base[takers] + count0[takers] + rank[transfer]] = given
+            last = self._base[givers] + self._count[givers] - 1
+            given = self._arena[last - _rank_within(givers)]
+            self._arena[self._base[takers] + count0[transfer] + rank[transfer]] = given
             out[transfer] = given
-            evicted = np.bincount(givers, minlength=K)
         if reservoir.any():
             rc = c[reservoir]
             j = _below(self.rng, self._seen[rc] + rank[reservoir] + 1)
             # Slots the class holds at that sample: its count, plus the slots
             # it took earlier in the batch, minus those it gave up earlier.
-            held = count0[rc] + deficit[rc]
-            if num_transfers and evicted[rc].any():
+            held = count0[reservoir] + deficit[reservoir]
+            if num_transfers:
                 before = (np.cumsum(transfer) - transfer)[reservoir]
                 key = np.sort(givers * (num_transfers + 1) + np.arange(num_transfers))
                 held = held - (np.searchsorted(key, rc * (num_transfers + 1) + before)
@@ -490,37 +587,46 @@ class ClassBalanced(InsertionPolicy):
             hit = j < held
             out[np.flatnonzero(reservoir)[hit]] = self._arena[self._base[rc[hit]] + j[hit]]
         if num_transfers:
-            self._count = count0 - evicted + received
-            self._short = bool((self._count < self._quota).any())
-        self._seen += per
+            np.add.at(self._count, givers, -1)
+            self._count[takers_k] += received
+            self._trim_heap()
+        np.add.at(self._seen, c, 1)
         batch_index = np.flatnonzero(out >= 0)
         return batch_index, out[batch_index]
 
     def _eviction_sequence(self, num: int) -> np.ndarray:
         """The classes that give up a slot for the next ``num`` transfers: each
-        time the class furthest over its share, the first seen among equals."""
-        excess = self._count - self._quota
-        over = np.flatnonzero(excess > 0)
-        top = excess[over]
-        lowest = max(1, int(top.max()) - num + 1)
-        # (class, level) pairs: the class gives up a slot when its excess is
-        # at that level; highest level first, then order of first appearance.
-        pairs = np.maximum(top - lowest + 1, 0)
-        cls = np.repeat(over, pairs)
-        offsets = np.arange(len(cls)) - np.repeat(np.cumsum(pairs) - pairs, pairs)
-        level = np.repeat(top, pairs) - offsets
-        order = np.lexsort((cls, -level))
-        return cls[order[:num]]
+        time the class furthest over its share, the first seen among equals.
+        The counts are left to the caller; the over-share set and the heap
+        are left as they will be after these transfers."""
+        heap, count = self._heap, self._count
+        base, extra = divmod(self.capacity, self._k)
+        given: dict[int, int] = {}
+        givers = []
+        while len(givers) < num:
+            neg, k = heap[0]
+            excess = int(count[k]) - base - (k < extra) - given.get(k, 0)
+            if excess <= 0 or excess != -neg:        # an outdated entry
+                heapq.heappop(heap)
+                continue
+            givers.append(k)
+            given[k] = given.get(k, 0) + 1
+            if excess > 1:
+                heapq.heapreplace(heap, (neg + 1, k))
+            else:
+                heapq.heappop(heap)
+                self._over.discard(k)
+        return np.array(givers, dtype=np.int64)
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict:
         state = super().state_dict()
-        counts = self._count.copy()
-        slots = [self._members(k) for k in range(len(counts))]
-        state.update(class_labels=self.class_labels.copy(), class_seen=self._seen.copy(),
-                     class_counts=counts,
-                     class_slots=(np.concatenate(slots) if slots
-                                  else np.empty(0, np.int64)).astype(np.int64))
+        k = self._k
+        counts = self._count[:k].copy()
+        offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        slots = self._arena[np.repeat(self._base[:k], counts) + offsets]
+        state.update(class_labels=self._labels[:k].copy(), class_seen=self._seen[:k].copy(),
+                     class_counts=counts, class_slots=slots.astype(np.int64))
         return state
 
     def _state_keys(self) -> tuple[str, ...]:
@@ -569,13 +675,14 @@ class ClassBalanced(InsertionPolicy):
         if len(labels) == 0:
             return
         counts = valid["class_counts"]
-        self.class_labels = labels.copy()
-        self._seen = valid["class_seen"].copy()
-        self._count = counts.copy()
-        self._index_classes()
-        self._requota()
+        self._add_classes(labels)
+        self._seen[: len(labels)] = valid["class_seen"]
+        self._count[: len(labels)] = counts
         base = np.cumsum(counts) - counts
-        self._layout(valid["class_slots"], base, counts, np.maximum(2 * counts, 16))
+        self._layout(valid["class_slots"], base, counts,
+                     np.where(counts > 0, np.maximum(2 * counts, 16), 0))
+        if self.size == self.capacity:
+            self._track_over_share()
 
     def state_from_samples(self, labels: np.ndarray, *, num_seen: int,
                            class_labels=None, class_seen=None) -> dict:

@@ -87,9 +87,11 @@ class SampleStore:
     def allocate(self, spec: tuple[FieldSpec, ...]) -> None:
         if self.fields is not None:
             raise RuntimeError("internal: the store is already allocated")
-        self.spec = tuple(spec)
+        spec = tuple(spec)
+        # the rows first: a reader that sees the layout finds them there
         self.fields = tuple(self.backend.empty((self.capacity,) + f.shape, f.dtype)
-                            for f in self.spec)
+                            for f in spec)
+        self.spec = spec
 
     def empty_rows(self, n: int) -> list:
         """Uninitialised arrays for ``n`` rows of every field (output batches)."""

@@ -7,6 +7,8 @@ functions of the pixels, so any mispairing of fields shows up by content.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from scipy.stats import chisquare
@@ -265,6 +267,25 @@ def test_bad_batch_raises_before_anything_changes(xp, device):
     out = buffer.mix(*(xp.asarray(f) for f in stream.batch(4)))
     assert len(stream.check(out)) == 4 + 3
     assert buffer.num_seen == snap[1] + 4
+
+
+def test_mix_add_sample_after_close_raise_and_change_nothing(xp, device):
+    buffer, stream = _filled(xp, device)
+    buffer.close()
+    snap = _snapshot(buffer)
+    fields = [xp.asarray(f) for f in stream.batch(4)]
+    for name, call in (("mix()", lambda: buffer.mix(*fields)),
+                       ("add()", lambda: buffer.add(*fields)),
+                       ("sample()", lambda: buffer.sample())):
+        with pytest.raises(RuntimeError, match=re.escape(f"{name} on a closed RehearsalBuffer")):
+            call()
+        _assert_unchanged(buffer, snap)
+    buffer.close()                  # idempotent
+    assert buffer.closed
+    # what was stored can still be read and saved
+    restored = dr.RehearsalBuffer(capacity=10, num_representatives=3, device=device, seed=0)
+    restored.load_state_dict(buffer.state_dict())
+    assert restored.num_seen == buffer.num_seen == 16
 
 
 def test_shape_change_error_says_to_resize_in_source(xp, device):

@@ -131,6 +131,31 @@ def test_seeds_that_differ_per_rank_take_the_shared_draws_from_rank_0(transport,
     assert [r["digest"] for r in first.values()] == [r["digest"] for r in second.values()]
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_mix_add_sample_after_close_raise(transport, tmp_path):
+    results, _ = run(transport, 2, "use_after_close", tmp_path,
+                     launcher=None if transport == "mpi" else "spawn")
+    for r in results.values():
+        assert r["num_seen"] == 12                    # the three steps before close
+        for name, message in r["errors"].items():
+            assert message and "closed RehearsalBuffer" in message, (name, message)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_close_from_another_thread_ends_a_thread_in_mix(transport, tmp_path):
+    """Rank 0's main thread closes the buffer while another of its threads is
+    taking (collective) steps: no deadlock; that thread stops with an error,
+    and rank 1 learns that rank 0 closed its buffer."""
+    results, _ = run(transport, 2, "close_from_another_thread", tmp_path,
+                     launcher=None if transport == "mpi" else "spawn")
+    first, second = results[0], results[1]
+    assert first["thread_alive"] is False and first["close_s"] < 30
+    assert first["steps"] >= 20 and first["error"] in ("RuntimeError", "RemoteError"), first
+    assert second["error"] == "RemoteError", second
+    assert "rank 0 closed its buffer" in second["message"], second
+    assert abs(first["steps"] - second["steps"]) <= 2
+
+
 @pytest.fixture
 def mnist_dir(tmp_path, mnist):
     (tmp_path / "mnist").symlink_to(Path(mnist[0]).parent)

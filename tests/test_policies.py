@@ -464,3 +464,109 @@ def test_state_from_samples_is_a_valid_state(name):
     np.testing.assert_array_equal(policy.slot_labels[:6], labels)
     policy.offer(np.full(30, 8, np.int64))          # free slots first, then shares
     assert policy.size == 10
+
+
+# ------------------------------------------------------------- many classes
+class _ManyClassesReference:
+    """class_balanced as documented, one sample at a time, every share and
+    every excess recomputed over all classes at each decision (NumPy arrays:
+    straightforward, and fast enough for thousands of classes)."""
+
+    def __init__(self, capacity, rng, max_classes):
+        self.capacity, self.rng = capacity, rng
+        self.size = 0
+        self.index, self.lists = {}, []
+        self.count = np.zeros(max_classes, np.int64)
+        self.seen = np.zeros(max_classes, np.int64)
+
+    def _quota(self):
+        k = len(self.lists)
+        base, extra = divmod(self.capacity, k)
+        return base + (np.arange(k) < extra)
+
+    def _shuffle_over_share(self):
+        over = np.flatnonzero(self.count[: len(self.lists)] > self._quota())
+        for c in over.tolist():          # in order of first appearance
+            self.lists[c] = self.rng.permutation(np.array(self.lists[c], np.int64)).tolist()
+
+    def offer_one(self, label):
+        c = self.index.get(label)
+        if c is None:
+            c = self.index[label] = len(self.lists)
+            self.lists.append([])
+            if self.size == self.capacity:
+                self._shuffle_over_share()
+        self.seen[c] += 1
+        if self.size < self.capacity:
+            self.lists[c].append(self.size)
+            self.count[c] += 1
+            self.size += 1
+            if self.size == self.capacity:
+                self._shuffle_over_share()
+            return self.size - 1
+        quota = self._quota()
+        if self.count[c] < quota[c]:
+            giver = int(np.argmax(self.count[: len(self.lists)] - quota))   # first among equals
+            slot = self.lists[giver].pop()
+            self.count[giver] -= 1
+            self.lists[c].append(slot)
+            self.count[c] += 1
+            return slot
+        if quota[c] == 0:
+            return -1
+        j = min(int(self.rng.random() * self.seen[c]), int(self.seen[c]) - 1)
+        return self.lists[c][j] if j < self.count[c] else -1
+
+
+def _many_class_streams():
+    rng = np.random.default_rng(8)
+    n = 6000
+    return {
+        # every label new, small and large ones (past the lookup table)
+        "every-label-new": rng.permutation(np.concatenate([
+            rng.choice(60_000, 2000, replace=False),
+            70_000 + rng.choice(10**12, 2000, replace=False)])),
+        # new classes keep arriving while the old ones recur: classes seen
+        # grow past the capacity
+        "growing-label-space": (rng.random(n) * (1 + np.arange(n) // 2)).astype(np.int64),
+        # 62-bit labels, a few frequent, most rare (about 900 classes)
+        "skewed-large-labels": rng.integers(0, 2**62, 5000)[
+            np.minimum(rng.zipf(1.1, n), 5000) - 1],
+    }
+
+
+@pytest.mark.parametrize("stream", sorted(_many_class_streams()))
+@pytest.mark.parametrize("capacity", [300, 2500])
+def test_class_balanced_decisions_at_many_classes_match_the_reference(stream, capacity):
+    """Thousands of classes, below and beyond the capacity, random batch sizes
+    (1 to 200), and a state round trip half way: every batch's writes, the
+    classes' slots and the random stream are those of the reference."""
+    labels = _many_class_streams()[stream].astype(np.int64)
+    policy = ClassBalanced(capacity, np.random.default_rng(4))
+    reference = _ManyClassesReference(capacity, np.random.default_rng(4), len(np.unique(labels)))
+    sizes = np.random.default_rng(capacity).integers(1, 201, size=len(labels))
+    start, restored = 0, False
+    while start < len(labels):
+        if not restored and start >= len(labels) // 2:
+            fresh = ClassBalanced(capacity, np.random.default_rng(99))
+            fresh.load_state_dict(policy.state_dict())
+            policy, restored = fresh, True
+        batch = labels[start:start + int(sizes[start])]
+        batch_index, slots = policy.offer(batch)
+        last = {}
+        for i, label in enumerate(batch.tolist()):
+            slot = reference.offer_one(label)
+            if slot >= 0:
+                last.pop(slot, None)
+                last[slot] = i
+        assert list(zip(batch_index.tolist(), slots.tolist())) == sorted(
+            (i, s) for s, i in last.items()), f"batch at {start}"
+        start += len(batch)
+    assert policy.size == reference.size == capacity
+    assert len(policy.class_labels) == len(reference.lists)
+    labels_of = {c: label for label, c in reference.index.items()}
+    assert policy.class_counts() == {labels_of[c]: len(s) for c, s in
+                                     enumerate(reference.lists) if s}
+    for c, members in enumerate(reference.lists):
+        np.testing.assert_array_equal(policy.slot_labels[members], labels_of[c])
+    assert policy.rng.bit_generator.state == reference.rng.bit_generator.state

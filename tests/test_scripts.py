@@ -233,6 +233,21 @@ def test_bench_kernels_gpu(tmp_path):
     assert {r["mode"] for r in data["results"]} >= {"eager"}
 
 
+def test_bench_policies(tmp_path):
+    out = tmp_path / "p.json"
+    proc = _run([sys.executable, PIPELINES / "bench_policies.py", "--classes", "10", "300",
+                 "--capacity", "100", "--steps", "3", "--repeats", "2", "--out", out],
+                tmp_path, timeout=120)
+    data = json.loads(out.read_text())
+    assert data["script"] == "bench_policies"
+    measured = {(r["classes"], r["policy"], r["stream"]) for r in data["results"]}
+    assert measured == {(c, p, s) for c in (10, 300) for p in ("class_balanced", "reservoir")
+                        for s in ("new", "known")}
+    for r in data["results"]:
+        assert len(r["ms_per_step"]) == 2 and r["median_ms"] > 0
+    assert "command: " in proc.stdout and "load average" in proc.stdout
+
+
 GS_TINY = TINY + ["--compute-ms", "5", "--grad-mb", "0.25"]
 
 

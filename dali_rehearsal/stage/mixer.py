@@ -228,18 +228,21 @@ class Mixer:
         self._fill(step)
         if step.fresh == 0 and self.plan is None:
             self._end_epoch()               # the source's epoch ended before this step
-        reps = self.buffer.begin_step(active=True)
-        if reps is None:
-            # another process ended its epoch: this step's fresh rows open the next one
-            log.log(self.buffer.log_level, "epoch %d ends early on rank %d (another rank ended "
-                    "its epoch); %d fresh samples open the next epoch", self.epoch,
-                    self.buffer.rank, step.fresh)
-            self._end_epoch(synced=True)
-        if step.fresh + reps.count == 0:
-            # nothing to deliver (an empty buffer): DALI cannot pass an empty batch
-            self._end_epoch()
-        self._step = None
-        return self._finish(step, reps)
+        # From the representatives to the insert, no other thread uses the buffer.
+        with self.buffer.lock:
+            reps = self.buffer.begin_step(active=True)
+            if reps is None:
+                # another process ended its epoch: this step's fresh rows open the next one
+                log.log(self.buffer.log_level, "epoch %d ends early on rank %d (another rank "
+                        "ended its epoch); %d fresh samples open the next epoch", self.epoch,
+                        self.buffer.rank, step.fresh)
+                self._end_epoch(synced=True)
+            if step.fresh + reps.count == 0:
+                # nothing to deliver (an empty buffer): DALI cannot pass an empty batch
+                self._end_epoch()
+            self._step = None
+            rows = self._insert(step, reps)
+        return self._finish(step, rows)
 
     # ------------------------------------------------------------ fresh rows
     def _fetch(self) -> None:
@@ -321,8 +324,10 @@ class Mixer:
             step.fresh += k
 
     # ------------------------------------------------------------ the output
-    def _finish(self, step: _Step, reps):
-        fresh, out, flags = step.fresh, step.out, step.flags
+    def _insert(self, step: _Step, reps) -> int:
+        """Writes the representatives after the fresh rows and inserts the
+        fresh rows; returns the row count."""
+        fresh = step.fresh
         if fresh + reps.count > self.out_batch_size:
             raise ValueError(f"{fresh} fresh + {reps.count} representatives exceed the mixing "
                              f"pipeline's batch size {self.out_batch_size}")
@@ -332,8 +337,11 @@ class Mixer:
         # come then): that round opens then (None), so that every process ends
         # its epoch at the same step; the worker still builds it ahead.
         next_active = self.steps + 1 < self._epoch_steps if self.plan is not None else None
-        rows = self.buffer.end_step(out, fresh, step.labels, reps, stream=self._stream,
+        return self.buffer.end_step(step.out, fresh, step.labels, reps, stream=self._stream,
                                     next_active=next_active)
+
+    def _finish(self, step: _Step, rows: int):
+        fresh, out, flags = step.fresh, step.out, step.flags
         if self.replay_flag:
             flags[:fresh] = FRESH
             flags[fresh:rows] = REPLAYED

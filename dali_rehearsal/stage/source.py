@@ -148,8 +148,9 @@ class SourceStream:
                              f"{e}") from e
         if self.layouts is None:
             self.layouts = [str(o.layout() or "") for o in outputs]
-        arrays, labels = self.buffer.check_batch(fields, self.stream)
-        self.buffer.ensure_storage(arrays)
+        with self.buffer.lock:      # another thread's first batch may fix the layout
+            arrays, labels = self.buffer.check_batch(fields, self.stream)
+            self.buffer.ensure_storage(arrays)
         self.batch, self.labels = arrays, labels
 
     def take(self, n: int, out, offset: int, labels) -> None:

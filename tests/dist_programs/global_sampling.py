@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -458,6 +459,63 @@ def add_during_round():
     return dict(stats, early_inserts=len(early))
 
 
+def use_after_close():
+    """``mix``, ``add`` and ``sample`` on a closed buffer raise a RuntimeError
+    that says so, and change nothing."""
+    buf = dr.RehearsalBuffer(capacity=20, num_representatives=3, device=DEVICE, seed=1,
+                             comm=COMM, timeout=TIMEOUT)
+    for step in range(3):
+        buf.mix(*ident_batch(step, 4))
+    buf.close()
+    errors = {}
+    for name, call in (("mix", lambda: buf.mix(*ident_batch(9, 4))),
+                       ("add", lambda: buf.add(*ident_batch(9, 4))),
+                       ("sample", lambda: buf.sample())):
+        try:
+            call()
+            errors[name] = None
+        except RuntimeError as e:
+            errors[name] = str(e)
+    buf.close()                                  # idempotent
+    return {"errors": errors, "num_seen": buf.num_seen}
+
+
+def close_from_another_thread():
+    """Rank 0 closes its buffer from its main thread while another of its
+    threads takes steps (mix() holds the buffer's lock while it waits for the
+    round): close returns, that thread's steps end with an error, and rank 1
+    is told that rank 0 closed its buffer."""
+    buf = dr.RehearsalBuffer(capacity=20, num_representatives=3, device=DEVICE, seed=1,
+                             comm=COMM, timeout=TIMEOUT)
+    result = {"steps": 0, "error": None}
+
+    def steps():
+        try:
+            while result["steps"] < 100_000:
+                buf.mix(*ident_batch(result["steps"] % 1000, 4))
+                result["steps"] += 1
+        except Exception as e:        # noqa: BLE001 - recorded
+            result.update(error=type(e).__name__, message=str(e))
+
+    if RANK == 0:
+        thread = threading.Thread(target=steps, daemon=True)
+        thread.start()
+        while result["steps"] < 20 and thread.is_alive():
+            time.sleep(0.01)
+        start = time.monotonic()
+        buf.close()
+        result["close_s"] = time.monotonic() - start
+        thread.join(2 * TIMEOUT)
+        result["thread_alive"] = thread.is_alive()
+    else:
+        steps()
+        try:
+            buf.close()
+        except Exception as e:        # noqa: BLE001 - recorded
+            result["close_error"] = f"{type(e).__name__}: {e}"
+    return result
+
+
 def collectives():
     """The transport's blocking collectives (checkpoints use them)."""
     from dali_rehearsal.exchange import make_transport
@@ -470,7 +528,8 @@ def collectives():
 
 
 SCENARIOS = {f.__name__: f for f in (collectives, pairing, uniform, reproducible, seed_per_rank,
-                                     uneven, stage_failure, add_during_round)}
+                                     uneven, stage_failure, add_during_round, use_after_close,
+                                     close_from_another_thread)}
 FAILURES = ("raise_in_mix", "raise_outside", "close_early", "one_fewer", "uncaught", "sys_exit",
             "exit", "interrupt", "sigkill", "hang", "float_labels", "big_labels",
             "object_dtype", "capacity", "seed")
