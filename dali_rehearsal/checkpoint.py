@@ -590,15 +590,17 @@ def save(buffer, policy, path, *, allow_other_files: bool = False) -> None:
             try:
                 channel.run("commit", commit, errors=_SAVE_ERRORS)
             except BaseException:
-                if channel.in_step and not committed:     # nobody needs the new files
+                if committed:
+                    writer.clean_up({e["file"] for e in entries})
+                elif channel.in_step:        # nobody needs the new files
                     for done in written:
                         _remove(os.path.join(path, done))
                     if writer is not None:
                         writer.abandon()
                 raise
-            finally:
-                if committed:
-                    writer.clean_up({e["file"] for e in entries})
+            # Every process returns once the directory holds the new checkpoint alone.
+            channel.run("clean up", lambda: writer.clean_up({e["file"] for e in entries})
+                        if writer is not None else None)
         finally:
             if writer is not None:
                 writer.release()
@@ -645,7 +647,8 @@ def _read_manifest(path: str) -> tuple[dict, str]:
     try:
         outer = load_json(raw, file)
     except CheckpointError as e:
-        raise CheckpointError(f"{file} is corrupted ({e})") from None
+        raise CheckpointError(f"{file} is corrupted ({str(e).removeprefix(file + ': ')})") \
+            from None
     try:
         body = outer["body"]
         ok = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() \
@@ -864,7 +867,7 @@ def _prepare_exact(buffer, policy, path, entry, shards, digest=None) -> _Prepare
         _compare(buffer, _check_settings(shard.state["settings"]), _SETTINGS)
         checked = _check(shard.state, policy)
         sampler_state = _check_sampler_state(buffer.sampler, checked.sampler_state)
-        _check_storage(buffer, checked.spec, "the checkpoint")
+        _check_storage(buffer, checked.spec, shard.file)
     except CheckpointError as e:
         raise _in_file(shard.file, e) from None
     fields = [f.read() if isinstance(f, _FieldReader) else f for f in checked.fields]

@@ -12,7 +12,8 @@ files it can tell it wrote:
   file of save ``<save id>`` exists, removed once that save is committed
   and cleaned up; while it exists, the files named after that save id
   (its shards and the temporary files of its shards and manifest) are the
-  library's too (left behind by a save that was killed or failed).
+  library's too (left behind by a save that was killed or failed), and so
+  are the shards of the manifest that save replaces, which it lists.
 
 A directory that holds anything else is refused (FileExistsError naming the
 files), unless ``save(path, allow_other_files=True)``: the checkpoint is
@@ -137,8 +138,9 @@ class DirectoryWriter:
         self._key = None
         self._fd = None
         self.locked = False
-        self._previous: set[str] = set()
+        self._previous: set[str] = set()       # the shards of the manifest in place
         self._pending: dict[str, str] = {}     # save id -> its marker's name
+        self._replaced: set[str] = set()       # shards the markers say their saves replace
 
     # ------------------------------------------------------------ begin
     def begin(self) -> str:
@@ -148,13 +150,19 @@ class DirectoryWriter:
         written then (and the lock is released)."""
         try:
             os.makedirs(self.path, exist_ok=True)
+            if not os.path.lexists(os.path.join(self.path, LOCK)):
+                # No save went through here: refuse before writing the lock file
+                # (with a lock file, what another save is changing is no reason).
+                self._survey()
             self._lock()
-            self._survey()
-            # Its name is what counts: written in place, synced before any other file.
+            self._survey()          # what the directory holds, no other save changing it
+            # Written in place and synced before any other file of the save: it
+            # names them (by the save id) and the shards its manifest replaces.
             marker = PENDING + self.save_id
             with open(os.path.join(self.path, marker), "xb") as f:
                 f.write(json.dumps({"save_id": self.save_id, "pid": os.getpid(),
-                                    "time": time.time()}).encode())
+                                    "time": time.time(),
+                                    "replaces": sorted(self._previous)}).encode())
                 os.fsync(f.fileno())
             self._pending[self.save_id] = marker
             fsync_dir(self.path)
@@ -209,12 +217,13 @@ class DirectoryWriter:
                 f"{os.path.join(self.path, MANIFEST)} is not a manifest written by "
                 "dali_rehearsal (unreadable, or another program's): save() never replaces it. "
                 "Save into another directory, or remove it if it is a damaged checkpoint")
-        self._pending = {}
+        self._pending, self._replaced = {}, set()
         for name in names:
             match = _PENDING.fullmatch(name)
             if match:
                 self._pending[match.group("id")] = name
-        known = {MANIFEST, LOCK} | self._previous | set(self._pending.values())
+                self._replaced |= _replaced_by(os.path.join(self.path, name))
+        known = {MANIFEST, LOCK} | self._previous | self._replaced | set(self._pending.values())
         unknown = sorted(n for n in names - known if _save_id_of(n) not in self._pending)
         if unknown and not self.allow_other_files:
             shown = ", ".join(unknown[:_NAMED]) + (f" and {len(unknown) - _NAMED} more"
@@ -237,8 +246,8 @@ class DirectoryWriter:
         what saves that never committed left behind (their files, then their
         marker), keeping ``keep`` (the new manifest's shards). Without a lock
         only this save's own leftovers: other saves may be under way."""
-        doomed = {n for n in self._previous if n not in keep}
         ids = set(self._pending) if self.locked else {self.save_id}
+        doomed = (self._previous | (self._replaced if self.locked else set())) - keep
         try:
             names = os.listdir(self.path)
         except OSError as e:
@@ -274,6 +283,17 @@ class DirectoryWriter:
             with _saving_lock:
                 _saving.discard(self._key)
             self._key = None
+
+
+def _replaced_by(marker: str) -> set[str]:
+    """The shards a pending save's marker says its manifest replaces (none
+    when the marker cannot be read: then that save never got to write)."""
+    try:
+        with open(marker, "rb") as f:
+            listed = load_json(f.read(16 << 20), marker).get("replaces")
+    except (OSError, CheckpointError, AttributeError):
+        return set()
+    return {n for n in listed if is_shard_name(n)} if isinstance(listed, list) else set()
 
 
 def _remove(file: str) -> None:

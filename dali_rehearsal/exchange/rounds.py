@@ -163,7 +163,7 @@ def _notes(transport: Transport, payload: dict, what: str) -> list[dict]:
 
 def _doing(kind: int, steps: int, note: str | None) -> str:
     """What a process whose row says ``kind`` is doing, as in "rank 1 ..."."""
-    after = f" after {steps} step{'s' if steps != 1 else ''}"
+    after = "" if steps < 0 else f" after {steps} step{'s' if steps != 1 else ''}"
     return {ACTIVE: "is in a step (mix() or the DALI stage)" + after,
             IDLE: "is in a step (its epoch has ended)" + after,
             FAILED: (note or "failed") + after,
@@ -302,9 +302,10 @@ def announce(t: Transport, kind: int, what: str) -> None:
     are in another call (building a buffer, another checkpoint call)."""
     settings = {"call": _CALL[kind]}
     row = np.zeros(_COLUMNS, dtype=np.int64)
-    row[_KIND], row[_SETTINGS] = kind, _hash(settings)
+    row[_KIND], row[_SETTINGS], row[_STEPS] = kind, _hash(settings), -1    # (steps unknown)
     exchange_status(t, row, settings=settings, layout=None, note=None,
-                    what=f"the other processes to join {what}",
+                    what=f"the other processes to join {what} (every process must call it at "
+                    "the same point)",
                     notes_what=f"the notes of {what}")
 
 
@@ -582,7 +583,12 @@ class GlobalSampler:
             rnd.number, rnd.steps = self.resume_round, self._steps
             channel = Channel(self.transport, what)
             try:
-                self._status_round(rnd, f"the other processes to join {what}")
+                self._status_round(rnd, f"the other processes to join {what} (every process "
+                                        "must call it at the same point)")
+            except BaseException as e:     # the processes are not in the same call
+                self._stop(e)
+                raise
+            try:
                 yield channel
             except BaseException as e:
                 if not channel.in_step:
