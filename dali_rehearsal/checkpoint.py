@@ -573,6 +573,8 @@ def save(buffer, policy, path, *, allow_other_files: bool = False) -> None:
                 if channel.in_step:          # every process has stopped writing
                     for done in written:
                         _remove(os.path.join(path, done))
+                    if writer is not None:
+                        writer.abandon()
                 raise
             from . import __version__
             body = {"format": DIR_FORMAT, "version": DIR_VERSION, "save_id": save_id,

@@ -421,7 +421,8 @@ def test_a_communicator_of_another_kind_is_refused():
 
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (-1.0, ValueError), ("60", TypeError),
                                         (True, TypeError), (float("nan"), ValueError),
-                                        (float("-inf"), ValueError), (np.float64("nan"), ValueError)])
+                                        (float("-inf"), ValueError),
+                                        (np.float64("nan"), ValueError)])
 def test_the_timeout_is_checked(bad, error):
     from dali_rehearsal.exchange.transport import check_timeout
     with pytest.raises(error, match="timeout must be None or a number of seconds > 0"):

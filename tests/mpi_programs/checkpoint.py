@@ -370,9 +370,10 @@ def split_paths(comm, out_dir):
             "other": sorted(os.listdir(other))}
 
 
-SCENARIOS = {"split_paths": split_paths, "forged_seed": forged_seed, "roundtrip": roundtrip, "save": save, "load": load,
+SCENARIOS = {"roundtrip": roundtrip, "save": save, "load": load,
              "selection_counts": selection_counts, "corrupt": corrupt, "save_loop": save_loop,
-             "save_forever": save_forever, "hostile_loads": hostile_loads}
+             "save_forever": save_forever, "hostile_loads": hostile_loads,
+             "forged_seed": forged_seed, "split_paths": split_paths}
 
 
 def main():
