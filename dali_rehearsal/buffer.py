@@ -460,13 +460,22 @@ class RehearsalBuffer:
         with self._lock:
             checkpoint.load_state_dict(self, self._policy, self._wrote, state)
 
-    def save(self, path) -> None:
+    def save(self, path, *, allow_other_files: bool = False) -> None:
         """Writes a checkpoint directory at ``path`` (NumPy files and JSON, no
         pickle, no PyTorch): atomically, with checksums. With ``comm`` this is
         a collective call: every process writes its shard into the same
-        directory (a filesystem every process can reach)."""
+        directory (a filesystem every process can reach).
+
+        The directory is the checkpoint's own: ``save`` refuses one that holds
+        files it did not write (``FileExistsError``), unless
+        ``allow_other_files=True`` (the checkpoint is then written next to
+        them, and they are left untouched), and never deletes or replaces a
+        file it did not write. One save at a time per directory: a concurrent
+        ``save`` into it raises
+        :class:`~dali_rehearsal.checkpoint.ConcurrentSaveError`; the previous
+        checkpoint or one complete new one always loads."""
         with self._lock:
-            checkpoint.save(self, self._policy, path)
+            checkpoint.save(self, self._policy, path, allow_other_files=allow_other_files)
 
     def load(self, path, *, resize: bool = False) -> None:
         """Restores a checkpoint directory written by :meth:`save` into this new

@@ -20,16 +20,28 @@ writes a manifest last::
 
     path/manifest.json                       what the checkpoint holds, with
                                              the SHA-256 of every shard file
-    path/shard-<id>-<rank>-of-<N>.npz        one shard: NumPy .npy members
-                                             (read with allow_pickle=False)
+    path/shard-<id>-<rank>-of-<N>.npz        one shard: stored .npy members
                                              and a "meta" member (UTF-8 JSON)
+    path/.dali-rehearsal.lock                the writers' lock (see below)
 
 Writing is atomic: each file is written under a temporary name, flushed to
 disk (fsync) and renamed; shard names are new for every save and the
 manifest is replaced last, so a crash at any point leaves the previous
 checkpoint loadable (files of an unfinished save are removed by the next
-successful one). Loading verifies the manifest's own checksum and each shard
-file's SHA-256 before reading it.
+successful one). The directory is the library's own: ``save`` refuses a
+directory holding files it did not write (unless ``allow_other_files=True``,
+which leaves them untouched) and never deletes or replaces such a file; one
+writer at a time holds the directory's lock, a concurrent ``save`` raises
+:class:`ConcurrentSaveError` (:mod:`dali_rehearsal.checkpoint_directory`).
+
+Loading costs what the files hold: the manifest's own checksum and each
+shard file's size and SHA-256 are verified, then every size a file declares
+is checked against the bytes it holds before anything is allocated
+(compressed members, overlapping members, object dtypes, deep JSON are
+refused), and the layout's storage against the machine's memory: a hostile
+or damaged checkpoint is a :class:`CheckpointError` naming the file and the
+member (:mod:`dali_rehearsal.checkpoint_files`). Counters and seeds are
+range-checked like the buffer's own arguments.
 
 A directory written by ``N`` processes loads on ``M`` processes (elastic
 restore; every process must be able to read every shard file, e.g. a shared
@@ -42,9 +54,14 @@ shared out with them, so insertion continues as if one buffer had seen the
 whole stream. The random streams are the new buffers' own (their seeds): they
 cannot continue those of another number of processes.
 
-Collective calls (``save`` and ``load`` with a communicator) use
-:func:`dali_rehearsal.exchange.make_transport`: every process must call them,
-and a failure on one process raises on every process.
+Collective calls (``save`` and ``load`` with a communicator) run over the
+buffer's exchange (:func:`dali_rehearsal.exchange.collective.open_channel`):
+every process must call them at the same point, each wait is bounded by the
+buffer's ``timeout``, a failure on one process raises on every process, and
+processes that are in another call (a step, ``close``, the other checkpoint
+call, building a buffer) raise
+:class:`~dali_rehearsal.exchange.CollectiveMismatchError` saying what each was
+doing.
 """
 
 from __future__ import annotations
@@ -53,16 +70,19 @@ import hashlib
 import json
 import logging
 import os
-import secrets
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
+from .checkpoint_directory import MANIFEST, ConcurrentSaveError, DirectoryWriter, \
+    is_shard_name, shard_name, shard_temporary
+from .checkpoint_files import MAX_META_BYTES, CheckpointError, HashingWriter, ShardFile, \
+    check_depth, load_json, write_atomically, write_shard
 from .policies import check_rng_state, make_policy
 from .storage import FieldSpec
 
-__all__ = ["CheckpointError", "state_dict", "load_state_dict", "save", "load"]
+__all__ = ["CheckpointError", "ConcurrentSaveError", "state_dict", "load_state_dict", "save",
+           "load"]
 
 log = logging.getLogger("dali_rehearsal")
 
@@ -70,7 +90,6 @@ FORMAT = "dali_rehearsal.RehearsalBuffer"
 VERSION = 2
 DIR_FORMAT = "dali_rehearsal.checkpoint"
 DIR_VERSION = 1
-MANIFEST = "manifest.json"
 
 #: settings a checkpoint must share with the buffer that loads it
 _SETTINGS = ("capacity", "num_representatives", "policy", "label_index", "sampling", "rank",
@@ -78,12 +97,16 @@ _SETTINGS = ("capacity", "num_representatives", "policy", "label_index", "sampli
 #: dtypes PyTorch tensors hold (native byte order); others travel as raw bytes
 _TORCH_DTYPES = {"bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64",
                  "uint64", "float16", "float32", "float64", "complex64", "complex128"}
-_READ_CHUNK = 64 << 20
+#: Counters (offers, rounds) read from a checkpoint stay below this, so that
+#: they can go on counting in int64.
+_COUNTER_MAX = 2**62
+#: Bytes a sample may declare (a sane bound; storage is checked against memory).
+_SAMPLE_MAX_BYTES = 2**40
+#: The most bytes a manifest may hold.
+_MANIFEST_MAX_BYTES = 64 << 20
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into this buffer: corrupted,
-    inconsistent, or saved with other settings. Nothing was changed."""
+# Shard files are written by checkpoint_files (these names are kept for tests).
+_HashingWriter, _write_shard = HashingWriter, write_shard
 
 
 # ====================================================================== state
@@ -209,6 +232,43 @@ def _check_settings(settings) -> dict:
     return {k: (v if isinstance(v, str) else int(v)) for k, v in settings.items()}
 
 
+def _count(shape) -> int:
+    """The number of values of ``shape`` (Python integers: no overflow)."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _sample_bytes(spec) -> int:
+    return sum(_count(f.shape) * np.dtype(f.dtype).itemsize for f in spec)
+
+
+def _memory_limit(buffer) -> int | None:
+    """Bytes of memory the buffer's storage could ever get (None: unknown)."""
+    try:
+        if buffer.backend.is_gpu:
+            import cupy
+            return int(cupy.cuda.Device().mem_info[1])
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except Exception:   # no such query here
+        return None
+
+
+def _check_storage(buffer, spec, where: str) -> None:
+    """Refuses a layout whose storage (``capacity`` samples) cannot fit in the
+    machine's memory, before anything is allocated."""
+    if spec is None:
+        return
+    need = buffer.capacity * _sample_bytes(spec)
+    limit = _memory_limit(buffer)
+    if limit is not None and need > limit:
+        raise CheckpointError(
+            f"{where}: its layout ({', '.join(f.describe() for f in spec)}) needs {need} bytes "
+            f"for capacity={buffer.capacity}, more than this machine's {buffer.device} memory "
+            f"({limit} bytes)")
+
+
 def _check_layout(layout, label_index: int):
     if layout is None:
         return None
@@ -217,7 +277,7 @@ def _check_layout(layout, label_index: int):
     if label_index >= len(layout):
         raise CheckpointError(f"label_index={label_index} but the layout has {len(layout)} "
                               "fields")
-    spec, encodings = [], []
+    spec, encodings, per_sample = [], [], 0
     for i, entry in enumerate(layout):
         if not isinstance(entry, dict) or set(entry) != {"shape", "dtype", "encoding"}:
             raise CheckpointError(f"layout of field {i} must have shape, dtype and encoding")
@@ -236,10 +296,14 @@ def _check_layout(layout, label_index: int):
         if entry["encoding"] not in ("array", "bytes"):
             raise CheckpointError(f"layout of field {i}: unknown encoding "
                                   f"{entry['encoding']!r}")
+        per_sample += _count(shape) * dtype.itemsize
+        if per_sample > _SAMPLE_MAX_BYTES:
+            raise CheckpointError(f"layout of field {i}: shape {list(shape)} makes samples of "
+                                  f"more than {_SAMPLE_MAX_BYTES} bytes")
         spec.append(FieldSpec(tuple(int(d) for d in shape), dtype))
         encodings.append(entry["encoding"])
     label = spec[label_index]
-    if label.dtype.kind not in "iu" or int(np.prod(label.shape, dtype=np.int64)) != 1:
+    if label.dtype.kind not in "iu" or _count(label.shape) != 1:
         raise CheckpointError(f"the label field {label_index} must hold one integer per "
                               f"sample, got {label.describe()}")
     return tuple(spec), encodings
@@ -269,6 +333,22 @@ def _int64_labels(values: np.ndarray, what: str) -> np.ndarray:
     return values.astype(np.int64)
 
 
+def _check_counters(policy_state: dict) -> None:
+    """Counts of offers and samples must leave room to go on counting."""
+    for key in ("size", "num_seen"):
+        value = policy_state.get(key)
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) \
+                and not -1 < value < _COUNTER_MAX:
+            raise CheckpointError(f"policy state: {key}={value} is out of range [0, 2**62)")
+    for key in ("class_seen", "class_counts"):
+        value = policy_state.get(key)
+        if isinstance(value, np.ndarray) and value.dtype.kind in "iu" and value.ndim == 1:
+            total = sum(value.tolist())              # Python integers: no wrap-around
+            if not -1 < total < _COUNTER_MAX:
+                raise CheckpointError(f"policy state: {key} sums to {total}, out of range "
+                                      "[0, 2**62)")
+
+
 def _check(state, policy) -> _Checked:
     """Checks a state's structure and consistency against ``policy`` (a
     policy of the saved kind and capacity); changes nothing."""
@@ -291,6 +371,7 @@ def _check(state, policy) -> _Checked:
     if not isinstance(policy_state, dict):
         raise CheckpointError("the policy state must be a dict")
     policy_state = {k: _numpy(v) for k, v in policy_state.items()}
+    _check_counters(policy_state)
     try:
         policy_state = policy.validate_state(policy_state)
     except ValueError as e:
@@ -328,6 +409,7 @@ def _check_sampler_state(sampler, state) -> dict:
     """Checks ``state`` against ``sampler``'s own state: the same keys, values
     of the same kinds, valid random states. Changes nothing."""
     current = sampler.state_dict()
+    check_depth(state, "sampler state")
     try:
         state = _plain(state, "sampler state")
     except TypeError as e:
@@ -353,8 +435,10 @@ def _check_sampler_state(sampler, state) -> dict:
         elif isinstance(ref, (int, np.integer)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise CheckpointError(f"{what} must be an integer, got {value!r}")
-            if key in ("seed", "round") and value < 0:
-                raise CheckpointError(f"{what} must be >= 0, got {value}")
+            if key in ("seed", "round") and not 0 <= value < (2**63 if key == "seed"
+                                                              else _COUNTER_MAX):
+                raise CheckpointError(f"{what} must be in [0, 2**{63 if key == 'seed' else 62})"
+                                      f", got {value}")
         elif isinstance(ref, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise CheckpointError(f"{what} must be a number, got {value!r}")
@@ -431,182 +515,112 @@ def load_state_dict(buffer, policy, wrote, state) -> None:
            _Prepared(checked.spec, fields, checked.policy_state, sampler_state))
 
 
-# ================================================================ transport
-class _Alone:
-    """The transport of a single process."""
-
-    rank, size = 0, 1
-
-    def barrier(self) -> None:
-        pass
-
-    def allgather_bytes(self, data: bytes) -> list[bytes]:
-        return [bytes(data)]
-
-    def close(self) -> None:
-        pass
-
-
-def _transport(buffer):
-    if buffer.world_size == 1 or buffer.comm is None:
-        return _Alone()
-    from .exchange import make_transport
-    return make_transport(buffer.comm)
-
-
-def _gather(transport, value) -> list:
-    """Every process's JSON-able ``value``, in rank order."""
-    return [json.loads(b.decode()) for b in transport.allgather_bytes(json.dumps(value).encode())]
-
-
-def _agree(transport, error: BaseException | None) -> None:
-    """Raises on every process when ``error`` is set on any of them."""
-    messages = _gather(transport, None if error is None
-                       else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    failed = {rank: m for rank, m in enumerate(messages) if m is not None}
-    if failed:
-        raise CheckpointError("the checkpoint operation failed on "
-                              + "; ".join(f"rank {r}: {m}" for r, m in failed.items()))
-
-
-# ==================================================================== files
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class _HashingWriter:
-    """A write-only file that hashes what goes through it (no seek: zipfile
-    then streams with data descriptors)."""
-
-    def __init__(self, f):
-        self._f = f
-        self.sha256 = hashlib.sha256()
-        self.nbytes = 0
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        self.nbytes += len(data)
-        return self._f.write(data)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
-def _write_atomically(directory: str, name: str, write) -> tuple[str, int]:
-    """Writes ``name`` in ``directory`` through ``write(file)`` under a temporary
-    name, fsyncs and renames it. Returns (sha256, bytes)."""
-    tmp = os.path.join(directory, f".{name}.tmp-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as f:
-            writer = _HashingWriter(f)
-            write(writer)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
-    return writer.sha256.hexdigest(), writer.nbytes
-
-
-def _write_shard(f, state: dict) -> None:
-    arrays = {f"fields.{i}": a for i, a in enumerate(state["fields"])}
-    policy_meta = {}
-    for key, value in state["policy"].items():
-        if isinstance(value, np.ndarray):
-            arrays[f"policy.{key}"] = value
-        else:
-            policy_meta[key] = value
-    meta = {k: state[k] for k in ("format", "version", "settings", "layout", "sampler")}
-    meta["policy"] = policy_meta
-    meta["arrays"] = sorted(arrays)
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
-        for name, array in arrays.items():
-            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-            # (a fixed date: the same buffer state gives the same bytes)
-            with z.open(info, "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.ascontiguousarray(array),
-                                          allow_pickle=False)
-
-
-def _shard_name(save_id: str, rank: int, world_size: int) -> str:
-    return f"shard-{save_id}-{rank:05d}-of-{world_size:05d}.npz"
-
-
+# ==================================================================== save
 def _manifest_bytes(body: dict) -> bytes:
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     return json.dumps({"body": body, "sha256": digest}, indent=1, sort_keys=True).encode()
 
 
-def save(buffer, policy, path) -> None:
-    """:meth:`RehearsalBuffer.save`."""
+def _open_channel(buffer, call: str):
+    """The collective call ``call`` ("save", "load") over the buffer's exchange."""
+    from .exchange.collective import open_channel
+    from .exchange.rounds import LOAD, SAVE
+    return open_channel(buffer, SAVE if call == "save" else LOAD, f"{call}()")
+
+
+#: Errors raised again with their own type on the processes where they did not happen.
+_SAVE_ERRORS = (ConcurrentSaveError, FileExistsError, FileNotFoundError, PermissionError)
+_LOAD_ERRORS = (FileNotFoundError, CheckpointError, RuntimeError)
+
+
+def save(buffer, policy, path, *, allow_other_files: bool = False) -> None:
+    """:meth:`RehearsalBuffer.save`: every process writes its shard, rank 0
+    (holding the directory's lock) commits the manifest, then removes the
+    files the new checkpoint replaced."""
     path = os.fspath(path)
-    transport = _transport(buffer)
-    try:
-        error, state = None, None
-        try:
-            state = capture(buffer, policy)
-        except Exception as e:  # reported to every process
-            error = e
-        save_id = _gather(transport, secrets.token_hex(8))[0]
-        _agree(transport, error)
+    with _open_channel(buffer, "save") as channel:
+        captured: dict = {}
 
-        name = _shard_name(save_id, buffer.rank, buffer.world_size)
-        entry, error = None, None
-        try:
-            os.makedirs(path, exist_ok=True)
-            sha, nbytes = _write_atomically(path, name, lambda f: _write_shard(f, state))
-            entry = {"rank": buffer.rank, "file": name, "sha256": sha, "bytes": nbytes,
-                     "settings": state["settings"], "size": state["policy"]["size"],
-                     "num_seen": state["policy"]["num_seen"]}
-        except Exception as e:
-            error = e
-        entries = _gather(transport, entry)
-        try:
-            _agree(transport, error)
-        except BaseException:
-            _remove(os.path.join(path, name))
-            raise
+        def take_state():
+            captured["state"] = capture(buffer, policy)
 
-        # The manifest, replaced last, commits the save.
-        error = None
-        if transport.rank == 0:
+        channel.run("capture", take_state)
+        writer = DirectoryWriter(path, allow_other_files=allow_other_files) \
+            if channel.rank == 0 else None
+        try:
+            save_id = channel.run("begin", writer.begin if writer is not None else lambda: None,
+                                  errors=_SAVE_ERRORS)[0]
+            name = shard_name(save_id, buffer.rank, buffer.world_size)
+            written = []
+
+            def write_shard_file():
+                state = captured["state"]
+                if not os.path.isdir(path):
+                    raise FileNotFoundError(
+                        f"{path} does not exist on this process's filesystem: with several "
+                        "processes the checkpoint directory must be one they all reach")
+                sha, nbytes = write_atomically(
+                    path, name, lambda f: write_shard(f, state), replace=False,
+                    temporary=shard_temporary(save_id, buffer.rank, buffer.world_size))
+                written.append(name)
+                return {"rank": buffer.rank, "file": name, "sha256": sha, "bytes": nbytes,
+                        "settings": state["settings"], "size": state["policy"]["size"],
+                        "num_seen": state["policy"]["num_seen"]}
+
             try:
-                from . import __version__
-                body = {"format": DIR_FORMAT, "version": DIR_VERSION, "save_id": save_id,
-                        "world_size": buffer.world_size, "library_version": __version__,
-                        "shards": entries}
-                _write_atomically(path, MANIFEST, lambda f: f.write(_manifest_bytes(body)))
-            except Exception as e:
-                error = e
-        try:
-            _agree(transport, error)
-        except BaseException:
-            _remove(os.path.join(path, name))
-            raise
-        if transport.rank == 0:
-            _remove_stale(path, {e["file"] for e in entries})
-        log.log(buffer.log_level, "rehearsal buffer: checkpoint saved in %s (%d shard%s, "
-                "%d samples)", path, len(entries), "" if len(entries) == 1 else "s",
-                sum(e["size"] for e in entries))
-    finally:
-        transport.close()
+                entries = channel.run("shards", write_shard_file, errors=_SAVE_ERRORS)
+            except BaseException:
+                if channel.in_step:          # every process has stopped writing
+                    for done in written:
+                        _remove(os.path.join(path, done))
+                    if writer is not None:
+                        writer.abandon()
+                raise
+            from . import __version__
+            body = {"format": DIR_FORMAT, "version": DIR_VERSION, "save_id": save_id,
+                    "world_size": buffer.world_size, "library_version": __version__,
+                    "shards": entries}
+            committed = []
+
+            def commit():
+                if writer is not None:
+                    for entry in entries:
+                        _check_written(path, entry)
+                    writer.commit(_manifest_bytes(body))
+                    committed.append(True)
+
+            try:
+                channel.run("commit", commit, errors=_SAVE_ERRORS)
+            except BaseException:
+                if committed:
+                    writer.clean_up({e["file"] for e in entries})
+                elif channel.in_step:        # nobody needs the new files
+                    for done in written:
+                        _remove(os.path.join(path, done))
+                    if writer is not None:
+                        writer.abandon()
+                raise
+            # Every process returns once the directory holds the new checkpoint alone.
+            channel.run("clean up", lambda: writer.clean_up({e["file"] for e in entries})
+                        if writer is not None else None)
+        finally:
+            if writer is not None:
+                writer.release()
+    log.log(buffer.log_level, "rehearsal buffer: checkpoint saved in %s (%d shard%s, "
+            "%d samples)", path, len(entries), "" if len(entries) == 1 else "s",
+            sum(e["size"] for e in entries))
+
+
+def _check_written(path: str, entry: dict) -> None:
+    """Rank 0 sees every process's shard where the manifest will say it is."""
+    try:
+        size = os.stat(os.path.join(path, entry["file"])).st_size
+    except FileNotFoundError:
+        size = None
+    if size != entry["bytes"]:
+        raise FileNotFoundError(
+            f"rank {entry['rank']}'s shard {entry['file']} is not in {path} as rank 0 sees it: "
+            "every process must save into the same directory, on a filesystem they all reach")
 
 
 def _remove(path: str) -> None:
@@ -616,45 +630,34 @@ def _remove(path: str) -> None:
         pass
 
 
-def _remove_stale(path: str, keep: set) -> None:
-    """Removes shards of earlier (or unfinished) saves and temporary files."""
-    try:
-        names = os.listdir(path)
-    except OSError as e:
-        log.warning("rehearsal buffer: could not list %s to remove old shards: %s", path, e)
-        return
-    for name in names:
-        shard = name.startswith("shard-") and name.endswith(".npz")
-        temporary = name.startswith((".shard-", f".{MANIFEST}")) and ".tmp-" in name
-        if (shard and name not in keep) or temporary:
-            _remove(os.path.join(path, name))
-
-
 # --------------------------------------------------------------- reading
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(1 << 22)
-            if not chunk:
-                return digest.hexdigest()
-            digest.update(chunk)
+class _Replaced(CheckpointError):
+    """A shard of the manifest being loaded is gone: a save() replaced it."""
 
 
-def _read_manifest(path: str) -> dict:
+def _read_manifest(path: str) -> tuple[dict, str]:
+    """The manifest's body, checked, and the SHA-256 of the manifest file."""
     file = os.path.join(path, MANIFEST)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no checkpoint in {path!r} ({MANIFEST} not found)")
-    with open(file, "rb") as f:
-        raw = f.read()
     try:
-        outer = json.loads(raw.decode())
+        with open(file, "rb") as f:
+            raw = f.read(_MANIFEST_MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint in {path!r} ({MANIFEST} not found)") from None
+    if len(raw) > _MANIFEST_MAX_BYTES:
+        raise CheckpointError(f"{file} holds more than {_MANIFEST_MAX_BYTES} bytes: not a "
+                              "checkpoint manifest")
+    try:
+        outer = load_json(raw, file)
+    except CheckpointError as e:
+        raise CheckpointError(f"{file} is corrupted ({str(e).removeprefix(file + ': ')})") \
+            from None
+    try:
         body = outer["body"]
         ok = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() \
             == outer["sha256"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (KeyError, TypeError):
         ok = False
-    if not ok:
+    if not ok or not isinstance(body, dict):
         raise CheckpointError(f"{file} is corrupted (its checksum does not match)")
     if body.get("format") != DIR_FORMAT or body.get("version") != DIR_VERSION:
         raise CheckpointError(f"{file}: unsupported checkpoint format "
@@ -665,18 +668,33 @@ def _read_manifest(path: str) -> dict:
         raise CheckpointError(f"{file}: bad save id {save_id!r}")
     shards = body.get("shards")
     n = body.get("world_size")
-    if not isinstance(n, int) or n < 1 or not isinstance(shards, list) or len(shards) != n \
-            or [s.get("rank") if isinstance(s, dict) else None for s in shards] != list(range(n)):
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or not isinstance(shards, list) \
+            or len(shards) != n or [s.get("rank") if isinstance(s, dict) else None
+                                    for s in shards] != list(range(n)):
         raise CheckpointError(f"{file}: inconsistent shard list")
     for s in shards:
-        if not isinstance(s.get("file"), str) or os.path.basename(s["file"]) != s["file"]:
+        if not is_shard_name(s.get("file")):
             raise CheckpointError(f"{file}: bad shard file name {s.get('file')!r}")
         sha = s.get("sha256")
         if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef"
                                                               for c in sha):
             raise CheckpointError(f"{file}: bad checksum for shard {s['rank']}")
-        _compare_entry(s, n)
-    return body
+        nbytes = s.get("bytes")
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+            raise CheckpointError(f"{file}: bad size for shard {s['rank']}: {nbytes!r}")
+        try:
+            _compare_entry(s, n)
+        except CheckpointError as e:
+            raise CheckpointError(f"{file}: {e}") from None
+    return body, hashlib.sha256(raw).hexdigest()
+
+
+def _manifest_digest(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, MANIFEST), "rb") as f:
+            return hashlib.sha256(f.read(_MANIFEST_MAX_BYTES + 1)).hexdigest()
+    except OSError:
+        return None
 
 
 def _compare_entry(entry: dict, world_size: int) -> None:
@@ -685,123 +703,145 @@ def _compare_entry(entry: dict, world_size: int) -> None:
         raise CheckpointError(f"manifest: shard {entry['rank']} has inconsistent settings")
 
 
-class _FieldReader:
-    """A field of a shard file, read whole or by rows."""
+def _in_file(file: str, error: CheckpointError) -> CheckpointError:
+    """``error`` naming ``file`` (once)."""
+    text = str(error)
+    return type(error)(text if text.startswith(file) else f"{file}: {text}")
 
-    def __init__(self, shard: "_Shard", name: str):
+
+class _FieldReader:
+    """A field of a shard file, read whole or by rows (its size checked
+    against the file, nothing read yet)."""
+
+    def __init__(self, shard: ShardFile, name: str):
         self._shard, self._name = shard, name
-        with shard.open(name) as f:
-            self.shape, self.dtype = _npy_header(f, name)
+        array = shard.array(name)
+        self.shape, self.dtype = array.shape, array.dtype
 
     def read(self) -> np.ndarray:
-        with self._shard.open(self._name) as f:
-            return np.lib.format.read_array(f, allow_pickle=False)
+        return self._shard.read(self._name)
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Rows ``rows`` (increasing), streaming through the member."""
-        row_shape = tuple(self.shape[1:])
-        out = np.empty((len(rows),) + row_shape, dtype=self.dtype)
-        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
-        if len(rows) == 0 or row_bytes == 0:
-            return out
-        per_chunk = max(1, _READ_CHUNK // row_bytes)
-        with self._shard.open(self._name) as f:
-            _npy_header(f, self._name)
-            done = 0
-            for start in range(0, int(self.shape[0]), per_chunk):
-                stop = min(start + per_chunk, int(self.shape[0]))
-                data = f.read((stop - start) * row_bytes)
-                if len(data) != (stop - start) * row_bytes:
-                    raise CheckpointError(f"{self._shard.file}: {self._name} is truncated")
-                chunk = np.frombuffer(data, dtype=self.dtype).reshape((stop - start,) + row_shape)
-                upto = np.searchsorted(rows, stop)
-                out[done:upto] = chunk[rows[done:upto] - start]
-                done = upto
-            f.read()        # to the end: zipfile checks the member's CRC
-        return out
+        return self._shard.read_rows(self._name, rows)
 
 
-def _npy_header(f, name: str):
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    else:
-        raise CheckpointError(f"{name}: unsupported .npy version {version}")
-    if fortran or dtype.hasobject or len(shape) < 1:
-        raise CheckpointError(f"{name}: not a C-ordered array of samples")
-    return tuple(shape), dtype
+_META_KEYS = {"format", "version", "settings", "layout", "sampler", "policy", "arrays"}
 
 
 class _Shard:
-    """One shard file, checksum verified before anything is parsed."""
+    """One shard file (:class:`~.checkpoint_files.ShardFile`: size and
+    checksum verified, every declared size checked against the file) and
+    the state it holds: metadata and policy arrays read, fields not yet."""
 
-    def __init__(self, path: str, entry: dict):
+    def __init__(self, path: str, entry: dict, manifest_digest: str | None = None):
         self.file = os.path.join(path, entry["file"])
-        if not os.path.isfile(self.file):
-            raise FileNotFoundError(f"checkpoint shard {self.file} is missing")
-        if _sha256_file(self.file) != entry.get("sha256"):
-            raise CheckpointError(f"{self.file} is corrupted (its SHA-256 does not match the "
-                                  "manifest)")
         try:
-            self._zip = zipfile.ZipFile(self.file)
-            names = set(self._zip.namelist())
-            meta = json.loads(self.read_array("meta").tobytes().decode())
-        except (zipfile.BadZipFile, ValueError, KeyError, OSError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{self.file} is not a readable shard: {e}") from None
-        if not isinstance(meta, dict) or not isinstance(meta.get("arrays"), list) \
-                or not isinstance(meta.get("policy"), dict) \
-                or names != {f"{n}.npy" for n in meta["arrays"] + ["meta"]}:
-            raise CheckpointError(f"{self.file}: its members do not match its metadata")
-        layout = meta.get("layout")
-        num_fields = 0 if layout is None else len(layout) if isinstance(layout, list) else -1
+            self._f = ShardFile(self.file, entry["sha256"], entry["bytes"])
+        except FileNotFoundError:
+            if manifest_digest is not None and _manifest_digest(path) != manifest_digest:
+                raise _Replaced(f"the checkpoint in {path} was replaced while it was being "
+                                "loaded (a save() into it): load it again") from None
+            raise
+        try:
+            self.state = self._read(entry)
+        except CheckpointError as e:
+            self._f.close()
+            raise _in_file(self.file, e) from None
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _read(self, entry: dict) -> dict:
+        f = self._f
+        meta = f.array("meta")
+        if meta.dtype != np.uint8 or len(meta.shape) != 1 or meta.nbytes > MAX_META_BYTES:
+            raise CheckpointError(f"member meta.npy must hold at most {MAX_META_BYTES} bytes "
+                                  "(uint8) of UTF-8 JSON")
+        meta = load_json(f.read("meta").tobytes(), "member meta.npy")
+        if not isinstance(meta, dict) or set(meta) != _META_KEYS \
+                or not isinstance(meta["arrays"], list) or not isinstance(meta["policy"], dict) \
+                or not all(isinstance(n, str) for n in meta["arrays"]):
+            raise CheckpointError(f"member meta.npy does not describe a shard (keys "
+                                  f"{sorted(_META_KEYS)})")
+        if f.names != {f"{n}.npy" for n in meta["arrays"] + ["meta"]}:
+            raise CheckpointError("its members do not match its metadata")
+        if entry.get("settings") != meta["settings"]:
+            raise CheckpointError("its settings differ from the manifest's")
+        settings = _check_settings(meta["settings"])
+        layout = meta["layout"]
+        num_fields = len(layout) if isinstance(layout, list) else 0
+        fields = [f"fields.{i}" for i in range(num_fields)]
+        policy_arrays = [n for n in meta["arrays"] if n.startswith("policy.")]
+        unexpected = set(meta["arrays"]) - set(fields) - set(policy_arrays)
+        if unexpected:
+            raise CheckpointError(f"unexpected members {sorted(unexpected)}")
+        # The capacity is what the policy's slot list holds: backed by the file.
+        if "policy.slot_labels" not in policy_arrays:
+            raise CheckpointError("member policy.slot_labels.npy is missing")
+        slots = f.array("policy.slot_labels").shape
+        if slots != (settings["capacity"],):
+            raise CheckpointError(f"member policy.slot_labels.npy holds shape {slots}, but the "
+                                  f"capacity is {settings['capacity']}")
         policy = dict(meta["policy"])
-        for n in meta["arrays"]:
-            if isinstance(n, str) and n.startswith("policy."):
-                policy[n[len("policy."):]] = self.read_array(n)
-        field_names = [f"fields.{i}" for i in range(max(num_fields, 0))]
-        self.state = {k: meta.get(k) for k in ("format", "version", "settings", "layout",
-                                                "sampler")}
-        self.state["policy"] = policy
-        self.state["fields"] = [_FieldReader(self, n) for n in field_names
-                                if n in meta["arrays"]]
-        if entry.get("settings") != meta.get("settings"):
-            raise CheckpointError(f"{self.file}: its settings differ from the manifest's")
-
-    def open(self, name: str):
-        return self._zip.open(name + ".npy")
-
-    def read_array(self, name: str) -> np.ndarray:
-        with self.open(name) as f:
-            return np.lib.format.read_array(f, allow_pickle=False)
+        for n in policy_arrays:
+            if n[len("policy."):] in policy:
+                raise CheckpointError(f"policy value {n} appears twice")
+            policy[n[len("policy."):]] = f.read(n)
+        state = {k: meta[k] for k in ("format", "version", "settings", "layout", "sampler")}
+        state["policy"] = policy
+        state["fields"] = [_FieldReader(f, n) for n in fields if n in meta["arrays"]]
+        return state
 
     def close(self) -> None:
-        self._zip.close()
+        self._f.close()
 
 
 # ------------------------------------------------------------------- load
 def load(buffer, policy, wrote, path, *, resize: bool = False) -> None:
-    """:meth:`RehearsalBuffer.load`."""
+    """:meth:`RehearsalBuffer.load`. A single process whose checkpoint is
+    replaced while it reads it (another process saving into the directory)
+    reads the new one."""
     path = os.fspath(path)
-    transport = _transport(buffer)
-    shards: list[_Shard] = []
-    try:
-        mine = {"capacity": buffer.capacity,
-                "entropy": (int(np.random.SeedSequence().entropy) if buffer.seed is None
-                            else int(buffer.seed))}
-        everyone = _gather(transport, mine)
-        prepared, error = None, None
+    alone = buffer.comm is None or buffer.world_size == 1
+    for attempt in range(3):
         try:
-            _check_empty(buffer)
-            manifest = _read_manifest(path)
-            entries = manifest["shards"]
+            return _load(buffer, policy, wrote, path, resize)
+        except _Replaced:
+            if not alone or attempt == 2:
+                raise
+
+
+def _load(buffer, policy, wrote, path, resize: bool) -> None:
+    shards: list[_Shard] = []
+    with _open_channel(buffer, "load") as channel:
+        try:
+            found: dict = {}
+
+            def read_manifest():
+                _check_empty(buffer)
+                found["manifest"], digest = _read_manifest(path)
+                entropy = (int(np.random.SeedSequence().entropy) if buffer.seed is None
+                           else int(buffer.seed))
+                return {"capacity": buffer.capacity, "entropy": entropy, "manifest": digest}
+
+            everyone = channel.run("manifest", read_manifest, error_type=CheckpointError,
+                                   errors=_LOAD_ERRORS)
+            digest = everyone[0]["manifest"]
+            if len({e["manifest"] for e in everyone}) > 1:
+                raise CheckpointError(f"the processes read different manifests in {path}: it "
+                                      "was replaced while they loaded it (a save() into it); "
+                                      "load it again")
+            entries = found["manifest"]["shards"]
             capacities = [e["capacity"] for e in everyone]
-            exact = (manifest["world_size"] == buffer.world_size
+            exact = (len(entries) == buffer.world_size
                      and capacities == [e["settings"]["capacity"] for e in entries])
-            if exact:
-                prepared = _prepare_exact(buffer, policy, path, entries[buffer.rank], shards)
-            else:
+            prepared: dict = {}
+
+            def prepare():
+                if exact:
+                    prepared["state"] = _prepare_exact(buffer, policy, path,
+                                                       entries[buffer.rank], shards, digest)
+                    return
                 saved = {e["settings"]["capacity"] for e in entries}
                 if not resize and saved != set(capacities):
                     raise CheckpointError(
@@ -809,27 +849,29 @@ def load(buffer, policy, wrote, path, *, resize: bool = False) -> None:
                         f"{sorted(set(capacities))}; load(path, resize=True) redistributes "
                         "the samples into buffers of another capacity")
                 seed = [everyone[0]["entropy"]] + [int(e["sha256"][:16], 16) for e in entries]
-                prepared = _prepare_elastic(buffer, policy, path, entries, capacities, seed,
-                                            shards)
-        except Exception as e:  # reported to every process
-            error = e
-        _agree(transport, error)
-        _apply(buffer, policy, wrote, prepared)
-        log.log(buffer.log_level, "rehearsal buffer: checkpoint of %d process(es) loaded "
-                "from %s%s", len(entries), path,
-                "" if exact else f" and redistributed over {buffer.world_size}")
-    finally:
-        for shard in shards:
-            shard.close()
-        transport.close()
+                prepared["state"] = _prepare_elastic(buffer, policy, path, entries, capacities,
+                                                     seed, shards, digest)
+
+            channel.run("prepare", prepare, error_type=CheckpointError, errors=_LOAD_ERRORS)
+            _apply(buffer, policy, wrote, prepared["state"])
+        finally:
+            for shard in shards:
+                shard.close()
+    log.log(buffer.log_level, "rehearsal buffer: checkpoint of %d process(es) loaded "
+            "from %s%s", len(entries), path,
+            "" if exact else f" and redistributed over {buffer.world_size}")
 
 
-def _prepare_exact(buffer, policy, path, entry, shards) -> _Prepared:
-    shard = _Shard(path, entry)
+def _prepare_exact(buffer, policy, path, entry, shards, digest=None) -> _Prepared:
+    shard = _Shard(path, entry, digest)
     shards.append(shard)
-    _compare(buffer, _check_settings(shard.state["settings"]), _SETTINGS)
-    checked = _check(shard.state, policy)
-    sampler_state = _check_sampler_state(buffer.sampler, checked.sampler_state)
+    try:
+        _compare(buffer, _check_settings(shard.state["settings"]), _SETTINGS)
+        checked = _check(shard.state, policy)
+        sampler_state = _check_sampler_state(buffer.sampler, checked.sampler_state)
+        _check_storage(buffer, checked.spec, shard.file)
+    except CheckpointError as e:
+        raise _in_file(shard.file, e) from None
     fields = [f.read() if isinstance(f, _FieldReader) else f for f in checked.fields]
     return _Prepared(checked.spec, fields, checked.policy_state, sampler_state)
 
@@ -880,23 +922,28 @@ def _equal_shares(total: int, available: np.ndarray) -> np.ndarray:
 
 
 def _prepare_elastic(buffer, own_policy, path, entries, capacities, seed,
-                     shards) -> _Prepared:
+                     shards, digest=None) -> _Prepared:
     """Redistributes a checkpoint of ``len(entries)`` processes over this
     buffer's processes (``capacities``): the same plan on every process."""
     states = []
     for entry in entries:
-        shard = _Shard(path, entry)
+        shard = _Shard(path, entry, digest)
         shards.append(shard)
-        saved = _check_settings(shard.state["settings"])
-        # The sampler starts afresh: the sampling mode may differ.
-        _compare(buffer, saved, ("num_representatives", "policy", "label_index"))
-        checker = make_policy(saved["policy"], saved["capacity"], np.random.default_rng(0))
-        states.append(_check(shard.state, checker))
+        try:
+            saved = _check_settings(shard.state["settings"])
+            # The sampler starts afresh: the sampling mode may differ.
+            _compare(buffer, saved, ("num_representatives", "policy", "label_index"))
+            # (the capacity is backed by the file: see _Shard)
+            checker = make_policy(saved["policy"], saved["capacity"], np.random.default_rng(0))
+            states.append(_check(shard.state, checker))
+        except CheckpointError as e:
+            raise _in_file(shard.file, e) from None
     layouts = {None if s.spec is None else tuple((f.shape, f.dtype.str) for f in s.spec)
                for s in states} - {None}
     if len(layouts) > 1:
-        raise CheckpointError("the shards store samples of different layouts")
+        raise CheckpointError(f"{path}: the shards store samples of different layouts")
     spec = next((s.spec for s in states if s.spec is not None), None)
+    _check_storage(buffer, spec, path)
 
     # Every stored sample: (shard, slot, label).
     sizes = np.array([len(s.labels) for s in states], dtype=np.int64)

@@ -210,4 +210,6 @@ def make_sampler(buffer, *, comm, sampling: str, seed, rng: np.random.Generator,
     if size > 1:
         from .exchange import handshake
         handshake(comm, {"sampling": sampling}, timeout=timeout)
-    return LocalSampler(buffer, rng, rank=rank, world_size=size)
+    sampler = LocalSampler(buffer, rng, rank=rank, world_size=size)
+    sampler.timeout = timeout       # bounds the waits of collective checkpoints
+    return sampler

@@ -8,14 +8,21 @@ row can be checked against the sample it claims to be, field by field.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import io
+import itertools
 import json
 import os
 import pickle
+import random
+import struct
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +32,7 @@ from scipy.stats import chisquare
 import dali_rehearsal as dr
 from dali_rehearsal import checkpoint
 from dali_rehearsal._backend import to_host
-from dali_rehearsal.checkpoint import CheckpointError
+from dali_rehearsal.checkpoint import CheckpointError, ConcurrentSaveError
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAM = ROOT / "tests" / "mpi_programs" / "checkpoint.py"
@@ -213,6 +220,7 @@ def _tamperings(policy):
         "negative label": lambda s: (edit_field(1, at(0, -3))(s),
                                      edit_policy("slot_labels", at(0, -3))(s)),
         "negative num_seen": set_in(("policy", "num_seen"), -1),
+        "num_seen with no room left to count": set_in(("policy", "num_seen"), 2**62),
         "negative size": set_in(("policy", "size"), -2),
         "size beyond capacity": set_in(("policy", "size"), 999),
         "extra field": lambda s: s["fields"].append(_np(s["fields"][0])),
@@ -243,6 +251,11 @@ def _tamperings(policy):
             "negative class count": edit_policy("class_counts", at(0, -1)),
             "negative class seen": edit_policy("class_seen", at(0, -5)),
             "class counts disagree with size": edit_policy("class_counts", at(0, 0)),
+            # consistent bookkeeping, counts beyond what int64 can go on counting
+            "offers per class with no room left to count": lambda s: (
+                edit_policy("class_seen", lambda a: a + 2**60)(s),
+                set_in(("policy", "num_seen"),
+                       int(_np(s["policy"]["class_seen"]).sum()))(s)),
         })
     return cases
 
@@ -318,7 +331,15 @@ def test_global_sampler_state_is_checked_before_it_is_applied():
 
     good = {"rng": np.random.default_rng(1).bit_generator.state, "seed": 3, "round": 7}
     assert checkpoint._check_sampler_state(GlobalShaped(), good) == good
+    nested = {"rng": good["rng"], "seed": 3, "round": 7}
+    deep = nested
+    for _ in range(5000):                       # deeper than Python recurses
+        deep["x"] = {}
+        deep = deep["x"]
     for bad, match in [({**good, "round": -1}, "round"), ({**good, "seed": "3"}, "seed"),
+                       # seeds and counters that the exchange cannot hold in int64
+                       ({**good, "seed": 2**64}, "seed"), ({**good, "seed": 2**63}, "seed"),
+                       ({**good, "round": 2**62}, "round"), (nested, "nested"),
                        ({**good, "extra": 1}, "keys"), ({"rng": good["rng"]}, "keys"),
                        ({**good, "rng": {**good["rng"], "uinteger": -1}}, "random state")]:
         with pytest.raises(CheckpointError, match=match):
@@ -492,6 +513,370 @@ def test_process_killed_mid_save_leaves_the_previous_checkpoint(target, tmp_path
     assert len(_shard_files(path)) == 1
 
 
+# ============================================================ a directory of its own
+#: What a user keeps in a directory: names like shards, one exactly like the
+#: library's own, none of them written by it.
+USER_FILES = {"shard-000.npz": b"user data 0", "shard-train-001.npz": b"user data 1",
+              "shard-0123456789abcdef-00000-of-00001.npz": b"not a checkpoint",
+              "notes.txt": b"mine"}
+
+
+def _contents(path):
+    return {p.name: p.read_bytes() for p in Path(path).iterdir() if p.is_file()}
+
+
+def _manifest_files(path):
+    body = json.loads((Path(path) / "manifest.json").read_text())["body"]
+    return {s["file"] for s in body["shards"]}
+
+
+def test_save_refuses_a_directory_holding_files_it_did_not_write(tmp_path):
+    path = tmp_path / "c"
+    path.mkdir()
+    for name, data in USER_FILES.items():
+        (path / name).write_bytes(data)
+    buffer = _fed()
+    with pytest.raises(FileExistsError) as info:
+        buffer.save(path)
+    for name in USER_FILES:
+        assert name in str(info.value)
+    assert "allow_other_files=True" in str(info.value)
+    assert _contents(path) == USER_FILES                  # nothing written, nothing removed
+    # Told to, it writes next to them: twice, the second save replacing its own files only.
+    buffer.save(path, allow_other_files=True)
+    first = _manifest_files(path)
+    _continue(buffer, steps=3)
+    buffer.save(path, allow_other_files=True)
+    after = _contents(path)
+    assert {n: after[n] for n in USER_FILES} == USER_FILES
+    assert not first & set(after), "the first save's shard should have been replaced"
+    assert set(after) == set(USER_FILES) | _manifest_files(path) | {
+        "manifest.json", ".dali-rehearsal.lock"}
+    _assert_restores(path, _snapshot(buffer))
+
+
+def test_a_directory_holding_its_own_checkpoint_needs_no_keyword(tmp_path):
+    buffer = _fed()
+    buffer.save(tmp_path / "c")
+    _continue(buffer, steps=2)
+    buffer.save(tmp_path / "c")
+    assert set(_contents(tmp_path / "c")) == _manifest_files(tmp_path / "c") | {
+        "manifest.json", ".dali-rehearsal.lock"}
+    _assert_restores(tmp_path / "c", _snapshot(buffer))
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_save_never_replaces_a_manifest_it_did_not_write(allow, tmp_path):
+    path = tmp_path / "c"
+    path.mkdir()
+    (path / "manifest.json").write_text('{"model": "resnet50", "epochs": 90}')
+    with pytest.raises(FileExistsError, match="manifest.json is not a manifest written by "
+                                              "dali_rehearsal"):
+        _fed().save(path, allow_other_files=allow)
+    assert _contents(path) == {"manifest.json": b'{"model": "resnet50", "epochs": 90}'}
+
+
+def test_a_manifest_naming_other_files_never_gets_them_deleted(tmp_path):
+    """A manifest (checksum recomputed) whose shard list names the user's
+    file: loading refuses it, and no save deletes that file."""
+    path = tmp_path / "c"
+    _fed().save(path)
+    (path / "notes.txt").write_bytes(b"mine")
+    body = json.loads((path / "manifest.json").read_text())["body"]
+    body["shards"][0]["file"] = "notes.txt"
+    (path / "manifest.json").write_bytes(checkpoint._manifest_bytes(body))
+    with pytest.raises(CheckpointError, match="bad shard file name 'notes.txt'"):
+        _buffer().load(path)
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        _fed().save(path)
+    buffer = _fed()
+    buffer.save(path, allow_other_files=True)
+    assert (path / "notes.txt").read_bytes() == b"mine"
+    _assert_restores(path, _snapshot(buffer))
+
+
+# ============================================================ concurrent writers
+def _writer(*args, stdout=subprocess.DEVNULL):
+    """A process of its own running a scenario of the checkpoint program
+    (``comm=None``)."""
+    env = dict(os.environ, DR_TEST_NO_MPI="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return subprocess.Popen([sys.executable, str(PROGRAM)] + [str(a) for a in args], env=env,
+                            stdout=stdout, stderr=subprocess.PIPE, text=True)
+
+
+def _same(a, b):
+    (fa, na), (fb, nb) = a, b
+    return na == nb and len(fa) == len(fb) and all(
+        x.shape == y.shape and (x == y).all() for x, y in zip(fa, fb))
+
+
+def _loads_as_one_of(path, expected, capacity=24):
+    buffer = dr.RehearsalBuffer(capacity=capacity, num_representatives=5, device="cpu", seed=0)
+    buffer.load(path)
+    got = _snapshot(buffer)
+    matches = [name for name, snap in expected.items() if _same(got, snap)]
+    assert len(matches) == 1, f"the checkpoint holds none of {sorted(expected)}"
+    return matches[0]
+
+
+def test_a_second_writer_is_refused_while_another_holds_the_directory(tmp_path):
+    """Whoever holds the directory's lock (another process's save, here this
+    process with the lock file, as save() takes it): save() raises
+    ConcurrentSaveError before writing anything; released, save() works."""
+    path = tmp_path / "c"
+    first = _fed()
+    first.save(path)
+    before = _contents(path)
+    with open(path / ".dali-rehearsal.lock", "rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        buffer = _fed(steps=15)
+        with pytest.raises(ConcurrentSaveError, match="is saving a checkpoint into .*one "
+                                                      "writer at a time.*comm="):
+            buffer.save(path)
+        assert _contents(path) == before
+    buffer.save(path)
+    _assert_restores(path, _snapshot(buffer))
+
+
+def test_threads_saving_into_one_directory_one_at_a_time(tmp_path):
+    """Two buffers of one process saved into one directory from two threads:
+    the one that comes second while the first holds the directory is refused."""
+    path = tmp_path / "c"
+    big = dr.RehearsalBuffer(capacity=3000, num_representatives=5, device="cpu", seed=1)
+    rows = np.arange(3000)
+    big.add(np.repeat(rows[:, None], 16384, axis=1).astype(np.uint8), rows % 4)   # 48 MiB
+    errors = []
+    saver = threading.Thread(target=lambda: big.save(path))
+    saver.start()
+    deadline = time.monotonic() + 60
+    while not list(path.glob(".dali-rehearsal-pending-*")) and saver.is_alive():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    try:
+        _fed().save(path)
+    except ConcurrentSaveError as e:
+        errors.append(e)
+    saver.join()
+    assert len(errors) == 1, "the second save came while the first held the directory"
+    loaded = dr.RehearsalBuffer(capacity=3000, num_representatives=5, device="cpu", seed=1)
+    loaded.load(path)
+    assert loaded.size == 3000
+
+
+def test_two_processes_saving_into_one_directory_never_leave_it_unloadable(tmp_path):
+    """Two processes (``comm=None``) save their own buffers into one directory
+    as fast as they can, while this one loads it again and again: every load
+    finds the previous checkpoint or one of theirs, complete; the saves that
+    collide raise ConcurrentSaveError and nothing else."""
+    path, go = tmp_path / "c", tmp_path / "go"
+    prog.fed_buffer(1).save(path)
+    expected = {seed: _snapshot(prog.fed_buffer(seed)) for seed in (1, 2, 3)}
+    writers = [_writer("save_loop", tmp_path, path, seed, 40, go, stdout=subprocess.PIPE)
+               for seed in (2, 3)]
+    found = []
+    try:
+        for w in writers:
+            assert w.stdout.readline().strip() == "ready", w.stderr.read()[-3000:]
+        go.touch()                                  # both start saving now
+        while any(w.poll() is None for w in writers):
+            found.append(_loads_as_one_of(path, expected))
+        outputs = [w.communicate(timeout=TIMEOUT) for w in writers]
+    finally:
+        for w in writers:
+            w.kill()
+    counts = []
+    for w, (out, err) in zip(writers, outputs):
+        assert w.returncode == 0, err[-3000:]
+        counts.append(json.loads(out.strip().splitlines()[-1]))
+    for c in counts:
+        assert c["other"] == [], c
+        assert c["saved"] + c["busy"] == 40
+    assert sum(c["busy"] for c in counts) > 0, "the writers never collided"
+    assert "one writer at a time" in next(c["busy_message"] for c in counts if c["busy"])
+    assert sum(c["saved"] for c in counts) > 0 and len(found) >= 3
+    assert _loads_as_one_of(path, expected) in (2, 3)
+    assert set(_contents(path)) == _manifest_files(path) | {"manifest.json",
+                                                             ".dali-rehearsal.lock"}
+
+
+def test_saves_killed_at_random_points_leave_the_old_or_the_new_checkpoint(tmp_path):
+    """A process saving two buffers' states into one directory in turn is
+    killed (SIGKILL) at a random time, again and again: each time the
+    directory loads, complete, as the first checkpoint or one of the two
+    states; the next process's saves take the directory over (lock released,
+    leftovers recognised), and a last save leaves only the checkpoint."""
+    path = tmp_path / "c"
+    prog.fed_buffer(1, capacity=600).save(path)
+    expected = {seed: _snapshot(prog.fed_buffer(seed, capacity=600)) for seed in (1, 2, 3)}
+    rng = random.Random(18)
+    saves, seen, interrupted = 0, set(), 0
+    for trial in range(12):
+        proc = _writer("save_forever", tmp_path, path, 2, 3, stdout=subprocess.PIPE)
+        try:
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
+            time.sleep(rng.uniform(0.0, 0.3))
+            proc.kill()
+            out, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            proc.kill()
+        assert proc.returncode == -9, err[-3000:]        # killed while saving, never failed
+        saves += out.count("saved")
+        interrupted += any(p.name.startswith(".dali-rehearsal-pending-") for p in path.iterdir())
+        seen.add(_loads_as_one_of(path, expected, capacity=600))
+    assert saves > 0 and seen & {2, 3}
+    assert interrupted, "no kill landed inside a save"
+    last = prog.fed_buffer(3, capacity=600)
+    last.save(path)
+    assert set(_contents(path)) == _manifest_files(path) | {"manifest.json",
+                                                             ".dali-rehearsal.lock"}
+    assert _loads_as_one_of(path, expected, capacity=600) == 3
+
+
+# ============================================================ what load refuses
+def _npy(descr, shape, data=b""):
+    """A .npy member: a version 1.0 header declaring ``descr`` and ``shape``,
+    then ``data`` (whatever it holds)."""
+    header = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
+    header += " " * (-(10 + len(header) + 1) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + data
+
+
+def _forge(path, state, edit=None, deflate=()):
+    """Rewrites checkpoint directory ``path`` (made by ``save``) to hold
+    ``state`` as its one shard, its members edited by ``edit(members)`` (name
+    -> bytes, or an iterable of byte chunks), those in ``deflate`` compressed,
+    and a manifest whose checksums match: well-formed files that lie."""
+    blob = io.BytesIO()
+    checkpoint._write_shard(blob, state)
+    with zipfile.ZipFile(blob) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    if edit is not None:
+        edit(members)
+    body = json.loads((path / "manifest.json").read_text())["body"]
+    entry = body["shards"][0]
+    with open(path / entry["file"], "wb") as f:
+        writer = checkpoint._HashingWriter(f)
+        with zipfile.ZipFile(writer, "w") as z:
+            for name, data in members.items():
+                info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED if name in deflate \
+                    else zipfile.ZIP_STORED
+                with z.open(info, "w", force_zip64=True) as member:
+                    for chunk in [data] if isinstance(data, bytes) else data:
+                        member.write(chunk)
+    entry.update(sha256=writer.sha256.hexdigest(), bytes=writer.nbytes,
+                 settings=state["settings"])
+    (path / "manifest.json").write_bytes(checkpoint._manifest_bytes(body))
+
+
+def _state_of(buffer):
+    state = buffer.state_dict()
+    state["fields"] = [_np(f) for f in state["fields"]]
+    state["policy"] = {k: _np(v) if hasattr(v, "shape") else v
+                       for k, v in state["policy"].items()}
+    return state
+
+
+BOMB_BYTES = 256 << 20
+
+
+def _hostile_checkpoints(root):
+    """Checkpoint directories (checksums recomputed) declaring far more than
+    they hold, and what each error must name: the file and the member."""
+    good = _fed()
+    good.save(root / "good")
+    cases = {}
+
+    def case(name, change=None, edit=None, deflate=(), state=None):
+        path = root / name
+        good.save(path)
+        state = _state_of(good) if state is None else state
+        if change is not None:
+            change(state)
+        _forge(path, state, edit, deflate)
+        cases[name] = path
+
+    def capacity(state):
+        state["settings"]["capacity"] = 10**8
+
+    # 256 MiB of zeros, DEFLATE-compressed to a quarter of a MiB, as a policy array
+    zeros = bytes(1 << 20)
+    case("deflate-bomb", edit=lambda m: m.update({"policy.slot_labels.npy": itertools.chain(
+        [_npy("<i8", (BOMB_BYTES // 8,))], itertools.repeat(zeros, BOMB_BYTES >> 20))}),
+        deflate={"policy.slot_labels.npy"})
+    case("capacity-1e8", change=capacity)
+    case("declared-80-GB", edit=lambda m: m.update(
+        {"policy.slot_labels.npy": _npy("<i8", (10**10,), bytes(8 * 24))}))
+    case("truncated-field", edit=lambda m: m.update(
+        {"fields.2.npy": m["fields.2.npy"][:-4]}))
+    case("object-dtype", edit=lambda m: m.update(
+        {"policy.class_counts.npy": _npy("|O", (4,), bytes(32))}))
+
+    # a layout of 10**12 values per sample; no samples stored, so no data to check
+    empty = _state_of(_buffer())
+    empty["layout"] = [{"shape": [10**6, 10**6], "dtype": "|u1", "encoding": "array"},
+                       {"shape": [], "dtype": "<i8", "encoding": "array"}]
+    empty["fields"] = [np.empty((0, 10**6, 10**6), np.uint8), np.empty(0, np.int64)]
+    case("layout-1e12", state=empty)
+
+    nested = root / "nested-manifest"
+    good.save(nested)
+    (nested / "manifest.json").write_text('{"body": ' + "[" * 100_000 + "]" * 100_000
+                                          + ', "sha256": "0"}')
+    cases["nested-manifest"] = nested
+
+    def shard(name):
+        return str(next(p for p in _shard_files(cases[name])))
+
+    return {
+        "deflate-bomb": (shard("deflate-bomb"), "policy.slot_labels.npy", "compressed"),
+        "capacity-1e8": (shard("capacity-1e8"), "policy.slot_labels.npy", "capacity"),
+        "declared-80-GB": (shard("declared-80-GB"), "policy.slot_labels.npy", "holds 192 "
+                                                                            "bytes"),
+        "truncated-field": (shard("truncated-field"), "fields.2.npy", "truncated"),
+        "object-dtype": (shard("object-dtype"), "policy.class_counts.npy", "'|O'"),
+        "layout-1e12": (shard("layout-1e12"), "layout", "more than this machine's"),
+        "nested-manifest": (str(nested / "manifest.json"), "nested", "corrupted"),
+    }
+
+
+def test_loading_costs_what_the_files_hold(tmp_path):
+    """Checkpoints that declare far more than their files hold (a DEFLATE
+    bomb, a capacity of 10**8, arrays of 80 GB, samples of 10**12 values),
+    or hold what no array may (objects, a truncated field, JSON nested
+    100,000 deep): each load raises CheckpointError naming the file and the
+    member, and the peak memory of the loading process grows by less than a
+    few MiB. (In a process of its own: ru_maxrss is its peak.)"""
+    cases = root = tmp_path / "cases"
+    root.mkdir()
+    expected = _hostile_checkpoints(root)
+    files = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert files < 4 << 20                           # a few MiB declaring gigabytes
+    env = dict(os.environ, DR_TEST_NO_MPI="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, str(PROGRAM), "hostile_loads", tmp_path, cases],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "hostile_loads-0.json").read_text())
+    for name, (file, member, detail) in expected.items():
+        error = result["errors"][name]
+        assert error is not None, f"{name}: loaded"
+        assert error["is_checkpoint_error"], (name, error)
+        assert file in error["message"] and member in error["message"], (name, error)
+        assert detail in error["message"], (name, error)
+    assert result["peak_growth"] < 16 << 20, result["peak_growth"]
+
+
+def test_a_truncated_shard_file_is_named_before_it_is_hashed(tmp_path):
+    buffer = _fed()
+    buffer.save(tmp_path / "c")
+    (shard,) = _shard_files(tmp_path / "c")
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=f"{shard} is corrupted: it holds"):
+        _buffer().load(tmp_path / "c")
+
+
 # ============================================================ elastic restore
 def run(n, scenario, out_dir, *args, timeout=TIMEOUT):
     env = dict(os.environ)
@@ -598,6 +983,32 @@ def test_corrupted_shard_on_one_rank_fails_every_rank_without_change(tmp_path):
     for r in results:
         assert r["error"] is not None and "corrupted" in r["error"], r
         assert r["unchanged"] and r["same"], r
+
+
+@pytest.mark.mpi
+def test_a_save_that_fails_on_one_rank_fails_on_every_rank_and_leaves_nothing(tmp_path):
+    """Rank 1 saves into a directory rank 0 does not see: rank 0 finds its
+    shard missing before committing, and every rank raises that error at once;
+    no file of the failed save is left anywhere."""
+    for r in run(2, "split_paths", tmp_path):
+        assert r["error"] == {"type": "FileNotFoundError", "message": r["error"]["message"]}, r
+        assert "rank 1's shard" in r["error"]["message"], r
+        assert "every process must save into the same directory" in r["error"]["message"], r
+        assert r["elapsed"] < 60 and r["loads"] and r["shared_unchanged"], r
+        assert r["other"] == [], r
+
+
+@pytest.mark.mpi
+def test_a_seed_beyond_int64_is_refused_at_load_on_every_rank(tmp_path):
+    """The shared seed of global sampling travels as an int64: a checkpoint
+    holding 2**64 there (checksums recomputed) is a CheckpointError at load,
+    on every rank at once, not an OverflowError in rank 0's first step while
+    rank 1 waits for the timeout."""
+    for r in run(2, "forged_seed", tmp_path, 2**64):
+        assert r["error"] is not None and r["error"]["is_checkpoint_error"], r
+        assert "sampler state 'seed' must be in [0, 2**63), got 18446744073709551616" in \
+            r["error"]["message"], r
+        assert r["elapsed"] < 60 and r["unchanged"], r
 
 
 @pytest.fixture(scope="module")

@@ -368,6 +368,60 @@ def test_mismatched_settings_raise_the_same_error_on_every_rank(transport, kind,
             assert r["step"] == -1, r         # at construction
 
 
+# ------------------------------------------------------- mismatched calls
+CALLS = {
+    # rank 0 calls save(); rank 1 ...: what each rank's message says the other does
+    "save_vs_step": ("rank 1 is in a step (mix() or the DALI stage) after 5 steps, while this "
+                     "rank (0) is in save() after 4 steps",
+                     "rank 0 is in save() after 4 steps, while this rank (1) is in a step "
+                     "(mix() or the DALI stage) after 5 steps"),
+    "save_vs_load": ("rank 1 is in load(), while this rank (0) is in save() after 0 steps",
+                     "rank 0 is in save() after 0 steps, while this rank (1) is in load()"),
+    "save_vs_build": ("rank 1 is building a RehearsalBuffer, while this rank (0) is in save()",
+                      "rank 0 is in save(), while this rank (1) is building a RehearsalBuffer"),
+}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("kind", list(CALLS))
+def test_mismatched_collective_calls_raise_at_once_on_every_rank(transport, kind, tmp_path):
+    """Rank 0 calls save() while rank 1 takes a step, loads, or builds a buffer
+    (buffers that sample locally): both raise CollectiveMismatchError at once
+    (not after the timeout, 120 s here), each saying what the other was doing,
+    instead of decoding each other's messages; the checkpoint saved before
+    still loads on new buffers, which sample globally again."""
+    results, done = run(transport, 2, f"calls-{kind}", tmp_path, timeout=120,
+                        launcher=None if transport == "mpi" else "spawn")
+    assert set(results) == {0, 1}, output(done)
+    for rank in (0, 1):
+        r = results[rank]
+        assert r["error"] == "CollectiveMismatchError", r
+        assert CALLS[kind][rank] in r["message"], r
+        assert r["ranks"] == [1 - rank], r
+        assert r["elapsed"] < 30, r
+        assert r["intact"] is True, r
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_call_nothing_pairs_with_ends_at_the_timeout_on_every_rank(transport, tmp_path):
+    """Rank 0 calls save() while rank 1 builds a buffer that samples globally:
+    the two calls use different channels, so neither can see the other; both
+    raise RemoteError at the buffers' timeout (10 s), not the module's default
+    (600 s), each saying what it waited for."""
+    mpi = transport == "mpi"
+    results, done = run(transport, 2, "calls-save_alone", tmp_path, timeout=SILENT,
+                        expect_ok=False, launcher="mpiexec" if mpi else "spawn",
+                        mpiexec_args=("-disable-auto-cleanup",) if mpi else (),
+                        python_args=("-m", "mpi4py") if mpi else ())
+    assert set(results) == {0, 1}, output(done)
+    for rank, waited in ((0, "waiting for the other processes to join save()"),
+                         (1, "waiting for the other processes to create their exchange")):
+        r = results[rank]
+        assert r["error"] == "RemoteError", r
+        assert f"within {SILENT} s while {waited}" in r["message"], r
+        assert SILENT - 1 <= r["elapsed"] < SILENT + 30, r
+
+
 # ---------------------------------------------------------------- transports
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("n", [2, 4])
@@ -391,12 +445,18 @@ def test_a_communicator_of_another_kind_is_refused():
 
 
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (-1.0, ValueError), ("60", TypeError),
-                                        (True, TypeError)])
+                                        (True, TypeError), (float("nan"), ValueError),
+                                        (float("-inf"), ValueError),
+                                        (np.float64("nan"), ValueError)])
 def test_the_timeout_is_checked(bad, error):
     from dali_rehearsal.exchange.transport import check_timeout
     with pytest.raises(error, match="timeout must be None or a number of seconds > 0"):
         check_timeout(bad)
     assert check_timeout(None) is None and check_timeout(5) == 5.0
+    # infinity (or an integer no float holds) means no limit, like None; any
+    # finite number of seconds is kept
+    assert check_timeout(float("inf")) is None and check_timeout(10**400) is None
+    assert check_timeout(1e300) == 1e300
 
 
 def test_the_launchers_environment_says_how_many_processes(monkeypatch):

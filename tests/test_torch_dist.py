@@ -46,6 +46,26 @@ def test_a_process_group_of_one_samples_locally():
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("timeout, kept", [(float("inf"), None), (1e300, 1e300), (None, None),
+                                           (10**400, None)])
+def test_timeouts_beyond_what_a_process_group_takes_mean_no_limit(timeout, kept):
+    """``timeout=float("inf")`` means no limit, as on MPI; limits beyond what a
+    process group takes (``timedelta`` cannot hold 1e300 s, gloo refuses
+    ``timedelta.max``) give the exchange's groups the longest timeout gloo
+    takes instead of an OverflowError, and the transport works."""
+    import torch.distributed as dist
+    from torch.distributed import HashStore
+    from dali_rehearsal.exchange import make_transport
+    dist.init_process_group("gloo", store=HashStore(), rank=0, world_size=1)
+    try:
+        with make_transport(dist.group.WORLD, timeout=timeout) as t:
+            assert t.timeout == kept
+            assert t.allgather_bytes(b"abc") == [b"abc"]
+            t.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.torchrun
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend, device_buffers", [("cpu:gloo,cuda:nccl", True),

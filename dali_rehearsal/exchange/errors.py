@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["RemoteError", "MismatchError"]
+__all__ = ["RemoteError", "MismatchError", "CollectiveMismatchError"]
 
 
 class RemoteError(RuntimeError):
@@ -30,3 +30,11 @@ class MismatchError(ValueError):
     share (``num_representatives``, ``policy``, ``label_index``,
     ``sampling``, the sample layout...). Raised with the same message on every
     process; the message names each setting and every process's value."""
+
+
+class CollectiveMismatchError(RemoteError):
+    """The processes called different collective operations at the same
+    point: one ``save()`` while another is in a step (``mix()``, the DALI
+    stage), ``load()``, ``close()`` or building a buffer. Raised on every
+    process that took part, each message saying what every process was
+    doing; the exchange cannot be used again (``broken``)."""

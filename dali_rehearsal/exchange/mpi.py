@@ -57,7 +57,7 @@ class MPITransport(Transport):
     name = "mpi"
 
     def __init__(self, comm, *, timeout: float | None = DEFAULT_TIMEOUT,
-                 device_buffers: bool | None = False):
+                 device_buffers: bool | None = False, purpose: str | None = None):
         from mpi4py import MPI
         self._MPI = MPI
         self.timeout = timeout
@@ -70,7 +70,8 @@ class MPITransport(Transport):
         # building its buffer) ends in a RemoteError after the timeout, not a hang.
         self.comm = None
         dup, request = comm.Idup()
-        self.wait([request], "the other processes to create their exchange communicator")
+        self.wait([request], "the other processes to create their exchange communicator"
+                  + (f" for {purpose}" if purpose else ""))
         self.comm = dup
 
     def iallgather(self, send, recv):

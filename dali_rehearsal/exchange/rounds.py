@@ -51,6 +51,15 @@ written, and its receives never overwrite rows still being read. Staged rows
 are uploaded on the exchange stream and the representatives carry an event
 that the step's stream waits for before copying them.
 
+**Other collectives.** ``save()`` and ``load()`` run over the same transport,
+between two steps (:meth:`GlobalSampler.collective`): their first message is
+a status row too, whose kind names the operation, so that processes that
+are not in the same call find out at once and raise
+:class:`~.errors.CollectiveMismatchError` saying what each was doing ("rank 1
+is in a step ..., this rank (0) is in save()"), instead of decoding each
+other's messages. Buffers that sample locally on several processes, and
+buffers being built, send the same kind of row first.
+
 **Lockstep and failures.** Every process takes part in every round. A
 process whose epoch has ended says so and every process ends its epoch at
 that step (the samples a longer shard has left open its next epoch: nothing
@@ -66,6 +75,7 @@ after the timeout with :class:`RemoteError`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import logging
@@ -78,16 +88,21 @@ import weakref
 import numpy as np
 
 from ..sampling import Representatives, draw_distinct
-from .errors import MismatchError, RemoteError
+from .collective import Channel
+from .errors import CollectiveMismatchError, MismatchError, RemoteError
 from .transport import DEFAULT_TIMEOUT, Transport, make_transport
 
-__all__ = ["GlobalSampler", "handshake"]
+__all__ = ["GlobalSampler", "handshake", "announce", "SAVE", "LOAD"]
 
 log = logging.getLogger("dali_rehearsal")
 
-# What a process says in a round.
-ACTIVE, IDLE, FAILED, CLOSED, HELLO = 0, 1, 2, 3, 4
+# What a process says in a round (and in the first message of other collectives).
+ACTIVE, IDLE, FAILED, CLOSED, HELLO, SAVE, LOAD = 0, 1, 2, 3, 4, 5, 6
 _STOPPING = (FAILED, CLOSED)
+#: The collective call each kind belongs to: processes that meet in one
+#: exchange must be in the same call.
+_CALL = {ACTIVE: "step", IDLE: "step", FAILED: "step", CLOSED: "step", HELLO: "build",
+         SAVE: "save", LOAD: "load"}
 # Columns of the status row.
 _KIND, _SIZE, _SETTINGS, _LAYOUT, _ROUND, _STEPS, _SEED, _NOTE = range(8)
 _COLUMNS = 8
@@ -144,6 +159,39 @@ def _notes(transport: Transport, payload: dict, what: str) -> list[dict]:
         except ValueError:
             out.append({"note": raw.decode(errors="replace")})
     return out
+
+
+def _doing(kind: int, steps: int, note: str | None) -> str:
+    """What a process whose row says ``kind`` is doing, as in "rank 1 ..."."""
+    after = "" if steps < 0 else f" after {steps} step{'s' if steps != 1 else ''}"
+    return {ACTIVE: "is in a step (mix() or the DALI stage)" + after,
+            IDLE: "is in a step (its epoch has ended)" + after,
+            FAILED: (note or "failed") + after,
+            CLOSED: (note or "closed its buffer") + after,
+            HELLO: "is building a RehearsalBuffer",
+            SAVE: "is in save()" + after,
+            LOAD: "is in load()"}.get(kind, f"sent an unknown message (kind {kind})")
+
+
+def _check_calls(rank: int, table: np.ndarray, notes) -> None:
+    """Raises :class:`CollectiveMismatchError` (the same decision on every
+    process) when the rows come from different collective calls."""
+    kinds = table[:, _KIND].tolist()
+    if len({_CALL.get(k, k) for k in kinds}) == 1:
+        return
+    mine = _CALL.get(kinds[rank], kinds[rank])
+    others = [p for p in range(len(kinds)) if _CALL.get(kinds[p], kinds[p]) != mine]
+
+    def doing(p):
+        note = (notes[p].get("note") if notes else None)
+        return _doing(kinds[p], int(table[p, _STEPS]), note if isinstance(note, str) else None)
+
+    text = ", ".join(f"rank {p} {doing(p)}" for p in others)
+    raise CollectiveMismatchError(
+        f"mismatched collective calls: {text}, while this rank ({rank}) {doing(rank)}. Every "
+        "process must make the same collective calls in the same order (build its buffers, "
+        "take its steps, save(), load(), close())",
+        ranks=others, reasons={p: doing(p) for p in others})
 
 
 def _disagree(table: np.ndarray) -> bool:
@@ -214,18 +262,51 @@ def _settings_payload(settings: dict, layout) -> dict:
     return {"settings": settings, "layout": layout}
 
 
+def exchange_status(t: Transport, row: np.ndarray, *, settings: dict, layout, note,
+                    what: str, notes_what: str):
+    """The first message of every collective call: the status table, and the
+    notes when a row asks for them or the rows disagree. Raises on every
+    process alike: :class:`CollectiveMismatchError` when the processes are in
+    different calls, :class:`MismatchError` when they disagree on settings,
+    layout or round. Returns ``(table, notes)``."""
+    table = _status(t, row, what)
+    notes = None
+    mismatch = _disagree(table)
+    if mismatch or table[:, _NOTE].any():
+        payload = _settings_payload(settings, layout)
+        payload["note"] = note
+        notes = _notes(t, payload, notes_what)
+    _check_calls(t.rank, table, notes)
+    if mismatch:
+        raise MismatchError(_mismatch_message(table, notes))
+    return table, notes
+
+
 def handshake(comm, settings: dict, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
     """Checks once, at construction, that every process of ``comm`` has the
     same ``settings``; used by buffers that sample locally on a multi-process
     communicator, so that a process that samples globally does not wait for
     one that never exchanges. Raises :class:`MismatchError` on every process."""
-    with make_transport(comm, timeout=timeout) as t:
+    with make_transport(comm, timeout=timeout, purpose="building a RehearsalBuffer") as t:
         row = np.zeros(_COLUMNS, dtype=np.int64)
         row[_KIND], row[_SETTINGS] = HELLO, _hash(settings)
-        table = _status(t, row, "the other processes to build their buffers")
-        if _disagree(table):
-            notes = _notes(t, _settings_payload(settings, None), "the settings of the others")
-            raise MismatchError(_mismatch_message(table, notes))
+        exchange_status(t, row, settings=settings, layout=None, note=None,
+                        what="the other processes to build their buffers",
+                        notes_what="the settings of the others")
+
+
+def announce(t: Transport, kind: int, what: str) -> None:
+    """The first message of a collective call (``kind``: :data:`SAVE` or
+    :data:`LOAD`) over a transport of its own (buffers that sample locally):
+    raises :class:`CollectiveMismatchError` on every process when the others
+    are in another call (building a buffer, another checkpoint call)."""
+    settings = {"call": _CALL[kind]}
+    row = np.zeros(_COLUMNS, dtype=np.int64)
+    row[_KIND], row[_SETTINGS], row[_STEPS] = kind, _hash(settings), -1    # (steps unknown)
+    exchange_status(t, row, settings=settings, layout=None, note=None,
+                    what=f"the other processes to join {what} (every process must call it at "
+                    "the same point)",
+                    notes_what=f"the notes of {what}")
 
 
 # ------------------------------------------------------------------ rounds
@@ -294,6 +375,9 @@ class GlobalSampler:
         self.rank, self.world_size = self.transport.rank, self.transport.size
         self._seed = _seed_of(seed)            # this process's proposal; rank 0's is used
         self._lock = threading.Lock()
+        # Held by a collective call (save, load) from its first message to its
+        # last: no round is submitted meanwhile. Taken before _lock.
+        self._calls = threading.RLock()
         self._next_round = 0
         self._steps = 0
         self._pending: _Round | None = None
@@ -360,7 +444,7 @@ class GlobalSampler:
         """Opens the round for this process's next step. ``event`` marks the
         end of the step's writes into the store (GPU): the round's gathers
         and receives are ordered after it."""
-        with self._lock:
+        with self._calls, self._lock:
             if self._closed:
                 raise RuntimeError("the buffer has been closed")
             if self._stopped is not None:
@@ -399,7 +483,7 @@ class GlobalSampler:
         """This process's step failed (called while the exception is being
         handled): tell every other process in the next round."""
         exc = sys.exc_info()[1]
-        with self._lock:
+        with self._calls, self._lock:
             if self._closed or self._aborted:
                 return
             self._aborted = True
@@ -421,7 +505,7 @@ class GlobalSampler:
         the timeout.
         """
         exc = sys.exc_info()[1]
-        with self._lock:
+        with self._calls, self._lock:
             if self._closed:
                 return
             self._closed = True
@@ -468,6 +552,61 @@ class GlobalSampler:
         err.__cause__ = cause
         return err
 
+    @contextlib.contextmanager
+    def collective(self, kind: int, what: str):
+        """Runs a collective call of the buffer (``kind``: :data:`SAVE` or
+        :data:`LOAD`; ``what``: ``"save()"``) over this sampler's transport,
+        between two steps; yields a :class:`~.collective.Channel`.
+
+        The round already opened for the next step runs to its end first (its
+        representatives wait for that step); no round is submitted until the
+        call ends. The call's first message is a status row of kind ``kind``:
+        processes in another call (a step, ``close()``, the other checkpoint
+        call) raise :class:`CollectiveMismatchError` on every side at once.
+        When the call fails where the processes may no longer be in step (a
+        timeout, an interrupted exchange), global sampling stops: later steps
+        raise instead of pairing with the wrong messages."""
+        with self._calls:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("the buffer has been closed")
+                pending = self._pending
+            if pending is not None:
+                self._wait(pending)
+            with self._lock:
+                if self._stopped is not None:
+                    raise self._stopped_error()
+                if self._aborted:
+                    raise RemoteError(f"global sampling stopped on rank {self.rank}: a step of "
+                                      "this process failed", ranks=[self.rank])
+            rnd = _Round(kind, size=self._buffer.size)
+            rnd.number, rnd.steps = self.resume_round, self._steps
+            channel = Channel(self.transport, what)
+            try:
+                self._status_round(rnd, f"the other processes to join {what} (every process "
+                                        "must call it at the same point)")
+            except BaseException as e:     # the processes are not in the same call
+                self._stop(e)
+                raise
+            try:
+                yield channel
+            except BaseException as e:
+                if not channel.in_step:
+                    self._stop(e)
+                raise
+            if not channel.in_step:       # (a body that swallowed the exchange's error)
+                self._stop(RemoteError(f"rank {self.rank}: {what} ended out of step with the "
+                                       "other processes", broken=True))
+
+    def _stop(self, error: BaseException) -> None:
+        """Ends the protocol on this process after a failed collective call."""
+        with self._lock:
+            if self._stopped is None:
+                self._stopped = error
+            if not isinstance(error, (RemoteError, MismatchError)) or getattr(error, "broken",
+                                                                              False):
+                self._broken = True
+
     @property
     def resume_round(self) -> int:
         """The round the next step uses: the open one, else the next to open."""
@@ -478,9 +617,13 @@ class GlobalSampler:
                 "round": self.resume_round}
 
     def load_state_dict(self, state: dict) -> None:
+        seed, round_no = int(state["seed"]), int(state["round"])
+        if not (0 <= seed < 2**63 and 0 <= round_no < 2**63):
+            raise ValueError(f"the seed and the round must be in [0, 2**63), got {seed} and "
+                             f"{round_no}")
         self.rng.bit_generator.state = state["rng"]
-        self._seed = self.shared_seed = int(state["seed"])
-        self._next_round = int(state["round"])
+        self._seed = self.shared_seed = seed
+        self._next_round = round_no
 
     # ------------------------------------------------------------- threads
     def _submit(self, rnd: _Round) -> _Round:
@@ -534,7 +677,6 @@ class GlobalSampler:
     def _status_round(self, rnd: _Round, what: str):
         """Steps 1 and 2: the status table, and the notes when needed.
         Returns ``(table, notes)``; raises on a mismatch or a stop."""
-        t = self.transport
         settings, layout = self._settings(), self._layout()
         row = np.zeros(_COLUMNS, dtype=np.int64)
         row[_KIND], row[_SIZE] = rnd.kind, rnd.size
@@ -542,16 +684,9 @@ class GlobalSampler:
         row[_LAYOUT] = 0 if layout is None else _hash(layout)
         row[_ROUND], row[_STEPS], row[_SEED] = rnd.number, rnd.steps, self._seed
         row[_NOTE] = int(bool(rnd.note))
-        table = _status(t, row, what)
-        notes = None
-        mismatch = _disagree(table)
-        if mismatch or table[:, _NOTE].any():
-            payload = _settings_payload(settings, layout)
-            payload["note"] = rnd.note
-            notes = _notes(t, payload, f"the notes of round {rnd.number}")
-        if mismatch:
-            raise MismatchError(_mismatch_message(table, notes))
-        return table, notes
+        return exchange_status(self.transport, row, settings=settings, layout=layout,
+                               note=rnd.note, what=what,
+                               notes_what=f"the notes of round {rnd.number}")
 
     def _round(self, rnd: _Round) -> Representatives | None:
         if rnd.event is not None:

@@ -27,6 +27,17 @@ from .transport import DEFAULT_TIMEOUT, Transport
 
 __all__ = ["TorchTransport"]
 
+#: The longest timeout given to a process group: gloo refuses
+#: ``timedelta.max``. A longer limit, or none, waits this long (a century).
+_LONGEST = datetime.timedelta(days=36500)
+
+
+def _group_timeout(seconds: float | None) -> datetime.timedelta:
+    """A process group's timeout for ``seconds`` (None: no limit)."""
+    if seconds is None or seconds >= _LONGEST.total_seconds():
+        return _LONGEST
+    return datetime.timedelta(seconds=seconds)
+
 
 def _backend_name(group) -> str:
     import torch.distributed as dist
@@ -40,7 +51,7 @@ class TorchTransport(Transport):
     """Collectives over new process groups spanning the ranks of ``group``."""
 
     def __init__(self, group, *, timeout: float | None = DEFAULT_TIMEOUT,
-                 device_buffers: bool | None = False):
+                 device_buffers: bool | None = False, purpose: str | None = None):
         import torch
         import torch.distributed as dist
         if not dist.is_initialized():
@@ -61,8 +72,8 @@ class TorchTransport(Transport):
                              f"comm's backend is {user_backend or 'unknown'!r}")
         self.device_buffers = nccl if device_buffers is None else bool(device_buffers)
         self.name = "torch-nccl" if self.device_buffers else "torch-gloo"
-        self._pg_timeout = (datetime.timedelta(seconds=timeout) if timeout is not None
-                            else None)
+        self._purpose = purpose
+        self._pg_timeout = _group_timeout(timeout)
         self._control = self._new_group("gloo", self._pg_timeout)
         self._data = None if self.device_buffers else self._control
 
@@ -82,7 +93,9 @@ class TorchTransport(Transport):
                 raise RemoteError(
                     f"rank {self.rank}: no answer from the other processes within "
                     f"{self.timeout:g} s while waiting for the other processes to create their "
-                    f"exchange {backend} process group ({type(e).__name__}: {e})",
+                    f"exchange {backend} process group"
+                    + (f" for {self._purpose}" if self._purpose else "")
+                    + f" ({type(e).__name__}: {e})",
                     broken=True) from e
             raise RemoteError(f"rank {self.rank}: creating the exchange's {backend} process "
                               f"group failed: {type(e).__name__}: {e}", broken=True) from e
@@ -97,8 +110,7 @@ class TorchTransport(Transport):
         if self._data is None:
             # NCCL's own watchdog acts on its timeout: give the round protocol's
             # timeout the first word.
-            timeout = (None if self._pg_timeout is None else 2 * self._pg_timeout)
-            self._data = self._new_group("nccl", timeout)
+            self._data = self._new_group("nccl", min(2 * self._pg_timeout, _LONGEST))
 
     # ---------------------------------------------------- collectives
     def _tensor(self, a):

@@ -24,6 +24,7 @@ device arrays when :attr:`Transport.device_buffers`); nothing is pickled.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -40,15 +41,24 @@ DEFAULT_TIMEOUT = 600.0
 
 
 def check_timeout(timeout) -> float | None:
-    """Validates a ``timeout`` argument: seconds > 0, or None (no limit)."""
+    """Validates a ``timeout`` argument: seconds > 0, or None (no limit).
+
+    ``float("inf")`` means no limit too (returned as None); NaN, zero and
+    negative values are refused. Any finite number of seconds is accepted on
+    every transport (a limit longer than a century waits as long as no limit).
+    """
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer,
                                                              np.floating)):
         raise TypeError(f"timeout must be None or a number of seconds > 0, got {timeout!r}")
-    if not timeout > 0:
+    try:
+        value = float(timeout)
+    except OverflowError:       # an integer beyond any float: as good as forever
+        return None
+    if math.isnan(value) or not value > 0:
         raise ValueError(f"timeout must be None or a number of seconds > 0, got {timeout!r}")
-    return float(timeout)
+    return None if math.isinf(value) else value
 
 
 class Transport:
@@ -172,22 +182,26 @@ def is_torch_group(comm) -> bool:
 
 
 def make_transport(comm, *, timeout: float | None = DEFAULT_TIMEOUT,
-                   device_buffers: bool | None = False) -> Transport:
+                   device_buffers: bool | None = False, purpose: str | None = None) -> Transport:
     """The transport for ``comm``: an mpi4py communicator (the
     :class:`~.mpi.MPITransport`) or a ``torch.distributed`` process group
     such as ``dist.group.WORLD`` (the :class:`~.torch.TorchTransport`).
 
     Creating one is a collective call over ``comm``. ``device_buffers``:
     whether the sample data may travel as device arrays (``None``: when the
-    library supports it, CUDA-aware MPI or an NCCL group).
+    library supports it, CUDA-aware MPI or an NCCL group). ``purpose`` (for
+    example ``"save()"``) names, in a timeout's message, the call the other
+    processes did not join.
     """
     timeout = check_timeout(timeout)
     if is_mpi_comm(comm):
         from .mpi import MPITransport
-        return MPITransport(comm, timeout=timeout, device_buffers=device_buffers)
+        return MPITransport(comm, timeout=timeout, device_buffers=device_buffers,
+                            purpose=purpose)
     if is_torch_group(comm):
         from .torch import TorchTransport
-        return TorchTransport(comm, timeout=timeout, device_buffers=device_buffers)
+        return TorchTransport(comm, timeout=timeout, device_buffers=device_buffers,
+                              purpose=purpose)
     raise TypeError("comm must be an mpi4py communicator (MPI.COMM_WORLD) or a "
                     "torch.distributed process group (torch.distributed.group.WORLD), got "
                     f"{type(comm).__module__}.{type(comm).__name__}")

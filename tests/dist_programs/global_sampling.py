@@ -527,9 +527,61 @@ def collectives():
                 "gathered": [g.hex() for g in got]}
 
 
+# ------------------------------------------------------- mismatched calls
+def calls(kind):
+    """After a checkpoint saved together, rank 0 calls ``save()`` while rank 1
+    makes another collective call (``kind``): a step (``save_vs_step``),
+    ``load()`` on a new buffer (``save_vs_load``), building a buffer
+    (``save_vs_build``: buffers that sample locally; ``save_alone``: rank 1
+    builds a buffer that samples globally, so nothing pairs the two calls).
+    Both ranks raise; the checkpoint saved together still loads."""
+    path = os.path.join(OUT_DIR, "ckpt")
+    kwargs = dict(capacity=20, num_representatives=3, device=DEVICE, seed=3, comm=COMM,
+                  timeout=TIMEOUT, sampling="local" if kind == "save_vs_build" else "global")
+    buf = dr.RehearsalBuffer(**kwargs)
+    for step in range(4):
+        buf.mix(*ident_batch(step, 3))
+    buf.save(path)
+    saved = (to_host(buf.stored(0)).tolist(), buf.num_seen)
+    fresh = dr.RehearsalBuffer(**kwargs) if kind == "save_vs_load" else None
+    training_collective()            # both ranks are here: the calls below start together
+    result = {"kind": kind, "error": None}
+    t0 = time.time()
+    try:
+        if RANK == 0:
+            (fresh if fresh is not None else buf).save(path)
+        elif kind == "save_vs_step":
+            for step in range(4, 8):
+                buf.mix(*ident_batch(step, 3))
+        elif kind == "save_vs_load":
+            fresh.load(path)
+        else:
+            dr.RehearsalBuffer(**kwargs)
+    except Exception as e:
+        result.update(_record(e, -1))
+    result["elapsed"] = time.time() - t0
+    if kind == "save_alone":
+        # Neither call completed: a collective of each rank is still pending, so
+        # the processes cannot take part in further collectives together.
+        if TRANSPORT == "mpi":
+            write(result)
+            raise SystemExit(result["error"])     # `python -m mpi4py` aborts the job
+        return result
+    for b in (buf, fresh):
+        if b is not None:
+            b.close()
+    again = dr.RehearsalBuffer(**kwargs)
+    again.load(path)
+    result["intact"] = (to_host(again.stored(0)).tolist(), again.num_seen) == saved
+    again.mix(*ident_batch(9, 3))             # and global sampling works again
+    again.close()
+    return result
+
+
 SCENARIOS = {f.__name__: f for f in (collectives, pairing, uniform, reproducible, seed_per_rank,
                                      uneven, stage_failure, add_during_round, use_after_close,
                                      close_from_another_thread)}
+CALLS = ("save_vs_step", "save_vs_load", "save_vs_build", "save_alone")
 FAILURES = ("raise_in_mix", "raise_outside", "close_early", "one_fewer", "uncaught", "sys_exit",
             "exit", "interrupt", "sigkill", "hang", "float_labels", "big_labels",
             "object_dtype", "capacity", "seed")
@@ -543,6 +595,8 @@ def main():
         result = failure(SCENARIO[5:])
     elif SCENARIO.startswith("mismatch-") and SCENARIO[9:] in MISMATCHES:
         result = mismatch(SCENARIO[9:])
+    elif SCENARIO.startswith("calls-") and SCENARIO[6:] in CALLS:
+        result = calls(SCENARIO[6:])
     else:
         raise SystemExit(f"unknown scenario {SCENARIO}")
     write(result)

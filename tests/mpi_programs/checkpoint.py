@@ -195,8 +195,185 @@ def corrupt(comm, out_dir, policy):
     return {"error": error, "unchanged": unchanged, "same": same and a == b}
 
 
+# ------------------------------------------------ one directory, many writers
+def fed_buffer(seed, steps=12, b=7, capacity=24):
+    """The buffer whose state ``save_loop`` writes (the tests rebuild it to
+    know what a loaded checkpoint must hold)."""
+    buffer = dr.RehearsalBuffer(capacity=int(capacity), num_representatives=5, device="cpu",
+                                seed=int(seed))
+    feed(buffer, int(seed), int(steps), b)
+    return buffer
+
+
+def save_loop(comm, out_dir, path, seed, saves, go_file):
+    """A process of its own (``comm=None``) that saves its buffer into
+    ``path`` ``saves`` times, as fast as it can, once ``go_file`` exists
+    (prints ``ready`` when it waits for it). Counts the saves that
+    committed, those refused because another save held the directory, and
+    any other error; prints the counts as its last line."""
+    from dali_rehearsal.checkpoint import ConcurrentSaveError
+    import time
+    buffer = fed_buffer(seed)
+    print("ready", flush=True)
+    while not os.path.exists(go_file):
+        time.sleep(0.001)
+    counts = {"seed": int(seed), "saved": 0, "busy": 0, "other": []}
+    for _ in range(int(saves)):
+        try:
+            buffer.save(path)
+            counts["saved"] += 1
+        except ConcurrentSaveError as e:
+            counts["busy"] += 1
+            counts["busy_message"] = str(e)
+        except Exception as e:  # anything else is a failure of the test
+            counts["other"].append(f"{type(e).__name__}: {e}")
+    print(json.dumps(counts), flush=True)
+    return counts
+
+
+def save_forever(comm, out_dir, path, seed_a, seed_b):
+    """Saves two buffers' states into ``path`` in turn until killed; prints
+    ``ready`` first and ``saved`` after each save (unbuffered)."""
+    buffers = [fed_buffer(seed_a, capacity=600), fed_buffer(seed_b, capacity=600)]
+    print("ready", flush=True)
+    k = 0
+    while True:
+        buffers[k % 2].save(path)
+        print("saved", flush=True)
+        k += 1
+
+
+def hostile_loads(comm, out_dir, cases_dir):
+    """Loads each checkpoint directory of ``cases_dir`` (a good one first, to
+    warm up) into a new buffer; reports each error and how much the peak
+    memory of the process grew over all the bad ones."""
+    import resource
+
+    def peak():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # KiB on Linux
+
+    def fresh():
+        return dr.RehearsalBuffer(capacity=24, num_representatives=5, device="cpu", seed=8)
+
+    fresh().load(os.path.join(cases_dir, "good"), resize=True)
+    fresh().load(os.path.join(cases_dir, "good"), resize=True)
+    before = peak()
+    errors = {}
+    for name in sorted(os.listdir(cases_dir)):
+        if name == "good":
+            continue
+        try:
+            fresh().load(os.path.join(cases_dir, name), resize=True)
+            errors[name] = None
+        except BaseException as e:  # reported: the test checks each one
+            errors[name] = {"type": type(e).__name__,
+                            "is_checkpoint_error": isinstance(e, dr.CheckpointError),
+                            "message": str(e)[:2000]}
+    return {"errors": errors, "peak_growth": peak() - before}
+
+
+def forge_meta(path, edit):
+    """Edits the metadata of every shard of checkpoint ``path`` with
+    ``edit(meta)`` and recomputes the checksums: well-formed files, hostile
+    values."""
+    import io
+    import zipfile
+    from dali_rehearsal import checkpoint
+    manifest = os.path.join(path, "manifest.json")
+    with open(manifest) as f:
+        body = json.load(f)["body"]
+    for entry in body["shards"]:
+        file = os.path.join(path, entry["file"])
+        with zipfile.ZipFile(file) as z:
+            members = {n: z.read(n) for n in z.namelist()}
+        meta = json.loads(np.load(io.BytesIO(members["meta.npy"])).tobytes())
+        edit(meta)
+        blob = io.BytesIO()
+        np.lib.format.write_array(blob, np.frombuffer(json.dumps(meta).encode(), np.uint8))
+        members["meta.npy"] = blob.getvalue()
+        with open(file, "wb") as f:
+            writer = checkpoint._HashingWriter(f)
+            with zipfile.ZipFile(writer, "w") as z:
+                for name, data in members.items():
+                    z.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+        entry.update(sha256=writer.sha256.hexdigest(), bytes=writer.nbytes)
+    with open(manifest, "wb") as f:
+        f.write(checkpoint._manifest_bytes(body))
+
+
+def forged_seed(comm, out_dir, seed):
+    """A checkpoint of two processes whose shared seed (the sampler's) is
+    ``seed`` (2**64: more than the exchange's int64 holds), checksums
+    recomputed: loading it raises CheckpointError on every rank at once and
+    changes nothing; the checkpoint it was forged from loads and mixes."""
+    import time
+    rank = comm.Get_rank()
+    kwargs = dict(capacity=20, num_representatives=3, device="cpu", seed=2, comm=comm,
+                  timeout=120)
+    original = dr.RehearsalBuffer(**kwargs)
+    feed(original, rank, 6, 5)
+    good, bad = os.path.join(out_dir, "good"), os.path.join(out_dir, "bad")
+    original.save(good)
+    original.save(bad)
+    original.close()
+    comm.Barrier()
+    if rank == 0:
+        def edit(meta):
+            meta["sampler"]["seed"] = int(seed)
+        forge_meta(bad, edit)
+    comm.Barrier()
+    buffer = dr.RehearsalBuffer(**kwargs)
+    error, t0 = None, time.time()
+    try:
+        buffer.load(bad)
+    except Exception as e:
+        error = {"type": type(e).__name__, "message": str(e),
+                 "is_checkpoint_error": isinstance(e, dr.CheckpointError)}
+    elapsed = time.time() - t0
+    unchanged = buffer.size == 0 and buffer.num_seen == 0 and buffer.spec is None
+    buffer.load(good)
+    feed(buffer, rank, 3, 5, start=6)
+    buffer.close()
+    return {"error": error, "elapsed": elapsed, "unchanged": unchanged}
+
+
+def split_paths(comm, out_dir):
+    """Rank 1 saves into another directory than rank 0 (or one rank 0 cannot
+    see): every rank raises, naming rank 1's missing shard; neither directory
+    keeps a file of that save, the earlier checkpoint still loads."""
+    import time
+    rank = comm.Get_rank()
+    kwargs = dict(capacity=20, num_representatives=3, device="cpu", seed=2, comm=comm,
+                  timeout=120)
+    original = dr.RehearsalBuffer(**kwargs)
+    feed(original, rank, 6, 5)
+    shared, other = os.path.join(out_dir, "shared"), os.path.join(out_dir, "other")
+    original.save(shared)
+    first = sorted(os.listdir(shared))
+    feed(original, rank, 2, 5, start=6)
+    os.makedirs(other, exist_ok=True)
+    comm.Barrier()
+    error, t0 = None, time.time()
+    try:
+        original.save(shared if rank == 0 else other)
+    except Exception as e:
+        error = {"type": type(e).__name__, "message": str(e)}
+    elapsed = time.time() - t0
+    comm.Barrier()
+    buffer = dr.RehearsalBuffer(**kwargs)
+    buffer.load(shared)
+    loads = buffer.num_seen == 6 * 5
+    original.close()
+    buffer.close()
+    return {"error": error, "elapsed": elapsed, "loads": loads,
+            "shared_unchanged": sorted(os.listdir(shared)) == first,
+            "other": sorted(os.listdir(other))}
+
+
 SCENARIOS = {"roundtrip": roundtrip, "save": save, "load": load,
-             "selection_counts": selection_counts, "corrupt": corrupt}
+             "selection_counts": selection_counts, "corrupt": corrupt, "save_loop": save_loop,
+             "save_forever": save_forever, "hostile_loads": hostile_loads,
+             "forged_seed": forged_seed, "split_paths": split_paths}
 
 
 def main():
@@ -208,8 +385,9 @@ def main():
     rank = comm.Get_rank() if comm is not None else 0
     result = SCENARIOS[scenario](comm, out_dir, *args)
     result["rank"] = rank
-    with open(os.path.join(out_dir, f"{scenario}-{rank}.json"), "w") as f:
-        json.dump(result, f)
+    if scenario != "save_loop":       # (processes of their own: their results on stdout)
+        with open(os.path.join(out_dir, f"{scenario}-{rank}.json"), "w") as f:
+            json.dump(result, f)
 
 
 if __name__ == "__main__":
