@@ -12,8 +12,8 @@ import logging as _logging
 from . import datasets, fn, streams
 from ._backend import gpu_available
 from .buffer import RehearsalBuffer
-from .checkpoint import CheckpointError
-from .exchange import MismatchError, RemoteError
+from .checkpoint import CheckpointError, ConcurrentSaveError
+from .exchange import CollectiveMismatchError, MismatchError, RemoteError
 from .policies import POLICIES
 from .storage import FieldSpec
 from .stage import LastBatchPolicy, epoch_size, steps_per_epoch
@@ -23,7 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = ["RehearsalBuffer", "FieldSpec", "LastBatchPolicy", "POLICIES", "fn", "streams",
            "datasets", "ClassIncremental", "LabelledFiles", "Task", "gpu_available",
-           "steps_per_epoch", "epoch_size", "CheckpointError", "RemoteError", "MismatchError",
+           "steps_per_epoch", "epoch_size", "CheckpointError", "ConcurrentSaveError", "RemoteError",
+           "MismatchError", "CollectiveMismatchError",
            "__version__"]
 
 _logging.getLogger("dali_rehearsal").addHandler(_logging.NullHandler())
