@@ -2,7 +2,7 @@
 
 Three layers:
 
-* ``kernels/*.cu`` really compile, with NVRTC exactly as CuPy loads them
+* ``dali_rehearsal/kernels/*.cu`` really compile, with NVRTC exactly as CuPy loads them
   (no name expressions: plain ``extern "C"`` entry points) and with ``nvcc``,
   every entry point present (``tests/run.sh`` fails the run if these skip);
 * the kernel bodies, compiled as plain C++ through ``tests/kernel_shim`` and
@@ -40,7 +40,7 @@ from dali_rehearsal.kernels import (
 from dali_rehearsal.kernels.movement import FIELD_DTYPE, fields_launch_config, launch_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-KERNEL_SOURCES = sorted((ROOT / "kernels").glob("*.cu"))
+KERNEL_SOURCES = sorted((ROOT / "dali_rehearsal" / "kernels").glob("*.cu"))
 SHIM_DIR = pathlib.Path(__file__).resolve().with_name("kernel_shim")
 KERNEL_NAMES = KERNELS["movement"]
 WORD_SIZES = tuple(WORD_TYPES)
@@ -53,7 +53,7 @@ COMPILE_TIMEOUT_S = 300
 # --------------------------------------------------------------------------
 
 def test_sources_are_registered():
-    assert KERNEL_SOURCES, "no kernels/*.cu found"
+    assert KERNEL_SOURCES, "no dali_rehearsal/kernels/*.cu found"
     assert {p.stem for p in KERNEL_SOURCES} == set(KERNELS)
     for path in KERNEL_SOURCES:
         assert source_path(path.stem).read_bytes() == path.read_bytes()
