@@ -166,7 +166,7 @@ def word_type_for(nbytes_per_row, *pointers):
 
 # Imported last: the wrappers use the helpers defined above.
 from .movement import (copy_fields, copy_rows, gather_fields, gather_rows,  # noqa: E402
-                       scatter_fields, scatter_rows)
+                       gather_rows_host, scatter_fields, scatter_rows, scatter_rows_host)
 
 __all__ = [
     "FIELD_KERNELS",
@@ -177,12 +177,14 @@ __all__ = [
     "copy_rows",
     "gather_fields",
     "gather_rows",
+    "gather_rows_host",
     "get_kernel",
     "get_module",
     "kernel_name",
     "kernel_names",
     "scatter_fields",
     "scatter_rows",
+    "scatter_rows_host",
     "source_path",
     "word_type_for",
 ]
