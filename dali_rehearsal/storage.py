@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._backend import Backend
-from .kernels import copy_fields, gather_fields, scatter_fields
+from .kernels import (copy_fields, gather_fields, gather_rows_host, scatter_fields,
+                      scatter_rows_host)
 
 __all__ = ["FieldSpec", "SampleStore"]
 
@@ -50,10 +51,6 @@ def _host(index) -> np.ndarray:
         from ._backend import to_host
         index = to_host(index)
     return np.ascontiguousarray(index, dtype=np.int64)
-
-
-_ROW_LOOP_MAX = 1024          # host scatter: rows moved one by one up to this many,
-_ROW_LOOP_MIN_BYTES = 4096    # and only rows at least this large
 
 
 def _check_slots(slots: np.ndarray, capacity: int) -> None:
@@ -102,11 +99,12 @@ class SampleStore:
         """An int64 index array on this store's device (uploaded on ``stream``)."""
         return self.backend.asarray(np.ascontiguousarray(values, dtype=np.int64), stream)
 
-    # On the host the store moves rows with NumPy directly: the arrays are its
-    # own (fixed layout, C-contiguous) and every slot index comes from the
-    # policy or the sampler, so the checks of the kernel wrappers would only
-    # repeat what is already known; slot ranges are still checked, once per
-    # call, because a wrong slot would silently move the wrong sample.
+    # On the host the store moves rows with the kernels' unchecked NumPy row
+    # path (gather_rows_host, scatter_rows_host): the arrays are its own
+    # (fixed layout, C-contiguous) and every slot index comes from the policy
+    # or the sampler, so the checks of the wrappers would only repeat what is
+    # already known; slot ranges are still checked, once per call, because a
+    # wrong slot would silently move the wrong sample.
     def gather(self, slots, out, offset: int = 0, stream=None) -> None:
         """``out[f][offset + k] = field f of slot slots[k]``, every field (one
         launch on the GPU). ``slots``: host int64 indices."""
@@ -119,8 +117,7 @@ class SampleStore:
             return
         _check_slots(slots, self.capacity)
         for src, dst in zip(self.fields, out):
-            # In-range indices: "clip" is exact and, unlike "raise", unbuffered.
-            src.take(slots, axis=0, mode="clip", out=dst[offset:offset + n])
+            gather_rows_host(src, slots, dst, offset)
 
     def scatter(self, rows, batch_index, slots, stream=None) -> None:
         """Writes ``rows[f][batch_index[k]]`` into slot ``slots[k]``, every
@@ -133,13 +130,7 @@ class SampleStore:
             return
         _check_slots(slots, self.capacity)
         for src, dst in zip(rows, self.fields):
-            if len(slots) <= _ROW_LOOP_MAX and src[:1].nbytes >= _ROW_LOOP_MIN_BYTES:
-                # Large rows: one copy per byte (fancy indexing would first
-                # build src[batch_index]).
-                for i, j in zip(batch_index.tolist(), slots.tolist()):
-                    dst[j] = src[i]
-            else:
-                dst[slots] = src[batch_index]
+            scatter_rows_host(src, batch_index, dst, slots)
 
     def copy(self, rows, out, offset: int = 0, stream=None) -> None:
         """``out[f][offset:offset + len] = rows[f]``, every field (one launch

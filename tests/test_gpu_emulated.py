@@ -9,7 +9,8 @@ order), so a missing ordering gives stale or never-written rows (the byte
   execution, the legacy default stream, events, the CUDA array interface's
   stream, pinned and pageable copies, illegal addresses);
 * the kernels' launch structure: one compile per process and device without
-  name expressions, kernel objects looked up once, one launch per movement
+  name expressions (and again only after ``kernels.clear_caches()``), kernel
+  objects looked up once per device, one launch per movement
   whatever the number of fields, no allocation per step;
 * the buffer on ``device="gpu"`` with ``mix(stream=...)``, ``add``,
   ``sample``, ``stored``, ``state_dict``/``load_state_dict``, row for row
@@ -186,6 +187,41 @@ def test_one_compile_cached_kernels_one_launch_per_movement(emulated_gpu, n_extr
     assert RawModule.lookups == 3                 # copy_fields, gather_fields, scatter_fields
     # issue 13: a step is three launches (copy, gather, scatter) whatever the fields
     assert module.launches == 3 * steps - 1       # the first step has no representatives
+
+
+def test_kernel_getters_compile_once_per_device_until_caches_are_cleared():
+    """cupy.memoize(for_each_device=True) getters: one compile per (module,
+    device), one lookup per (kernel, device), the same objects on later calls
+    whatever the current device; clear_caches() makes the next call compile
+    and look up again."""
+    from emulation import emulated
+    with emulated(device_count=2) as cp:
+        module = kernels.get_module("movement")
+        assert kernels.get_module("movement", 0) is module
+        copy = kernels.get_kernel("movement", "copy_fields", 0)
+        with cp.cuda.Device(1):          # asked for device 0 from device 1
+            assert kernels.get_kernel("movement", "copy_fields", 0) is copy
+            assert kernels.get_module("movement", 0) is module
+        assert kernels.get_kernel("movement", "copy_fields") is copy
+        assert (RawModule.compiled, RawModule.lookups) == (1, 1)
+        assert runtime.THREAD.device == 0           # the current device is restored
+
+        on_one = kernels.get_kernel("movement", "copy_fields", 1)
+        assert on_one is not copy and on_one.module is not module
+        with cp.cuda.Device(1):
+            assert kernels.get_kernel("movement", "copy_fields") is on_one
+            assert kernels.get_module("movement") is on_one.module
+        assert (RawModule.compiled, RawModule.lookups) == (2, 2)
+
+        kernels.get_kernel("movement", "gather_fields", 0)      # a new kernel, same module
+        assert (RawModule.compiled, RawModule.lookups) == (2, 3)
+
+        kernels.clear_caches()
+        again = kernels.get_kernel("movement", "copy_fields", 0)
+        assert again is not copy and again.module is not module
+        assert (RawModule.compiled, RawModule.lookups) == (3, 4)
+        assert kernels.get_kernel("movement", "copy_fields", 0) is again
+        assert (RawModule.compiled, RawModule.lookups) == (3, 4)
 
 
 def test_store_movements_allocate_nothing_per_step(emulated_gpu):

@@ -2,7 +2,7 @@
 
 Three layers:
 
-* ``kernels/*.cu`` really compile, with NVRTC exactly as CuPy loads them
+* ``dali_rehearsal/kernels/*.cu`` really compile, with NVRTC exactly as CuPy loads them
   (no name expressions: plain ``extern "C"`` entry points) and with ``nvcc``,
   every entry point present (``tests/run.sh`` fails the run if these skip);
 * the kernel bodies, compiled as plain C++ through ``tests/kernel_shim`` and
@@ -30,17 +30,19 @@ from dali_rehearsal.kernels import (
     copy_rows,
     gather_fields,
     gather_rows,
+    gather_rows_host,
     kernel_name,
     kernel_names,
     scatter_fields,
     scatter_rows,
+    scatter_rows_host,
     source_path,
     word_type_for,
 )
 from dali_rehearsal.kernels.movement import FIELD_DTYPE, fields_launch_config, launch_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-KERNEL_SOURCES = sorted((ROOT / "kernels").glob("*.cu"))
+KERNEL_SOURCES = sorted((ROOT / "dali_rehearsal" / "kernels").glob("*.cu"))
 SHIM_DIR = pathlib.Path(__file__).resolve().with_name("kernel_shim")
 KERNEL_NAMES = KERNELS["movement"]
 WORD_SIZES = tuple(WORD_TYPES)
@@ -53,7 +55,7 @@ COMPILE_TIMEOUT_S = 300
 # --------------------------------------------------------------------------
 
 def test_sources_are_registered():
-    assert KERNEL_SOURCES, "no kernels/*.cu found"
+    assert KERNEL_SOURCES, "no dali_rehearsal/kernels/*.cu found"
     assert {p.stem for p in KERNEL_SOURCES} == set(KERNELS)
     for path in KERNEL_SOURCES:
         assert source_path(path.stem).read_bytes() == path.read_bytes()
@@ -590,6 +592,28 @@ def test_numpy_index_values_checked():
     with pytest.raises(IndexError, match="dst_index values"):
         scatter_rows(rows, np.array([0]), buffer, np.array([8]))
 
+
+
+@pytest.mark.parametrize("n_rows", [8, 1100])             # up to 1024 rows: a per-row loop
+@pytest.mark.parametrize("row_shape", [(3,), (32, 32)])    # from 4096-byte rows: a per-row loop
+def test_host_row_path(row_shape, n_rows):
+    """The unchecked NumPy row path shared by the wrappers and the CPU
+    SampleStore, on each side of the per-row loop's thresholds."""
+    rng = np.random.default_rng(5)
+    src = rng.standard_normal((n_rows + 3, *row_shape)).astype(np.float32)
+    dst = rng.standard_normal((n_rows + 10, *row_shape)).astype(np.float32)
+    src_index = rng.integers(0, len(src), n_rows).astype(np.int64)
+    dst_index = rng.permutation(len(dst))[:n_rows].astype(np.int64)
+    expected = dst.copy()
+    expected[dst_index] = src[src_index]
+    scattered = dst.copy()
+    scatter_rows_host(src, src_index, scattered, dst_index)
+    np.testing.assert_array_equal(scattered, expected)
+    expected = dst.copy()
+    expected[4:4 + n_rows] = src[src_index]
+    gathered = dst.copy()
+    gather_rows_host(src, src_index, gathered, 4)
+    np.testing.assert_array_equal(gathered, expected)
 
 @pytest.mark.gpu
 def test_mixed_backends_rejected():

@@ -77,7 +77,7 @@ def test_wheel_contains_kernel_sources(wheel):
     assert "dali_rehearsal/kernels/__init__.py" in names
     assert "dali_rehearsal/kernels/movement.py" in names
     assert "dali_rehearsal/buffer.py" in names
-    # the top-level kernels/ folder is installed only as dali_rehearsal.kernels
+    # one home: the kernels are a plain subpackage, nothing at the top level
     assert not any(n.startswith("kernels/") for n in names)
 
 
@@ -104,5 +104,5 @@ def test_installed_wheel_finds_its_cuda_source(wheel, tmp_path):
     assert pathlib.Path(package).is_relative_to(site.resolve())   # not the source tree
     assert is_file == "True"
     assert pathlib.Path(source).is_relative_to(site.resolve())
-    assert pathlib.Path(source).read_text() == (REPO / "kernels" / "movement.cu").read_text()
+    assert pathlib.Path(source).read_text() == (REPO / "dali_rehearsal" / "kernels" / "movement.cu").read_text()
     assert "gather_rows" in pathlib.Path(source).read_text()

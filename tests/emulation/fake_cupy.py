@@ -3,7 +3,9 @@
 ``cupy``: ``ndarray`` (basic slicing, ``reshape``, ``view``, ``set``,
 ``get``, ``copy``, ``fill``, item assignment, ``__cuda_array_interface__``
 v3), ``asarray``, ``ascontiguousarray``, ``asnumpy``, ``empty``, ``zeros``,
-``full``, ``arange``, ``empty_like``, ``zeros_like``, ``RawModule``;
+``full``, ``arange``, ``empty_like``, ``zeros_like``, ``RawModule``,
+``memoize`` (``for_each_device=``: keyed on the current emulated device),
+``clear_memo`` (each built module has its own memos);
 ``cupy.cuda``: ``Stream`` (``non_blocking=``, context manager, ``use``,
 ``synchronize``, ``wait_event``, ``record``, ``ptr``, ``device_id``,
 ``is_capturing``), ``get_current_stream``, ``Event``, ``Device``,
@@ -28,6 +30,7 @@ Semantics follow CuPy and CUDA where the library depends on them:
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 
@@ -589,6 +592,35 @@ def empty_pinned(shape, dtype=float, order="C"):
     return block.buffer[:nbytes].view(dtype).reshape(shape)
 
 
+def _memo_functions():
+    """``memoize`` and ``clear_memo`` as CuPy's ``cupy/_util.pyx`` defines them
+    (the key: the arguments, and the current device with
+    ``for_each_device=True``), over memos of their own."""
+    memos = []
+
+    def memoize(for_each_device=False):
+        def decorator(f):
+            memo = {}
+            memos.append(memo)
+
+            @functools.wraps(f)
+            def ret(*args, **kwargs):
+                device = rt.THREAD.device if for_each_device else -1
+                key = (device, args, frozenset(kwargs.items())) if kwargs else (device, args)
+                result = memo.get(key, memo)
+                if result is memo:
+                    result = memo[key] = f(*args, **kwargs)
+                return result
+            return ret
+        return decorator
+
+    def clear_memo():
+        for memo in memos:
+            memo.clear()
+
+    return memoize, clear_memo
+
+
 class _MemoryPool:
     def free_all_blocks(self):
         rt.MEMORY.collect(force=True)
@@ -607,6 +639,7 @@ def build_modules(device_count: int = 1) -> dict:
     cupy = types.ModuleType("cupy")
     cupy.__version__ = "14.0.0+emulated"
     cupy.__emulated__ = True
+    cupy.memoize, cupy.clear_memo = _memo_functions()
     cuda = types.ModuleType("cupy.cuda")
     runtime_module = _runtime_module()
     for name, value in dict(Stream=Stream, Event=Event, Device=Device,

@@ -1,4 +1,4 @@
-// Minimal CUDA shim: lets the NVRTC sources in kernels/*.cu compile as plain
+// Minimal CUDA shim: lets the NVRTC sources in dali_rehearsal/kernels/*.cu compile as plain
 // C++ so that their kernels can be emulated on the CPU (see driver.cpp).
 //
 // Valid only for kernels without shared memory or block synchronisation,

@@ -1,7 +1,7 @@
-// CPU driver for kernels/movement.cu compiled through cuda_shim.h.
+// CPU driver for dali_rehearsal/kernels/movement.cu compiled through cuda_shim.h.
 //
 // Build (from the repository root):
-//   g++ -O1 -shared -fPIC -std=c++14 -I kernels
+//   g++ -O1 -shared -fPIC -std=c++14 -I dali_rehearsal/kernels
 //       tests/kernel_shim/driver.cpp -o movement_shim.so
 //
 // Every exported function is named shim_<kernel entry point> and takes the

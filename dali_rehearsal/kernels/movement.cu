@@ -3,7 +3,7 @@
 // A "row" is one sample: the bytes of a C-contiguous array below its first
 // axis.  Rows are moved as arrays of ``row_words`` words of type W, where W is
 // chosen by the host so that its size divides the row byte count and every
-// base pointer (see kernels/__init__.py: word_type_for).  The kernels are
+// base pointer (see __init__.py: word_type_for).  The kernels are
 // therefore dtype-agnostic.
 //
 // Two families, every entry point ``extern "C"`` (plain symbol names, so that
@@ -33,7 +33,7 @@ struct __align__(16) dr_word16 {
 };
 
 // One field of a multi-field movement (32 bytes; the host packs the same
-// layout: kernels/movement.py, FIELD_DTYPE).
+// layout: movement.py, FIELD_DTYPE).
 struct dr_field {
     const char* src;         // first byte of source row 0
     char* dst;               // first byte of destination row 0

@@ -22,6 +22,10 @@ Two families:
   neither the pinned source of an upload nor the device table is overwritten
   while the GPU may still read it, whatever streams the calls use.
 
+On NumPy arrays every wrapper checks its inputs and then moves rows with
+``gather_rows_host`` or ``scatter_rows_host``: the host row path, unchecked,
+which the CPU :class:`~dali_rehearsal.storage.SampleStore` calls directly.
+
 Contract shared by both backends (not checked on the GPU for device index
 arrays, where it would cost a synchronisation): the source rows read and the
 destination rows written must not overlap, and scatter destination indices
@@ -41,7 +45,7 @@ _MAX_GRID_X = 1024
 _MAX_GRID_Y = 65535
 _MAX_GRID_Z = 65535
 _WARP = 32
-_ROW_LOOP_MAX = 1024          # NumPy scatter: rows moved one by one up to this many,
+_ROW_LOOP_MAX = 1024          # host scatter: rows moved one by one up to this many,
 _ROW_LOOP_MIN_BYTES = 4096    # and only rows at least this large
 
 #: Host layout of ``struct dr_field`` in movement.cu (32 bytes per field).
@@ -79,7 +83,8 @@ def gather_rows(src, index, dst, *, dst_offset=0, stream=None):
     _check_index("index", index)
     dst_offset = _check_span("dst_offset", dst_offset, len(index), len(dst))
     if xp is np:
-        _gather_numpy(src, index, dst, dst_offset)
+        _check_index_values("index", index, len(src))
+        gather_rows_host(src, index, dst, dst_offset)
         return
     _launch("gather_rows", src, dst, len(index), stream,
             lambda row_words: (src, index, dst, np.int64(len(index)),
@@ -100,20 +105,28 @@ def scatter_rows(src, src_index, dst, dst_index, *, stream=None):
     if xp is np:
         _check_index_values("src_index", src_index, len(src))
         _check_index_values("dst_index", dst_index, len(dst))
-        _scatter_numpy(src, src_index, dst, dst_index)
+        scatter_rows_host(src, src_index, dst, dst_index)
         return
     _launch("scatter_rows", src, dst, len(src_index), stream,
             lambda row_words: (src, src_index, dst, dst_index,
                                np.int64(len(src_index)), row_words))
 
 
-def _gather_numpy(src, index, dst, dst_offset):
-    _check_index_values("index", index, len(src))
-    # In-range indices: "clip" is exact and, unlike "raise", unbuffered.
-    np.take(src, index, axis=0, mode="clip", out=dst[dst_offset:dst_offset + len(index)])
+# ------------------------------------------------------- the host row path
+# The NumPy reference of the kernels and the buffer's CPU backend
+# (SampleStore): one implementation, without checks. Callers have checked
+# what these rely on: NumPy arrays of matching rows, index values in range,
+# scatter destinations distinct.
+
+def gather_rows_host(src, index, dst, dst_offset=0):
+    """``dst[dst_offset + k] = src[index[k]]`` with NumPy, unchecked."""
+    # In-range indices: "clip" is exact and, unlike "raise", unbuffered. (The
+    # method: np.take would add a Python-level dispatch per field.)
+    src.take(index, axis=0, mode="clip", out=dst[dst_offset:dst_offset + len(index)])
 
 
-def _scatter_numpy(src, src_index, dst, dst_index):
+def scatter_rows_host(src, src_index, dst, dst_index):
+    """``dst[dst_index[k]] = src[src_index[k]]`` with NumPy, unchecked."""
     if len(src_index) <= _ROW_LOOP_MAX and src[:1].nbytes >= _ROW_LOOP_MIN_BYTES:
         # One copy per byte: fancy indexing would first build src[src_index];
         # for small rows the per-row Python call costs more than that copy.
@@ -155,7 +168,7 @@ def gather_fields(srcs, index, dsts, *, dst_offset=0, stream=None):
         _check_index_values("index", index, len(s))
     if xp is np:
         for s, d in zip(srcs, dsts):
-            np.take(s, index, axis=0, mode="clip", out=d[dst_offset:dst_offset + len(index)])
+            gather_rows_host(s, index, d, dst_offset)
         return
     n = len(index)
     _launch_fields("gather_fields", srcs, dsts, n, stream, (index,),
@@ -175,7 +188,7 @@ def scatter_fields(srcs, src_index, dsts, dst_index, *, stream=None):
         _check_index_values("dst_index", dst_index, len(d))
     if xp is np:
         for s, d in zip(srcs, dsts):
-            _scatter_numpy(s, src_index, d, dst_index)
+            scatter_rows_host(s, src_index, d, dst_index)
         return
     n = len(src_index)
     _launch_fields("scatter_fields", srcs, dsts, n, stream, (src_index, dst_index),

@@ -15,11 +15,20 @@ Compile and launch costs:
 * the module is compiled once per process and device, and each kernel object
   is looked up once per (device, kernel): :func:`get_kernel`. (CuPy's
   ``RawModule.get_function`` builds a new kernel object on every call.)
+
+Caching is CuPy's own, as in cuCIM: the getters are memoized with
+``cupy.memoize(for_each_device=True)``, which keys on the arguments and the
+current device. They are defined on first use, once per CuPy module (the
+package imports without CuPy, and the tests put an emulated CuPy in its
+place), and :func:`clear_caches` empties them with ``cupy.clear_memo()``.
+Like every ``cupy.memoize`` function they take no lock: two threads that ask
+for the same kernel for the very first time may both compile it (the later
+result is kept; either works).
 """
 
-import functools
 import pathlib
-import threading
+import sys
+import weakref
 
 #: C++ word type used to move rows, by word size in bytes (largest first).
 WORD_TYPES = {
@@ -70,55 +79,75 @@ def kernel_names(name):
             + FIELD_KERNELS.get(name, ()))
 
 
-def get_module(name, device_id=None):
-    """Return the compiled :class:`cupy.RawModule` of ``<name>.cu``.
-
-    The module is compiled once per device and memoized; ``device_id=None``
-    means CuPy's current device.
-    """
-    import cupy
-
-    if device_id is None:
-        device_id = cupy.cuda.Device().id
-    return _compiled_module(name, int(device_id))
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_module(name, device_id):
-    import cupy
+def _compile(name):
+    import cupy                         # the module the getters belong to
 
     code = source_path(name).read_text()
-    with cupy.cuda.Device(device_id):
-        # No name_expressions: see the module docstring (on-disk cache).
-        module = cupy.RawModule(code=code, options=_COMPILE_OPTIONS)
-        module.compile()
+    # No name_expressions: see the module docstring (on-disk cache).
+    module = cupy.RawModule(code=code, options=_COMPILE_OPTIONS)
+    module.compile()
     return module
 
 
-_kernels: dict = {}
-_kernels_lock = threading.Lock()
+def _define_getters(cupy):
+    """The memoized getters of one CuPy module, by name (``module``,
+    ``kernel``), each keyed on its arguments and the current device. (They do not hold
+    ``cupy``: a value of :data:`_getters` that did would keep its key alive.)"""
+
+    @cupy.memoize(for_each_device=True)
+    def module(name):
+        return _compile(name)
+
+    @cupy.memoize(for_each_device=True)
+    def kernel(name, entry):
+        return module(name).get_function(entry)
+
+    return {"module": module, "kernel": kernel}
 
 
-def get_kernel(name, kernel, device_id):
+#: CuPy module -> its getters (weak: an emulated CuPy dropped by the tests
+#: takes its getters and their memos with it).
+_getters = weakref.WeakKeyDictionary()
+
+
+def _on_device(getter, device_id, *args):
+    """Getter ``getter`` called on ``args`` with ``device_id`` current (``None``: the current
+    device); switches devices only when it is another one."""
+    import cupy
+
+    getters = _getters.get(cupy)
+    if getters is None:
+        getters = _getters.setdefault(cupy, _define_getters(cupy))
+    function = getters[getter]
+    if device_id is None or int(device_id) == cupy.cuda.runtime.getDevice():
+        return function(*args)
+    with cupy.cuda.Device(int(device_id)):
+        return function(*args)
+
+
+def get_module(name, device_id=None):
+    """Return the compiled :class:`cupy.RawModule` of ``<name>.cu``.
+
+    Compiled once per device and memoized; ``device_id=None`` means CuPy's
+    current device.
+    """
+    return _on_device("module", device_id, name)
+
+
+def get_kernel(name, kernel, device_id=None):
     """The kernel object of entry point ``kernel`` of ``<name>.cu`` on
-    ``device_id``, looked up once and cached."""
-    key = (name, kernel, int(device_id))
-    function = _kernels.get(key)
-    if function is None:
-        with _kernels_lock:
-            function = _kernels.get(key)
-            if function is None:
-                function = get_module(name, device_id).get_function(kernel)
-                _kernels[key] = function
-    return function
+    ``device_id`` (``None``: the current device), looked up once per device
+    and memoized."""
+    return _on_device("kernel", device_id, name, kernel)
 
 
 def clear_caches():
     """Forgets compiled modules, kernel objects and staging buffers (for
-    tests that swap the CuPy module)."""
-    _compiled_module.cache_clear()
-    with _kernels_lock:
-        _kernels.clear()
+    tests that swap the CuPy module). ``cupy.clear_memo()`` empties every
+    ``cupy.memoize`` cache of the CuPy module in use, ours included."""
+    cupy = sys.modules.get("cupy")      # not imported: nothing was compiled
+    if cupy is not None:
+        cupy.clear_memo()
     from . import movement
     movement.clear_staging()
 
@@ -137,7 +166,7 @@ def word_type_for(nbytes_per_row, *pointers):
 
 # Imported last: the wrappers use the helpers defined above.
 from .movement import (copy_fields, copy_rows, gather_fields, gather_rows,  # noqa: E402
-                       scatter_fields, scatter_rows)
+                       gather_rows_host, scatter_fields, scatter_rows, scatter_rows_host)
 
 __all__ = [
     "FIELD_KERNELS",
@@ -148,12 +177,14 @@ __all__ = [
     "copy_rows",
     "gather_fields",
     "gather_rows",
+    "gather_rows_host",
     "get_kernel",
     "get_module",
     "kernel_name",
     "kernel_names",
     "scatter_fields",
     "scatter_rows",
+    "scatter_rows_host",
     "source_path",
     "word_type_for",
 ]
