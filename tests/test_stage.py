@@ -16,18 +16,21 @@ import pytest
 from PIL import Image
 
 import dali_rehearsal as dr
-from dali_rehearsal._backend import to_host
 
 pytest.importorskip("nvidia.dali")
 pytest.importorskip("torch")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
-from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: E402
+from utils import (assert_unchanged, mixing_pipeline, pixel_key, run_epochs,  # noqa: E402
+                   snapshot, source_pipeline, to_host)
 
 LBP = dr.LastBatchPolicy
 
 # Batches the stage may have built beyond those consumed: DALI prefetch (2),
 # prepare_ahead (2) and the step being built.
 AHEAD = 5
+
+# The extra outputs of the source pipelines: row means of the image, a task id.
+EXTRAS = ("logits", "task")
 
 
 # ------------------------------------------------------------------ ground truth
@@ -53,69 +56,14 @@ def train_files(mnist):
     return dr.LabelledFiles.from_folder(mnist[0])
 
 
-def _key(image) -> bytes:
-    image = np.asarray(image)
-    assert image.dtype == np.uint8 and image.size == 28 * 28
-    return image.reshape(28, 28).tobytes()
-
-
-# ------------------------------------------------------------------ pipelines
-def source_pipeline(batch_size, *, task=0, device_id=None, decoder="cpu", seed=1, extras=True,
-                    **reader):
-    """The user's pipeline: reader, decoder; optionally float32 row means and
-    an int32 task id as extra outputs."""
-    reader.setdefault("name", "Reader")
-
-    @pipeline_def(batch_size=batch_size, num_threads=2, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=2)
-    def decode():
-        jpegs, labels = fn.readers.file(**reader)
-        images = fn.decoders.image(jpegs, device=decoder, output_type=types.GRAY)
-        if not extras:
-            return images, labels
-        logits = fn.reductions.mean(fn.cast(images, dtype=types.FLOAT), axes=[1, 2])
-        task_id = fn.cast(labels * 0 + task, dtype=types.INT32)
-        return images, labels, logits, task_id
-
-    return decode()
-
-
-def mixing_pipeline(source, buffer, batch_size, *, device_id=None, seed=2, augment=False,
-                    **kwargs):
-    @pipeline_def(batch_size=batch_size, num_threads=2, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=2)
-    def train(src):
-        outs = dr.fn.rehearsal(src, buffer=buffer, replay_flag=True, **kwargs)
-        images, rest = outs[0], outs[1:]
-        if not augment:
-            return (images, *rest)
-        mirror = fn.random.coin_flip()
-        images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT,
-                                          output_layout="CHW")
-        return (images, *rest, mirror)
-
-    return train(source)
-
-
-def collect(pipe, names, epochs):
-    """Runs ``epochs`` epochs through DALIGenericIterator (auto_reset); returns,
-    per epoch, a list of batches, each a dict of NumPy arrays."""
-    it = DALIGenericIterator(pipe, names, auto_reset=True)
-    result = []
-    for _ in range(epochs):
-        batches = [{k: v.cpu().numpy() for k, v in batch[0].items()} for batch in it]
-        result.append(batches)
-    return result
-
-
 def reference_stream(steps, **source_kwargs):
     """Pixel keys of the source pipeline's own output, in order."""
-    pipe = source_pipeline(extras=False, **source_kwargs)
+    pipe = source_pipeline(**source_kwargs)
     pipe.build()
     keys = []
     for _ in range(steps):
         images, _ = pipe.run()
-        keys += [_key(x) for x in images.as_array()]
+        keys += [pixel_key(x, strict=True) for x in images.as_array()]
     return keys
 
 
@@ -129,7 +77,7 @@ def check_batch(catalog, batch, *, task=None):
         assert images.dtype == np.float32
         assert np.array_equal(images, np.round(images))
         images = images.astype(np.uint8)
-    keys = [_key(x) for x in images]
+    keys = [pixel_key(x, strict=True) for x in images]
     labels = batch["labels"].reshape(-1)
     assert [catalog[k][0] for k in keys] == labels.tolist(), "a sample arrived with a wrong label"
     pixels = images.reshape(len(keys), 28, 28).astype(np.float64)
@@ -147,7 +95,7 @@ def check_batch(catalog, batch, *, task=None):
 
 def _assert_stored_pairs(catalog, buffer):
     images, labels = to_host(buffer.stored(0)), to_host(buffer.stored(1)).reshape(-1)
-    assert [catalog[_key(x)][0] for x in images] == labels.tolist()
+    assert [catalog[pixel_key(x, strict=True)][0] for x in images] == labels.tolist()
     np.testing.assert_array_equal(labels, buffer.stored_labels())
 
 
@@ -159,9 +107,9 @@ def _stage_end_to_end(catalog, train_root, *, device_id, decoder, buffer_device)
                                 policy="class_balanced", device=buffer_device, seed=0)
     src_kwargs = dict(batch_size=b, file_root=str(train_root), random_shuffle=True,
                       device_id=device_id, decoder=decoder)
-    pipe = mixing_pipeline(source_pipeline(**src_kwargs), buffer, b + r, device_id=device_id,
-                           augment=True)
-    result = collect(pipe, ["images", "labels", "logits", "task", "flag", "mirror"], epochs)
+    pipe = mixing_pipeline(source_pipeline(extras=EXTRAS, **src_kwargs), buffer, b + r,
+                           device_id=device_id, augment=True)
+    result = run_epochs(pipe, ["images", "labels", "logits", "task", "flag", "mirror"], epochs)
     reference = reference_stream(-(-epochs * n // b), **src_kwargs)
     train_keys = {k for k, (label, path) in catalog.items() if path.startswith(str(train_root))}
     assert len(train_keys) == n
@@ -220,14 +168,14 @@ def _bounds(n, shard, num_shards):
 def test_partial_epochs_deliver_every_shard_sample_once(catalog, train_files, num_shards,
                                                         shard_id, pad, stick, shuffle, epochs, b):
     files, labels = _every_other(train_files)             # 90 files: shards of 22/23, 30, 45
-    keys = [_key(np.asarray(Image.open(f).convert("L"))) for f in files]
+    keys = [pixel_key(np.asarray(Image.open(f).convert("L")), strict=True) for f in files]
     r = 3
     buffer = dr.RehearsalBuffer(capacity=20, num_representatives=r, device="cpu", seed=1)
-    src = source_pipeline(b, files=files, labels=labels, shard_id=shard_id,
+    src = source_pipeline(b, extras=EXTRAS, files=files, labels=labels, shard_id=shard_id,
                           num_shards=num_shards, pad_last_batch=pad, stick_to_shard=stick,
                           random_shuffle=shuffle)
-    result = collect(mixing_pipeline(src, buffer, b + r),
-                     ["images", "labels", "logits", "task", "flag"], epochs)
+    result = run_epochs(mixing_pipeline(src, buffer, b + r),
+                        ["images", "labels", "logits", "task", "flag"], epochs)
     seen_before: set = set()
     offered = 0
     per_epoch = []
@@ -262,12 +210,12 @@ def test_partial_epochs_deliver_every_shard_sample_once(catalog, train_files, nu
 
 def test_fill_unpadded_gives_full_batches_and_loses_nothing(catalog, train_files):
     files, labels = _every_other(train_files)
-    keys = [_key(np.asarray(Image.open(f).convert("L"))) for f in files]
+    keys = [pixel_key(np.asarray(Image.open(f).convert("L")), strict=True) for f in files]
     b, r, epochs = 8, 2, 3
     buffer = dr.RehearsalBuffer(capacity=20, num_representatives=r, device="cpu", seed=1)
-    src = source_pipeline(b, files=files, labels=labels)
-    result = collect(mixing_pipeline(src, buffer, b + r, last_batch_policy=LBP.FILL),
-                     ["images", "labels", "logits", "task", "flag"], epochs)
+    src = source_pipeline(b, extras=EXTRAS, files=files, labels=labels)
+    result = run_epochs(mixing_pipeline(src, buffer, b + r, last_batch_policy=LBP.FILL),
+                        ["images", "labels", "logits", "task", "flag"], epochs)
     stream = []
     for e, batches in enumerate(result):
         epoch = []
@@ -284,13 +232,13 @@ def test_fill_unpadded_gives_full_batches_and_loses_nothing(catalog, train_files
 
 def test_fill_padded_fills_with_the_readers_padding(catalog, train_files):
     files, labels = _every_other(train_files)
-    keys = [_key(np.asarray(Image.open(f).convert("L"))) for f in files]
+    keys = [pixel_key(np.asarray(Image.open(f).convert("L")), strict=True) for f in files]
     b, r = 8, 2
     buffer = dr.RehearsalBuffer(capacity=20, num_representatives=r, device="cpu", seed=1)
-    src = source_pipeline(b, files=files, labels=labels, shard_id=1, num_shards=3,
+    src = source_pipeline(b, extras=EXTRAS, files=files, labels=labels, shard_id=1, num_shards=3,
                           pad_last_batch=True, stick_to_shard=True)
-    result = collect(mixing_pipeline(src, buffer, b + r, last_batch_policy=LBP.FILL),
-                     ["images", "labels", "logits", "task", "flag"], 3)
+    result = run_epochs(mixing_pipeline(src, buffer, b + r, last_batch_policy=LBP.FILL),
+                        ["images", "labels", "logits", "task", "flag"], 3)
     for batches in result:
         epoch = []
         for batch in batches:
@@ -306,12 +254,12 @@ def test_drop_gives_full_batches_and_defers_the_remainder(catalog, train_files):
     not fill a batch at an epoch's end open the next epoch (DALI's iterator
     would discard them, the same ones every epoch without shuffling)."""
     files, labels = _every_other(train_files)
-    keys = [_key(np.asarray(Image.open(f).convert("L"))) for f in files]
+    keys = [pixel_key(np.asarray(Image.open(f).convert("L")), strict=True) for f in files]
     b, r = 8, 2
     buffer = dr.RehearsalBuffer(capacity=20, num_representatives=r, device="cpu", seed=1)
-    src = source_pipeline(b, files=files, labels=labels)
-    result = collect(mixing_pipeline(src, buffer, b + r, last_batch_policy=LBP.DROP),
-                     ["images", "labels", "logits", "task", "flag"], 3)
+    src = source_pipeline(b, extras=EXTRAS, files=files, labels=labels)
+    result = run_epochs(mixing_pipeline(src, buffer, b + r, last_batch_policy=LBP.DROP),
+                        ["images", "labels", "logits", "task", "flag"], 3)
     stream = []
     for batches in result:
         assert len(batches) == 90 // b
@@ -333,11 +281,11 @@ def test_buffer_persists_across_tasks_and_pipelines(catalog, train_files):
     for task, classes in enumerate([(0, 1, 2, 3, 4), (5, 6, 7, 8, 9)]):
         data = train_files.subset(classes)
         for f in data.files:
-            task_of[_key(np.asarray(Image.open(f).convert("L")))] = task
-        src = source_pipeline(b, task=task, files=list(data.files), labels=list(data.labels),
-                              random_shuffle=True, seed=10 + task)
-        result = collect(mixing_pipeline(src, buffer, b + r, seed=20 + task),
-                         ["images", "labels", "logits", "task", "flag"], 2)
+            task_of[pixel_key(np.asarray(Image.open(f).convert("L")), strict=True)] = task
+        src = source_pipeline(b, extras=EXTRAS, task=task, files=list(data.files),
+                              labels=list(data.labels), random_shuffle=True, seed=10 + task)
+        result = run_epochs(mixing_pipeline(src, buffer, b + r, seed=20 + task),
+                            ["images", "labels", "logits", "task", "flag"], 2)
         task_keys = [k for k in task_of if task_of[k] == task]
         replayed_labels = Counter()
         for e, batches in enumerate(result):
@@ -357,9 +305,9 @@ def test_buffer_persists_across_tasks_and_pipelines(catalog, train_files):
 
 def _run_twice_data(mnist, seed):
     buffer = dr.RehearsalBuffer(capacity=25, num_representatives=5, device="cpu", seed=seed)
-    src = source_pipeline(12, file_root=str(mnist[0]), random_shuffle=True)
+    src = source_pipeline(12, extras=EXTRAS, file_root=str(mnist[0]), random_shuffle=True)
     pipe = mixing_pipeline(src, buffer, 17, augment=True)
-    return collect(pipe, ["images", "labels", "logits", "task", "flag", "mirror"], 2)
+    return run_epochs(pipe, ["images", "labels", "logits", "task", "flag", "mirror"], 2)
 
 
 def test_same_seeds_same_batches(catalog, mnist):
@@ -376,22 +324,6 @@ def test_same_seeds_same_batches(catalog, mnist):
 
 
 # ------------------------------------------------------------------ errors
-def _snapshot(buffer):
-    if buffer.spec is None:
-        return (buffer.size, buffer.num_seen, None)
-    return (buffer.size, buffer.num_seen, [to_host(f).copy() for f in buffer.stored()])
-
-
-def _assert_unchanged(buffer, snap):
-    size, seen, fields = snap
-    assert buffer.size == size and buffer.num_seen == seen
-    if fields is None:
-        assert buffer.spec is None
-    else:
-        for before, now in zip(fields, buffer.stored()):
-            np.testing.assert_array_equal(before, to_host(now))
-
-
 def test_varying_shapes_in_source_raise_resize_error(mnist):
     buffer = dr.RehearsalBuffer(capacity=10, num_representatives=2, device="cpu", seed=0)
 
@@ -411,10 +343,10 @@ def test_varying_shapes_in_source_raise_resize_error(mnist):
 
 def test_shape_change_between_tasks_raises_and_keeps_buffer(catalog, train_files):
     buffer = dr.RehearsalBuffer(capacity=10, num_representatives=2, device="cpu", seed=0)
-    src = source_pipeline(8, extras=False, files=list(train_files.files[:40]),
+    src = source_pipeline(8, files=list(train_files.files[:40]),
                           labels=list(train_files.labels[:40]))
     pipe = mixing_pipeline(src, buffer, 10)
-    collect(pipe, ["images", "labels", "flag"], 1)
+    run_epochs(pipe, ["images", "labels", "flag"], 1)
 
     @pipeline_def(batch_size=8, num_threads=1, device_id=None, seed=1)
     def resized():
@@ -424,12 +356,12 @@ def test_shape_change_between_tasks_raises_and_keeps_buffer(catalog, train_files
         return fn.resize(images, size=(20, 20)), labels
 
     pipe = mixing_pipeline(resized(), buffer, 10)    # the task-1 stage stops here
-    snap = _snapshot(buffer)
+    snap = snapshot(buffer)
     assert snap[0] == 10
     with pytest.raises(ValueError, match="resize"):
         pipe.build()
         pipe.run()
-    _assert_unchanged(buffer, snap)
+    assert_unchanged(buffer, snap)
     _assert_stored_pairs(catalog, buffer)
 
 
@@ -471,12 +403,12 @@ def test_negative_label_mid_stream_leaves_earlier_batches_intact(catalog, train_
             pipe.run()
     assert buffer.num_seen == 48 and buffer.size == 48
     images, labels = to_host(buffer.stored(0)), to_host(buffer.stored(1)).reshape(-1)
-    assert [2 - catalog[_key(x)][0] for x in images] == labels.tolist()
+    assert [2 - catalog[pixel_key(x, strict=True)][0] for x in images] == labels.tolist()
     assert labels.min() >= 0
 
 
 def test_stage_configuration_errors(mnist):
-    src = source_pipeline(8, extras=False, file_root=str(mnist[0]))
+    src = source_pipeline(8, file_root=str(mnist[0]))
     too_many = dr.RehearsalBuffer(capacity=20, num_representatives=12, device="cpu", seed=0)
     with pytest.raises(ValueError, match="larger than the mixing pipeline's batch size"):
         mixing_pipeline(src, too_many, 10).build()
@@ -490,7 +422,7 @@ def test_stage_configuration_errors(mnist):
     for buf in (too_many, buffer):
         assert buf.size == 0 and buf.num_seen == 0 and buf.spec is None
     # the same buffer still works in a well-formed pipeline afterwards
-    batches = collect(mixing_pipeline(src, buffer, 11), ["images", "labels", "flag"], 1)[0]
+    batches = run_epochs(mixing_pipeline(src, buffer, 11), ["images", "labels", "flag"], 1)[0]
     assert len(batches) == -(-180 // 8) and 180 <= buffer.num_seen <= 180 + AHEAD * 8
 
 
@@ -500,10 +432,10 @@ def _two_task_run(train_files, prepare_ahead):
     half = len(train_files) // 2
     runs = []
     for task, part in enumerate((slice(0, half), slice(half, None))):
-        src = source_pipeline(8, task=task, files=list(train_files.files[part]),
+        src = source_pipeline(8, extras=EXTRAS, task=task, files=list(train_files.files[part]),
                               labels=list(train_files.labels[part]), random_shuffle=True)
         pipe = mixing_pipeline(src, buffer, 13, prepare_ahead=prepare_ahead)
-        runs.append(collect(pipe, ["images", "labels", "logits", "task", "flag"], 2))
+        runs.append(run_epochs(pipe, ["images", "labels", "logits", "task", "flag"], 2))
     return runs, buffer
 
 
@@ -532,7 +464,7 @@ def _flatten(runs):
 
 def test_prepare_ahead_must_be_a_non_negative_integer(mnist):
     buffer = dr.RehearsalBuffer(capacity=10, num_representatives=2, device="cpu", seed=0)
-    src = source_pipeline(8, extras=False, file_root=str(mnist[0]))
+    src = source_pipeline(8, file_root=str(mnist[0]))
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="prepare_ahead"):
             mixing_pipeline(src, buffer, 10, prepare_ahead=bad)
@@ -542,7 +474,7 @@ def test_dali_host_outputs_are_recognised_as_host_data(mnist):
     """Labels that DALI returns on the host are read there: on a GPU buffer a
     device round trip would cost a synchronisation every step."""
     from dali_rehearsal._backend import on_device as _on_device
-    pipe = source_pipeline(4, extras=False, file_root=str(mnist[0]))
+    pipe = source_pipeline(4, file_root=str(mnist[0]))
     pipe.build()
     images, labels = pipe.run()
     for host in (labels, labels.as_tensor(), labels.as_array(), images.as_tensor()):

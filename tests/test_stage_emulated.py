@@ -34,27 +34,13 @@ from dali_rehearsal.buffer import RehearsalBuffer
 from dali_rehearsal.stage import Handover, Mixer, SourceStream
 
 pytest.importorskip("nvidia.dali")
-from nvidia.dali import fn, pipeline_def, types  # noqa: E402
+from nvidia.dali import pipeline_def  # noqa: E402
+from utils import source_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.gpu_emulated
 
 B, R, CAPACITY, EPOCHS = 8, 3, 24, 2
 PREFETCH = 2        # the mixing pipeline's prefetch_queue_depth
-
-
-def source_pipeline(train_root, *, seed=1, exec_dynamic=None):
-    kwargs = {} if exec_dynamic is None else {"exec_dynamic": exec_dynamic}
-
-    @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=seed,
-                  prefetch_queue_depth=2, **kwargs)
-    def decode():
-        jpegs, labels = fn.readers.file(file_root=str(train_root), random_shuffle=True,
-                                        name="Reader")
-        images = fn.decoders.image(jpegs, device="cpu", output_type=types.GRAY)
-        logits = fn.reductions.mean(fn.cast(images, dtype=types.FLOAT), axes=[1, 2])
-        return images, labels, logits
-
-    return decode()
 
 
 class Stage:
@@ -73,7 +59,9 @@ class Stage:
         else:
             self.buffer = RehearsalBuffer(capacity=capacity, num_representatives=R,
                                           device="cpu", seed=0)
-        source = source_pipeline(train_root, exec_dynamic=exec_dynamic)
+        source = source_pipeline(
+            B, extras=("logits",), num_threads=1, file_root=str(train_root), random_shuffle=True,
+            pipeline=None if exec_dynamic is None else {"exec_dynamic": exec_dynamic})
         if gpu:
             source = GpuSourcePipeline(source, device_id=device_id,
                                        exec_dynamic=exec_dynamic is not False)
@@ -215,7 +203,7 @@ def test_stage_no_copy_batches_match_the_cpu_path(mnist, reference, emulated_gpu
 
 def test_stage_buffer_contents_after_the_run(mnist, emulated_gpu):
     """What the stage stored is readable from the host once the stage stops."""
-    from dali_rehearsal._backend import to_host
+    from utils import to_host
     _, stage = gpu_run(mnist[0], prepare_ahead=2, read_after=PREFETCH)
     images, labels, logits = (to_host(f) for f in stage.buffer.stored())
     assert len(images) == CAPACITY and (images != 0xCD).any()
@@ -320,7 +308,7 @@ def stage_then_checkpoint(train_root, device, prepare_ahead, path, *, reload=Tru
     ``reload``) a new buffer ``load()``\\ s the saved directory. Returns host
     copies of the state's fields, the reloaded buffer's stored rows, and the
     state's size."""
-    from dali_rehearsal._backend import to_host
+    from utils import to_host
     stage = Stage(train_root, device=device, prepare_ahead=prepare_ahead,
                   capacity=STOP_CAPACITY)
     try:

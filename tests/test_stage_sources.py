@@ -23,6 +23,7 @@ pytest.importorskip("nvidia.dali")
 pytest.importorskip("torch")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: E402
+from utils import mixing_pipeline, pixel_key, run_epochs, source_pipeline  # noqa: E402
 
 B = 6
 
@@ -46,99 +47,6 @@ def label_of(mnist):
     return table
 
 
-def _key(image) -> bytes:
-    return np.ascontiguousarray(np.asarray(image).reshape(28, 28)).tobytes()
-
-
-class PerSample:
-    """An external_source callback per sample (SampleInfo); picklable, for parallel=True."""
-
-    def __init__(self, files, labels):
-        self.files, self.labels = files, labels
-
-    def __call__(self, info):
-        if info.idx_in_epoch >= len(self.files):
-            raise StopIteration
-        i = info.idx_in_epoch
-        return (np.fromfile(self.files[i], dtype=np.uint8),
-                np.array([self.labels[i]], dtype=np.int32))
-
-
-class PerBatch:
-    """An external_source callback per batch (BatchInfo)."""
-
-    def __init__(self, files, labels):
-        self.files, self.labels = files, labels
-
-    def __call__(self, info):
-        lo = info.iteration * B
-        if lo >= len(self.files):
-            raise StopIteration
-        hi = min(lo + B, len(self.files))
-        return ([np.fromfile(f, dtype=np.uint8) for f in self.files[lo:hi]],
-                [np.array([label], dtype=np.int32) for label in self.labels[lo:hi]])
-
-
-def generator_function(files, labels):
-    """A generator function: DALI calls it again for every epoch."""
-    def batches():
-        for lo in range(0, len(files), B):
-            yield ([np.fromfile(f, dtype=np.uint8) for f in files[lo:lo + B]],
-                   [np.array([label], dtype=np.int32) for label in labels[lo:lo + B]])
-    return batches
-
-
-def source_pipeline(kind, files, labels, **pipe_kwargs):
-    """The user's pipeline with the source kind under test; decodes the PNGs."""
-    pipe_kwargs = {"batch_size": B, "num_threads": 2, "device_id": None, "seed": 3,
-                   **pipe_kwargs}
-
-    @pipeline_def(**pipe_kwargs)
-    def decode():
-        if kind == "reader":
-            jpegs, labels_ = fn.readers.file(files=files, labels=labels, name="Reader")
-        elif kind == "two_readers":
-            jpegs, labels_ = fn.readers.file(files=files, labels=labels, name="Main")
-            # a second reader (here over the same files in reverse order), as in
-            # pipelines that read images and side information separately
-            extra, _ = fn.readers.file(files=files[::-1], labels=labels[::-1], name="Side")
-        elif kind == "per_sample":
-            jpegs, labels_ = fn.external_source(source=PerSample(files, labels), num_outputs=2,
-                                                batch=False)
-        elif kind == "per_sample_parallel":
-            jpegs, labels_ = fn.external_source(source=PerSample(files, labels), num_outputs=2,
-                                                batch=False, parallel=True)
-        elif kind == "per_batch":
-            jpegs, labels_ = fn.external_source(source=PerBatch(files, labels), num_outputs=2,
-                                                batch=True, batch_info=True)
-        elif kind == "generator":
-            jpegs, labels_ = fn.external_source(source=generator_function(files, labels),
-                                                num_outputs=2, cycle="raise")
-        images = fn.decoders.image(jpegs, device="cpu", output_type=types.GRAY)
-        if kind == "two_readers":
-            side = fn.decoders.image(extra, device="cpu", output_type=types.GRAY)
-            return images, labels_, side
-        return images, labels_
-
-    return decode()
-
-
-def mixing_pipeline(source, buffer, **kwargs):
-    r = buffer.num_representatives
-
-    @pipeline_def(batch_size=source.max_batch_size + r, num_threads=2, device_id=None, seed=4)
-    def train(src):
-        return tuple(dr.fn.rehearsal(src, buffer=buffer, replay_flag=True, **kwargs))
-
-    return train(source)
-
-
-def run_epochs(pipe, names, epochs, **iterator_kwargs):
-    it = DALIGenericIterator(pipe, names, auto_reset=True, **iterator_kwargs)
-    return [[{k: v.numpy().copy() for k, v in batch[0].items()} for batch in it]
-            for _ in range(epochs)]
-
-
 # ------------------------------------------------------------------ source kinds
 KINDS = ["reader", "two_readers", "per_sample", "per_sample_parallel", "per_batch", "generator"]
 
@@ -154,7 +62,8 @@ def test_every_source_kind_runs_epochs_as_without_the_stage(kind, prepare_ahead,
     extra = {"py_num_workers": 2} if kind == "per_sample_parallel" else {}
     names = ["images", "labels"] + (["side"] if kind == "two_readers" else [])
     reader = {"reader": "Reader", "two_readers": "Main"}.get(kind)
-    plain = run_epochs(source_pipeline(kind, paths, labels, **extra), names, 3,
+    plain = run_epochs(source_pipeline(B, kind=kind, files=paths, labels=labels, seed=3,
+                                       pipeline=extra), names, 3,
                        **({"reader_name": reader, "last_batch_policy": dr.LastBatchPolicy.PARTIAL}
                           if reader else {}))
     sizes = [6, 6, 6] if kind.startswith("per_sample") else [6, 6, 6, 2]
@@ -162,7 +71,8 @@ def test_every_source_kind_runs_epochs_as_without_the_stage(kind, prepare_ahead,
 
     buffer = dr.RehearsalBuffer(capacity=8, num_representatives=2, device="cpu", seed=0)
     stage_kwargs = {"reader_name": "Main"} if kind == "two_readers" else {}
-    pipe = mixing_pipeline(source_pipeline(kind, paths, labels, **extra), buffer,
+    pipe = mixing_pipeline(source_pipeline(B, kind=kind, files=paths, labels=labels, seed=3,
+                                           pipeline=extra), buffer, seed=4,
                            prepare_ahead=prepare_ahead, **stage_kwargs)
     staged = run_epochs(pipe, names + ["flag"], 3)
     stored_before = set()
@@ -171,19 +81,19 @@ def test_every_source_kind_runs_epochs_as_without_the_stage(kind, prepare_ahead,
         assert fresh_sizes == sizes, (e, fresh_sizes)
         fresh = []
         for batch in got:
-            keys = [_key(x) for x in batch["images"]]
+            keys = [pixel_key(x) for x in batch["images"]]
             assert [label_of[k] for k in keys] == batch["labels"].reshape(-1).tolist()
             if "side" in batch:      # the second reader's output travels with its row
                 index = {np.asarray(Image.open(p).convert("L")).tobytes(): i
                          for i, p in enumerate(paths)}
-                assert [index[_key(x)] for x in batch["side"]] == \
+                assert [index[pixel_key(x)] for x in batch["side"]] == \
                     [len(paths) - 1 - index[k] for k in keys]
             flag = batch["flag"].reshape(-1)
             nf = int((flag == 0).sum())
             assert set(keys[nf:]) <= stored_before          # replayed: stored before
             fresh += keys[:nf]
             stored_before |= set(keys[:nf])
-        expected = [_key(x) for b in ref for x in b["images"]]
+        expected = [pixel_key(x) for b in ref for x in b["images"]]
         if reader:
             # the same samples, once each (DALI's iterator starts each epoch of an
             # unpadded reader part way into the reader's stream: same set, rotated)
@@ -197,10 +107,11 @@ def test_several_readers_need_a_reader_name(files):
     paths, labels = files
     buffer = dr.RehearsalBuffer(capacity=8, num_representatives=2, device="cpu", seed=0)
     with pytest.raises(ValueError, match="several readers"):
-        mixing_pipeline(source_pipeline("two_readers", paths, labels), buffer)
+        mixing_pipeline(source_pipeline(B, kind="two_readers", files=paths, labels=labels,
+                                        seed=3), buffer, seed=4)
     with pytest.raises(ValueError, match="no reader named 'Nope'"):
-        mixing_pipeline(source_pipeline("two_readers", paths, labels), buffer,
-                        reader_name="Nope")
+        mixing_pipeline(source_pipeline(B, kind="two_readers", files=paths, labels=labels,
+                                        seed=3), buffer, seed=4, reader_name="Nope")
 
 
 @pytest.mark.parametrize("policy", ["FILL", "DROP"])
@@ -211,7 +122,8 @@ def test_a_source_without_reader_keeps_full_batches_with_fill_and_drop(policy, f
     paths, labels = files
     keys = [np.asarray(Image.open(p).convert("L")).tobytes() for p in paths]
     buffer = dr.RehearsalBuffer(capacity=8, num_representatives=2, device="cpu", seed=0)
-    pipe = mixing_pipeline(source_pipeline("per_batch", paths, labels), buffer,
+    pipe = mixing_pipeline(source_pipeline(B, kind="per_batch", files=paths, labels=labels,
+                                           seed=3), buffer, seed=4,
                            last_batch_policy=getattr(dr.LastBatchPolicy, policy))
     epochs = run_epochs(pipe, ["images", "labels", "flag"], 4)
     stream = []
@@ -221,7 +133,7 @@ def test_a_source_without_reader_keeps_full_batches_with_fill_and_drop(policy, f
             flag = batch["flag"].reshape(-1)
             nf = int((flag == 0).sum())
             assert nf == B
-            stream += [_key(x) for x in batch["images"][:nf]]
+            stream += [pixel_key(x) for x in batch["images"][:nf]]
     assert stream == (keys * 5)[: len(stream)]
     sizes = [len(e) for e in epochs]
     # FILL: 24, 18 (16 left + 2), 18 (18 left), 24; DROP: 18 (+2 carried), 18, 24, 18
@@ -246,7 +158,7 @@ def test_outputs_keep_the_source_layouts_for_conditionals(files):
             out = images
         return out, labels_
 
-    pipe = train(source_pipeline("reader", paths, labels))
+    pipe = train(source_pipeline(B, kind="reader", files=paths, labels=labels, seed=3))
     pipe.build()
     for _ in range(4):                          # one epoch
         images, _ = pipe.run()
@@ -259,9 +171,10 @@ def test_declared_dtypes_and_ndims_are_declared_downstream(files):
     operators downstream see them (the external_source specs)."""
     paths, labels = files
     buffer = dr.RehearsalBuffer(capacity=8, num_representatives=2, device="cpu", seed=0)
-    src = source_pipeline("reader", paths, labels, output_dtype=[types.UINT8, types.INT32],
-                          output_ndim=[3, 1])
-    pipe = mixing_pipeline(src, buffer)
+    src = source_pipeline(B, kind="reader", files=paths, labels=labels, seed=3,
+                          pipeline=dict(output_dtype=[types.UINT8, types.INT32],
+                                        output_ndim=[3, 1]))
+    pipe = mixing_pipeline(src, buffer, seed=4)
     pipe.build()
     specs = [str(op._spec) for op in pipe._ops if "ExternalSource" in str(op._spec)]
     declared = [(int(re.search(r"dtype: (\d+)", spec).group(1)),
@@ -321,7 +234,7 @@ def test_a_corrupt_file_raises_once_and_the_stage_goes_on(corrupt_folder, label_
     assert len(errors) == 1                     # plain DALI: once, then the next batch
 
     buffer = dr.RehearsalBuffer(capacity=40, num_representatives=3, device="cpu", seed=0)
-    pipe = mixing_pipeline(_reader_source(data, b), buffer, prepare_ahead=prepare_ahead)
+    pipe = mixing_pipeline(_reader_source(data, b), buffer, seed=4, prepare_ahead=prepare_ahead)
     pipe.build()
     got = _run(pipe, 2 * 14)                    # two epochs: 12 steps, 1 error, the end
     epochs, current, errs = [], [], 0
@@ -343,7 +256,7 @@ def test_a_corrupt_file_raises_once_and_the_stage_goes_on(corrupt_folder, label_
         assert len(batches) == 12               # DALI's count (180 files / 16)
         fresh = []
         for batch in batches:
-            ks = [_key(x) for x in batch["images"]]
+            ks = [pixel_key(x) for x in batch["images"]]
             assert [label_of[k] for k in ks] == batch["labels"].tolist()   # nothing mispaired
             nf = int((batch["flag"] == 0).sum())
             fresh += ks[:nf]
@@ -364,7 +277,7 @@ def test_a_corrupt_file_through_dali_iterator(corrupt_folder, label_of):
     data, bad = corrupt_folder
     b = 16
     buffer = dr.RehearsalBuffer(capacity=40, num_representatives=3, device="cpu", seed=0)
-    pipe = mixing_pipeline(_reader_source(data, b), buffer)
+    pipe = mixing_pipeline(_reader_source(data, b), buffer, seed=4)
     it = DALIGenericIterator(pipe, ["images", "labels", "flag"], auto_reset=True)
     batches, errors = [], 0
     while True:
@@ -381,7 +294,7 @@ def test_a_corrupt_file_through_dali_iterator(corrupt_folder, label_of):
     assert len(batches) == 11                   # 12 steps, one discarded by DALI's iterator
     fresh = []
     for batch in batches:
-        ks = [_key(x) for x in batch["images"]]
+        ks = [pixel_key(x) for x in batch["images"]]
         assert [label_of[k] for k in ks] == batch["labels"].reshape(-1).tolist()
         fresh += ks[: int((batch["flag"] == 0).sum())]
     assert len(fresh) == len(set(fresh)) >= 180 - 16 - 16
@@ -393,15 +306,15 @@ def test_a_source_feeds_one_stage(files):
     paths, labels = files
     buffer = dr.RehearsalBuffer(capacity=8, num_representatives=2, device="cpu", seed=0)
     other = dr.RehearsalBuffer(capacity=8, num_representatives=2, device="cpu", seed=0)
-    src = source_pipeline("reader", paths, labels)
-    first = mixing_pipeline(src, buffer)
+    src = source_pipeline(B, kind="reader", files=paths, labels=labels, seed=3)
+    first = mixing_pipeline(src, buffer, seed=4)
     with pytest.raises(ValueError, match="already feeds another rehearsal stage"):
-        mixing_pipeline(src, other)
+        mixing_pipeline(src, other, seed=4)
     first.build()
     first.run()
     buffer.close()          # the first stage stops; its source is part way through
     with pytest.raises(ValueError, match="already read by an earlier rehearsal stage"):
-        mixing_pipeline(src, other)
+        mixing_pipeline(src, other, seed=4)
 
 
 def test_the_mixing_pipeline_must_be_on_the_buffers_device():
@@ -437,12 +350,13 @@ def test_dali_checkpointing_is_refused_with_a_pointer_to_buffer_checkpoints(file
     paths, labels = files
     buffer = dr.RehearsalBuffer(capacity=8, num_representatives=2, device="cpu", seed=0)
     src_kwargs = {"enable_checkpointing": True} if where == "source" else {}
-    src = source_pipeline("reader", paths, labels, **src_kwargs)
+    src = source_pipeline(B, kind="reader", files=paths, labels=labels, seed=3, pipeline=src_kwargs)
     mix_kwargs = {}
     if where == "mixing":
         mix_kwargs = {"enable_checkpointing": True}
     if where == "restore":
-        plain = source_pipeline("reader", paths, labels, enable_checkpointing=True)
+        plain = source_pipeline(B, kind="reader", files=paths, labels=labels, seed=3,
+                                pipeline=dict(enable_checkpointing=True))
         plain.build()
         plain.run()
         mix_kwargs = {"enable_checkpointing": True, "checkpoint": plain.checkpoint()}
@@ -481,12 +395,12 @@ def test_sources_on_dalis_legacy_executors_run_without_a_stream(settings, files,
     assert runs_with_stream(dynamic_gpu_source())
     # and such a source works behind the stage, epoch after epoch
     buffer = dr.RehearsalBuffer(capacity=8, num_representatives=2, device="cpu", seed=0)
-    src = source_pipeline("reader", paths, labels, **settings)
+    src = source_pipeline(B, kind="reader", files=paths, labels=labels, seed=3, pipeline=settings)
     assert not runs_with_stream(src)
-    epochs = run_epochs(mixing_pipeline(src, buffer), ["images", "labels", "flag"], 2)
+    epochs = run_epochs(mixing_pipeline(src, buffer, seed=4), ["images", "labels", "flag"], 2)
     for batches in epochs:
         assert [int((b["flag"] == 0).sum()) for b in batches] == [6, 6, 6, 2]
         for batch in batches:
-            assert [label_of[_key(x)] for x in batch["images"]] == \
+            assert [label_of[pixel_key(x)] for x in batch["images"]] == \
                 batch["labels"].reshape(-1).tolist()
     buffer.close()

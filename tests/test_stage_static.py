@@ -19,6 +19,7 @@ pytest.importorskip("nvidia.dali")
 pytest.importorskip("torch")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: E402
+from utils import pixel_key  # noqa: E402
 
 LBP = dr.LastBatchPolicy
 
@@ -29,10 +30,6 @@ def data(mnist):
     keys = {np.asarray(Image.open(f).convert("L")).tobytes(): label
             for f, label in zip(files.files, files.labels)}
     return files, keys
-
-
-def _key(image) -> bytes:
-    return np.ascontiguousarray(np.asarray(image).reshape(28, 28)).tobytes()
 
 
 def pipelines(files, buffer, b, *, n=None, **stage):
@@ -71,7 +68,7 @@ def test_every_batch_has_b_plus_r_rows_from_the_first_step(data, policy):
             labels = batch[0]["labels"].numpy().reshape(-1)
             flag = batch[0]["flag"].numpy().reshape(-1)
             assert len(images) == len(labels) == len(flag) == b + r
-            keys = [_key(x) for x in images]
+            keys = [pixel_key(x) for x in images]
             assert [label_of[k] for k in keys] == labels.tolist()
             assert flag[:b].tolist() == [0] * b                   # b fresh rows
             fresh = keys[:b]

@@ -25,6 +25,7 @@ import dali_rehearsal as dr
 
 pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
+from utils import pixel_key  # noqa: E402
 
 B, R = 6, 2
 
@@ -59,10 +60,6 @@ def _mixing(files, labels, buffer, prepare_ahead=2):
     return pipe
 
 
-def _keys(images):
-    return [np.ascontiguousarray(x.reshape(28, 28)).tobytes() for x in images]
-
-
 def test_no_look_ahead_past_a_failed_batch_until_the_loop_saw_it(classes):
     """Labels are ``label - 1``: the files of class 0 make the third source
     batch fail (a negative label), the batches around it are class 1."""
@@ -75,14 +72,14 @@ def test_no_look_ahead_past_a_failed_batch_until_the_loop_saw_it(classes):
     # the first run takes step 1 (prefetch depth 1); the worker has built steps 2
     # and 3 (the failing one) by the time the loop asks again
     images, *_ = (o.as_array() for o in pipe.run())
-    assert [label_of[k] for k in _keys(images[:B])] == [1] * B
+    assert [label_of[pixel_key(x)] for x in images[:B]] == [1] * B
     deadline = time.monotonic() + 30
     while buffer.num_seen < 2 * B and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.5)                     # time enough to run further ahead, if it did
     assert buffer.num_seen == 2 * B     # steps 1 and 2 stored; nothing past the failure
     images, *_ = (o.as_array() for o in pipe.run())        # step 2
-    assert [label_of[k] for k in _keys(images[:B])] == [1] * B
+    assert [label_of[pixel_key(x)] for x in images[:B]] == [1] * B
     with pytest.raises(ValueError, match="non-negative"):
         pipe.run()                      # step 3: the source's third batch failed
     assert buffer.num_seen == 2 * B
@@ -90,8 +87,8 @@ def test_no_look_ahead_past_a_failed_batch_until_the_loop_saw_it(classes):
     images, labels, flags = (o.as_array() for o in pipe.run())
     fresh = flags.reshape(-1) == dr.stage.FRESH
     assert fresh.sum() == B and (labels.reshape(-1) == 1).all()
-    assert set(_keys(images[fresh])) == set(_keys(
-        [np.asarray(Image.open(p).convert("L")) for p in ones[2 * B:3 * B]]))
+    assert {pixel_key(x) for x in images[fresh]} == {
+        pixel_key(np.asarray(Image.open(p).convert("L"))) for p in ones[2 * B:3 * B]}
     assert buffer.num_seen >= 3 * B
     assert (buffer.stored_labels() == 1).all()
     buffer.close()

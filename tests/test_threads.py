@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import dali_rehearsal as dr
-from dali_rehearsal._backend import to_host
+from utils import to_host
 
 ROW = 1024                  # int32 values per row: 4 KB, each the sample's label
 THREADS = 4
@@ -230,14 +230,13 @@ def test_user_threads_and_a_stage_share_one_buffer(mnist, prepare_ahead):
     every side, and every stored row keeps its own label; nothing offered is
     lost; every state loads."""
     pytest.importorskip("nvidia.dali")
-    from test_stage import mixing_pipeline, source_pipeline
+    from utils import mixing_pipeline, source_pipeline
 
     catalog, images, labels = _mnist_catalog(mnist)
     b, r = 8, 5
     settings = dict(capacity=60, num_representatives=r, device="cpu", seed=0)
     buffer = dr.RehearsalBuffer(**settings)
-    pipe = mixing_pipeline(source_pipeline(b, file_root=str(mnist[0]), random_shuffle=True,
-                                           extras=False),
+    pipe = mixing_pipeline(source_pipeline(b, file_root=str(mnist[0]), random_shuffle=True),
                            buffer, b + r, prepare_ahead=prepare_ahead)
     pipe.build()
     done = threading.Event()
