@@ -14,7 +14,8 @@ import pytest
 from scipy.stats import chisquare
 
 import dali_rehearsal as dr
-from dali_rehearsal._backend import gpu_available, to_host
+from dali_rehearsal import gpu_available
+from utils import assert_unchanged, snapshot, to_host
 
 SHAPE = (6, 5, 3)
 NUM_CLASSES = 5
@@ -73,18 +74,6 @@ class Stream:
 
 def _stored_ids(buffer):
     return Stream.ident(to_host(buffer.stored(0)))
-
-
-def _snapshot(buffer):
-    return (buffer.size, buffer.num_seen, buffer.class_counts(),
-            [to_host(f).copy() for f in buffer.stored()])
-
-
-def _assert_unchanged(buffer, snap):
-    size, seen, counts, fields = snap
-    assert buffer.size == size and buffer.num_seen == seen and buffer.class_counts() == counts
-    for before, now in zip(fields, buffer.stored()):
-        np.testing.assert_array_equal(before, to_host(now))
 
 
 # ------------------------------------------------------------------ batch layout
@@ -254,15 +243,15 @@ def _bad_batches(stream):
 
 def test_bad_batch_raises_before_anything_changes(xp, device):
     buffer, stream = _filled(xp, device)
-    snap = _snapshot(buffer)
+    snap = snapshot(buffer, counts=True)
     cases = list(_bad_batches(stream))
     for what, error, fields in cases:
         with pytest.raises(error):
             buffer.mix(*(xp.asarray(f) for f in fields))
-        _assert_unchanged(buffer, snap)
+        assert_unchanged(buffer, snap)
         with pytest.raises(error):
             buffer.add(*(xp.asarray(f) for f in fields))
-        _assert_unchanged(buffer, snap)
+        assert_unchanged(buffer, snap)
     # the buffer still works afterwards, with representatives and pairing intact
     out = buffer.mix(*(xp.asarray(f) for f in stream.batch(4)))
     assert len(stream.check(out)) == 4 + 3
@@ -272,14 +261,14 @@ def test_bad_batch_raises_before_anything_changes(xp, device):
 def test_mix_add_sample_after_close_raise_and_change_nothing(xp, device):
     buffer, stream = _filled(xp, device)
     buffer.close()
-    snap = _snapshot(buffer)
+    snap = snapshot(buffer, counts=True)
     fields = [xp.asarray(f) for f in stream.batch(4)]
     for name, call in (("mix()", lambda: buffer.mix(*fields)),
                        ("add()", lambda: buffer.add(*fields)),
                        ("sample()", lambda: buffer.sample())):
         with pytest.raises(RuntimeError, match=re.escape(f"{name} on a closed RehearsalBuffer")):
             call()
-        _assert_unchanged(buffer, snap)
+        assert_unchanged(buffer, snap)
     buffer.close()                  # idempotent
     assert buffer.closed
     # what was stored can still be read and saved

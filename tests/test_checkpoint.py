@@ -2,7 +2,7 @@
 checkpoint directories (no pickle, atomic, checksummed), validation of every
 field before anything changes, elastic restore on another number of processes.
 
-Samples name themselves (see tests/mpi_programs/checkpoint.py): every restored
+Samples name themselves (see tests/dist_programs/checkpoint.py): every restored
 row can be checked against the sample it claims to be, field by field.
 """
 
@@ -31,11 +31,11 @@ from scipy.stats import chisquare
 
 import dali_rehearsal as dr
 from dali_rehearsal import checkpoint
-from dali_rehearsal._backend import to_host
 from dali_rehearsal.checkpoint import CheckpointError, ConcurrentSaveError
+from utils import snapshot, to_host
 
 ROOT = Path(__file__).resolve().parents[1]
-PROGRAM = ROOT / "tests" / "mpi_programs" / "checkpoint.py"
+PROGRAM = ROOT / "tests" / "dist_programs" / "checkpoint.py"
 _spec = importlib.util.spec_from_file_location("checkpoint_program", PROGRAM)
 prog = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(prog)
@@ -437,16 +437,11 @@ def test_directory_settings_mismatch(tmp_path):
 
 
 # ============================================================ interrupted saves
-def _snapshot(buffer):
-    return [np.array(to_host(f)) for f in buffer.stored()], buffer.num_seen
-
-
 def _assert_restores(path, expected, policy="class_balanced"):
     buffer = _buffer(policy)
     buffer.load(path)
-    fields, num_seen = expected
-    assert buffer.num_seen == num_seen
-    for a, b in zip(fields, buffer.stored()):
+    assert buffer.num_seen == expected.num_seen
+    for a, b in zip(expected.fields, buffer.stored()):
         np.testing.assert_array_equal(a, to_host(b))
 
 
@@ -455,7 +450,7 @@ def test_failed_rename_leaves_the_previous_checkpoint(fail_on, tmp_path, monkeyp
     buffer = _fed()
     path = tmp_path / "c"
     buffer.save(path)
-    saved = _snapshot(buffer)
+    saved = snapshot(buffer)
     _continue(buffer, steps=3)             # the buffer moves on
     real = os.replace
 
@@ -472,7 +467,7 @@ def test_failed_rename_leaves_the_previous_checkpoint(fail_on, tmp_path, monkeyp
     _assert_restores(path, saved)
     buffer.save(path)                                    # a later save works
     assert len(_shard_files(path)) == 1
-    _assert_restores(path, _snapshot(buffer))
+    _assert_restores(path, snapshot(buffer))
 
 
 _KILLED_SAVE = textwrap.dedent("""
@@ -507,7 +502,7 @@ def test_process_killed_mid_save_leaves_the_previous_checkpoint(target, tmp_path
     assert proc.returncode == 17, proc.stderr[-2000:]
     assert any(".tmp-" in p.name for p in path.iterdir()) or target == "manifest"
     expected = _fed()                                  # the state of the first save
-    _assert_restores(path, _snapshot(expected))
+    _assert_restores(path, snapshot(expected))
     expected.save(path)                                   # the next save cleans up
     assert not [p for p in path.iterdir() if ".tmp-" in p.name]
     assert len(_shard_files(path)) == 1
@@ -552,7 +547,7 @@ def test_save_refuses_a_directory_holding_files_it_did_not_write(tmp_path):
     assert not first & set(after), "the first save's shard should have been replaced"
     assert set(after) == set(USER_FILES) | _manifest_files(path) | {
         "manifest.json", ".dali-rehearsal.lock"}
-    _assert_restores(path, _snapshot(buffer))
+    _assert_restores(path, snapshot(buffer))
 
 
 def test_a_directory_holding_its_own_checkpoint_needs_no_keyword(tmp_path):
@@ -562,7 +557,7 @@ def test_a_directory_holding_its_own_checkpoint_needs_no_keyword(tmp_path):
     buffer.save(tmp_path / "c")
     assert set(_contents(tmp_path / "c")) == _manifest_files(tmp_path / "c") | {
         "manifest.json", ".dali-rehearsal.lock"}
-    _assert_restores(tmp_path / "c", _snapshot(buffer))
+    _assert_restores(tmp_path / "c", snapshot(buffer))
 
 
 @pytest.mark.parametrize("allow", [False, True])
@@ -592,7 +587,7 @@ def test_a_manifest_naming_other_files_never_gets_them_deleted(tmp_path):
     buffer = _fed()
     buffer.save(path, allow_other_files=True)
     assert (path / "notes.txt").read_bytes() == b"mine"
-    _assert_restores(path, _snapshot(buffer))
+    _assert_restores(path, snapshot(buffer))
 
 
 # ============================================================ concurrent writers
@@ -614,7 +609,7 @@ def _same(a, b):
 def _loads_as_one_of(path, expected, capacity=24):
     buffer = dr.RehearsalBuffer(capacity=capacity, num_representatives=5, device="cpu", seed=0)
     buffer.load(path)
-    got = _snapshot(buffer)
+    got = snapshot(buffer)
     matches = [name for name, snap in expected.items() if _same(got, snap)]
     assert len(matches) == 1, f"the checkpoint holds none of {sorted(expected)}"
     return matches[0]
@@ -636,7 +631,7 @@ def test_a_second_writer_is_refused_while_another_holds_the_directory(tmp_path):
             buffer.save(path)
         assert _contents(path) == before
     buffer.save(path)
-    _assert_restores(path, _snapshot(buffer))
+    _assert_restores(path, snapshot(buffer))
 
 
 def test_threads_saving_into_one_directory_one_at_a_time(tmp_path):
@@ -671,7 +666,7 @@ def test_two_processes_saving_into_one_directory_never_leave_it_unloadable(tmp_p
     collide raise ConcurrentSaveError and nothing else."""
     path, go = tmp_path / "c", tmp_path / "go"
     prog.fed_buffer(1).save(path)
-    expected = {seed: _snapshot(prog.fed_buffer(seed)) for seed in (1, 2, 3)}
+    expected = {seed: snapshot(prog.fed_buffer(seed)) for seed in (1, 2, 3)}
     writers = [_writer("save_loop", tmp_path, path, seed, 40, go, stdout=subprocess.PIPE)
                for seed in (2, 3)]
     found = []
@@ -708,7 +703,7 @@ def test_saves_killed_at_random_points_leave_the_old_or_the_new_checkpoint(tmp_p
     leftovers recognised), and a last save leaves only the checkpoint."""
     path = tmp_path / "c"
     prog.fed_buffer(1, capacity=600).save(path)
-    expected = {seed: _snapshot(prog.fed_buffer(seed, capacity=600)) for seed in (1, 2, 3)}
+    expected = {seed: snapshot(prog.fed_buffer(seed, capacity=600)) for seed in (1, 2, 3)}
     rng = random.Random(18)
     saves, seen, interrupted = 0, set(), 0
     for trial in range(12):

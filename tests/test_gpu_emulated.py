@@ -29,7 +29,7 @@ import pytest
 
 import dali_rehearsal as dr
 from dali_rehearsal import kernels
-from dali_rehearsal._backend import to_host
+from utils import to_host
 from dali_rehearsal.buffer import RehearsalBuffer
 from emulation import runtime
 from emulation.kernels import RawModule

@@ -3,24 +3,19 @@
 or CUDA-aware. The sampling guarantees themselves are tested over both
 transports in tests/test_global_sampling.py."""
 
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from dist_programs.launching import launch, output, read_results
+from utils import require_mpiexec
 
 pytestmark = pytest.mark.mpi
 
 HERE = Path(__file__).parent / "dist_programs"
 PROGRAM = HERE / "global_sampling.py"
 CHECKS = HERE / "launch_checks.py"
-
-
-def _mpiexec():
-    if shutil.which("mpiexec") is None:
-        pytest.skip("mpiexec not found")
 
 
 @pytest.mark.torchrun
@@ -42,7 +37,7 @@ def test_python_m_mpi4py_aborts_the_job_when_a_rank_fails_before_its_buffer(tmp_
     """Rank 1 raises before building its buffer, so it never joins the exchange.
     Under ``python -m mpi4py`` its uncaught exception aborts every rank at once,
     long before rank 0's timeout (120 s) would end its wait."""
-    _mpiexec()
+    require_mpiexec()
     t0 = time.monotonic()
     done = launch("mpiexec", 2, [CHECKS, "uncaught_before_buffer", tmp_path], timeout=300,
                   python_args=("-m", "mpi4py"))
@@ -56,7 +51,7 @@ def test_python_m_mpi4py_aborts_the_job_when_a_rank_fails_before_its_buffer(tmp_
 def test_without_thread_multiple_the_exchange_runs_in_the_callers_thread(tmp_path):
     """MPI initialised with MPI_THREAD_FUNNELED: no progress thread (a warning
     says so), the same guarantees."""
-    _mpiexec()
+    require_mpiexec()
     done = launch("mpiexec", 2, [PROGRAM, "pairing", tmp_path], timeout=300,
                   extra_env={"DR_TEST_TRANSPORT": "mpi", "DR_TEST_MPI_THREAD": "funneled"})
     results = read_results(tmp_path, "pairing", 2)
@@ -71,7 +66,7 @@ def test_without_thread_multiple_the_exchange_runs_in_the_callers_thread(tmp_pat
 def test_gpu_buffers_exchange_their_samples(cuda_aware, tmp_path):
     """CuPy shards (several ranks may share one GPU): staged through pinned host
     memory, or passed to MPI directly when the library is CUDA-aware."""
-    _mpiexec()
+    require_mpiexec()
     from dali_rehearsal.exchange import cuda_aware_mpi
     if cuda_aware == "1" and not cuda_aware_mpi():
         pytest.skip("this MPI library is not CUDA-aware")

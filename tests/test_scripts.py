@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import time
 import pytest
 
 from dist_programs import launching
+from utils import require_mpiexec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PIPELINES = ROOT / "pipelines"
@@ -38,13 +38,6 @@ def _run(cmd, tmp_path, timeout):
                                   f"--- stdout\n{proc.stdout[-4000:]}\n"
                                   f"--- stderr\n{proc.stderr[-4000:]}")
     return proc
-
-
-def _mpiexec():
-    exe = shutil.which("mpiexec")
-    if exe is None:
-        pytest.skip("mpiexec not found")
-    return exe
 
 
 def _positive(d: dict, keys):
@@ -165,7 +158,7 @@ def _check_two_processes(data, launcher):
 @pytest.mark.mpi
 def test_profile_throughput_mpi(tmp_path):
     out = tmp_path / "throughput_mpi.json"
-    proc = _run([_mpiexec(), "-n", "2", sys.executable, PIPELINES / "profile_throughput.py",
+    proc = _run([require_mpiexec(), "-n", "2", sys.executable, PIPELINES / "profile_throughput.py",
                  *TINY, "--device", "cpu", "--out", out], tmp_path, timeout=400)
     data = json.loads(out.read_text())
     _check_two_processes(data, "mpiexec")
@@ -285,7 +278,7 @@ def test_profile_global_sampling_single_process(tmp_path):
 @pytest.mark.mpi
 def test_profile_global_sampling_mpi(tmp_path):
     out = tmp_path / "gs2.json"
-    _run([_mpiexec(), "-n", "2", sys.executable, PIPELINES / "profile_global_sampling.py",
+    _run([require_mpiexec(), "-n", "2", sys.executable, PIPELINES / "profile_global_sampling.py",
           *GS_TINY, "--device", "cpu", "--out", out], tmp_path, timeout=400)
     data = json.loads(out.read_text())
     _check_global(data, 2)
@@ -296,7 +289,7 @@ def test_profile_global_sampling_mpi(tmp_path):
 @pytest.mark.slow
 @pytest.mark.mpi
 def test_profile_global_sampling_launch(tmp_path):
-    _mpiexec()
+    require_mpiexec()
     out = tmp_path / "launch.json"
     _run([sys.executable, PIPELINES / "profile_global_sampling.py", "--launch", "1,2",
           *GS_TINY, "--device", "cpu", "--out", out], tmp_path, timeout=600)

@@ -318,15 +318,14 @@ def test_a_source_feeds_one_stage(files):
 
 
 def test_the_mixing_pipeline_must_be_on_the_buffers_device():
-    """A GPU buffer (device 1 here, described without CuPy) with mixing or
+    """A GPU buffer (device 1 here, a backend built without a device) with mixing or
     source pipelines elsewhere."""
     from types import SimpleNamespace
 
     from dali_rehearsal._backend import Backend
     from dali_rehearsal.stage.api import _check_devices
 
-    gpu1 = Backend.__new__(Backend)
-    gpu1.device, gpu1.device_id, gpu1.is_gpu = "gpu", 1, True
+    gpu1 = Backend("gpu", device_id=1)     # imports CuPy; touches no device
     buffer = SimpleNamespace(backend=gpu1)
 
     def pipe(device_id):

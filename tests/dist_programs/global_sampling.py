@@ -102,15 +102,12 @@ if DEVICE == "gpu":
 import dali_rehearsal as dr  # noqa: E402
 from dali_rehearsal._backend import to_host  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests/
+import utils  # noqa: E402
+
 
 def ident_batch(step, b, label_dtype=np.int32):
-    """A batch whose content names it: id = rank * 1e6 + step * 1000 + i;
-    image rows repeat the id, label = id % 7, logits = id / 2."""
-    ids = RANK * 1_000_000 + step * 1000 + np.arange(b, dtype=np.int64)
-    images = np.repeat(ids[:, None], 5, axis=1)
-    labels = (ids % 7).astype(label_dtype)
-    logits = (ids / 2.0).astype(np.float64)[:, None].repeat(2, axis=1)
-    return images, labels, logits
+    return utils.ident_batch(RANK, step, b, label_dtype)
 
 
 def check(out, step, fresh, stats):

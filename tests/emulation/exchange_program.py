@@ -59,6 +59,7 @@ import dali_rehearsal as dr  # noqa: E402
 from dali_rehearsal.exchange import GlobalSampler  # noqa: E402
 from dali_rehearsal.sampling import Representatives  # noqa: E402
 from emulation import runtime  # noqa: E402
+import utils  # noqa: E402
 
 TRANSPORT = os.environ.get("DR_EMU_TRANSPORT", "mpi")
 STEPS, SAVE_AT = 40, 20
@@ -81,11 +82,7 @@ else:
 
 
 def ident_batch(step, b):
-    ids = rank * 1_000_000 + step * 1000 + np.arange(b, dtype=np.int64)
-    images = np.repeat(ids[:, None], 5, axis=1)
-    labels = (ids % 7).astype(np.int32)
-    logits = (ids / 2.0).astype(np.float64)[:, None].repeat(2, axis=1)
-    return images, labels, logits
+    return utils.ident_batch(rank, step, b)
 
 
 COUNTS = {"write_events": 0, "ready_events": 0}

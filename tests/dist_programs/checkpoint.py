@@ -1,7 +1,7 @@
 """Checkpoint scenarios run under ``mpiexec -n N`` (or alone) by
 tests/test_checkpoint.py; each rank writes ``OUT_DIR/<scenario>-<rank>.json``.
 
-    mpiexec -n 2 python tests/mpi_programs/checkpoint.py SCENARIO OUT_DIR [ARGS...]
+    mpiexec -n 2 python tests/dist_programs/checkpoint.py SCENARIO OUT_DIR [ARGS...]
 
 Samples name themselves: sample ``id`` has the image bytes
 ``(id & 255, id >> 8 & 255, id >> 16 & 255, 7)``, logits ``id / 2`` (float32),
