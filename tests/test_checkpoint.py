@@ -601,7 +601,7 @@ def _writer(*args, stdout=subprocess.DEVNULL):
 
 
 def _same(a, b):
-    (fa, na), (fb, nb) = a, b
+    fa, na, fb, nb = a.fields, a.num_seen, b.fields, b.num_seen
     return na == nb and len(fa) == len(fb) and all(
         x.shape == y.shape and (x == y).all() for x, y in zip(fa, fb))
 
