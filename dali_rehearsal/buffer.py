@@ -339,6 +339,15 @@ class RehearsalBuffer:
                 self._sampler.start(active=active, event=self._last_write[1])
             return self._sampler.finish()
 
+    def open_step(self, *, active: bool = True) -> None:
+        """Opens the round for the next step now, when none is open (global
+        sampling; nothing otherwise): a stage calls it at a point every
+        process reaches at the same step, so that the round overlaps with what
+        comes before that step. :meth:`begin_step` then waits for it."""
+        with self._lock:
+            if self._sampler.is_global and not self._sampler.started:
+                self._sampler.start(active=active, event=self._last_write[1])
+
     def end_step(self, out, fresh_count: int, labels: np.ndarray, reps: Representatives,
                  *, stream=None, next_active: bool | None = True) -> int:
         """Writes ``reps`` after the ``fresh_count`` fresh rows already in

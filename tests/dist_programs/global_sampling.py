@@ -347,7 +347,7 @@ def mismatch(kind):
 
 
 # ------------------------------------------------------------ DALI, uneven
-def _mnist_pipelines(files, labels, batch, buf, last_batch_policy):
+def _mnist_pipelines(files, labels, batch, buf, last_batch_policy, prepare_ahead=2):
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None, seed=RANK + 1)
@@ -358,7 +358,8 @@ def _mnist_pipelines(files, labels, batch, buf, last_batch_policy):
     @pipeline_def(batch_size=batch + buf.num_representatives, num_threads=1, device_id=None)
     def train(source):
         images, lab, flag = dr.fn.rehearsal(source, buffer=buf, replay_flag=True,
-                                            last_batch_policy=last_batch_policy)
+                                            last_batch_policy=last_batch_policy,
+                                            prepare_ahead=prepare_ahead)
         return images, lab, flag
 
     return train(decode())
@@ -403,6 +404,48 @@ def uneven():
     in_order = fresh_order == [i % n for i in range(len(fresh_order))]
     return {"steps": steps, "fresh": len(fresh_order), "shard": n, "in_order": in_order,
             "wrong_labels": int(wrong), "remote_representatives": remote}
+
+
+def epoch_starts():
+    """The DALI stage over several epochs of uneven shards, with random pauses
+    (different in every run) between steps and between epochs, and an
+    ``add()`` between two epochs: the round of each epoch's first step opens
+    at the epoch end, and the batches do not depend on the timing. Runs with
+    the stage's worker twice, then without it twice (an ``add()`` between
+    epochs lands after the steps the worker prepared ahead: the two differ)."""
+    runs = [_epoch_run(ahead) for ahead in (2, 2, 0, 0)]
+    return {"digests": [d for d, _ in runs], "steps": [s for _, s in runs]}
+
+
+def _epoch_run(prepare_ahead):
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    data = dr.LabelledFiles.from_folder(os.path.join(OUT_DIR, "mnist", "train"))
+    n = 9 + 5 * RANK                                   # unequal shards: epochs end early
+    files = list(data.files[RANK * 40: RANK * 40 + n])
+    labels = list(data.labels[RANK * 40: RANK * 40 + n])
+    buf = dr.RehearsalBuffer(capacity=12, num_representatives=3, device="cpu", seed=4,
+                             comm=COMM, timeout=TIMEOUT)
+    it = DALIGenericIterator(_mnist_pipelines(files, labels, 4, buf, dr.LastBatchPolicy.PARTIAL,
+                                              prepare_ahead),
+                             ["images", "labels", "flag"], auto_reset=True)
+    timing = np.random.default_rng()                   # fresh entropy: timing differs per run
+    digest, steps = hashlib.sha256(), []
+    for epoch in range(4):
+        k = 0
+        for out in it:
+            for name in ("images", "labels", "flag"):
+                digest.update(np.ascontiguousarray(out[0][name].numpy()).tobytes())
+            k += 1
+            time.sleep(timing.uniform(0, 0.02))
+            training_collective()
+        steps.append(k)
+        time.sleep(timing.uniform(0, 0.1))
+        if epoch == 1:                                 # between epochs
+            buf.add(np.full((2, 28, 28, 1), 200 + RANK, np.uint8),
+                    np.array([[7], [8]], np.int32))
+    buf.close()
+    del it
+    return digest.hexdigest(), steps
 
 
 def stage_failure():
@@ -579,7 +622,7 @@ def calls(kind):
 
 
 SCENARIOS = {f.__name__: f for f in (collectives, pairing, uniform, reproducible, seed_per_rank,
-                                     uneven, stage_failure, add_during_round, use_after_close,
+                                     uneven, epoch_starts, stage_failure, add_during_round, use_after_close,
                                      close_from_another_thread)}
 CALLS = ("save_vs_step", "save_vs_load", "save_vs_build", "save_alone")
 FAILURES = ("raise_in_mix", "raise_outside", "close_early", "one_fewer", "uncaught", "sys_exit",
