@@ -173,6 +173,19 @@ class RehearsalBuffer:
         """Where representatives come from (:mod:`dali_rehearsal.sampling`)."""
         return self._sampler
 
+    def exchange_stats(self) -> dict:
+        """What this process's global sampling has exchanged so far, as exact
+        counts (a snapshot, a new dict each call): ``rounds`` served,
+        ``collectives`` started (``allgathers`` + ``alltoalls``),
+        ``messages_sent``, ``bytes_sent`` and ``bytes_received`` to and from
+        other processes (see docs/exchange.md). All zero for a buffer that
+        samples locally. The round for the next step may still be running
+        when this returns: its counts appear once it ends."""
+        if getattr(self._sampler, "is_global", False):
+            return self._sampler.exchange_stats()
+        from .exchange.transport import Transport
+        return dict.fromkeys(("rounds",) + Transport.COUNTS, 0)
+
     @property
     def device(self) -> str:
         return self._backend.device

@@ -612,6 +612,13 @@ class GlobalSampler:
         """The round the next step uses: the open one, else the next to open."""
         return self._pending.number if self._pending is not None else self._next_round
 
+    def exchange_stats(self) -> dict:
+        """Exact counts of this process's exchange so far (a snapshot): the
+        rounds served, then the transport's counts
+        (:meth:`~.transport.Transport.stats`). An open round may still be
+        running: :meth:`settle` first for counts that include it."""
+        return {"rounds": int(self.stats["rounds"]), **self.transport.stats()}
+
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "seed": self.shared_seed,
                 "round": self.resume_round}

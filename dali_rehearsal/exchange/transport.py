@@ -82,14 +82,62 @@ class Transport:
         """Starts gathering every process's ``send`` (a 1-D host array, the
         same length and dtype everywhere) into the rows of ``recv`` (shape
         ``(size, len(send))``, C-contiguous). Returns a handle."""
-        raise NotImplementedError
+        c = self._counts()
+        peers = self.size - 1
+        c["collectives"] += 1
+        c["allgathers"] += 1
+        c["messages_sent"] += peers
+        c["bytes_sent"] += int(send.nbytes) * peers
+        c["bytes_received"] += int(send.nbytes) * peers
+        return self._iallgather(send, recv)
 
     def ialltoallv(self, send, send_counts: np.ndarray, recv, recv_counts: np.ndarray):
         """Starts an all-to-all of bytes: ``send`` and ``recv`` are flat uint8
         arrays (host arrays, or device arrays when :attr:`device_buffers`);
         ``send_counts[p]`` bytes go to process ``p`` (consecutive, in rank
         order) and ``recv_counts[p]`` come from it. Returns a handle."""
+        c = self._counts()
+        out = np.array(send_counts, dtype=np.int64, copy=True)
+        inc = np.array(recv_counts, dtype=np.int64, copy=True)
+        out[self.rank] = inc[self.rank] = 0          # a process's rows to itself stay local
+        c["collectives"] += 1
+        c["alltoalls"] += 1
+        c["messages_sent"] += int((out > 0).sum())
+        c["bytes_sent"] += int(out.sum())
+        c["bytes_received"] += int(inc.sum())
+        return self._ialltoallv(send, send_counts, recv, recv_counts)
+
+    def _iallgather(self, send, recv):
+        """:meth:`iallgather` of the communication library (subclasses)."""
         raise NotImplementedError
+
+    def _ialltoallv(self, send, send_counts, recv, recv_counts):
+        """:meth:`ialltoallv` of the communication library (subclasses)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ counts
+    #: What :meth:`stats` counts, per process, since the transport was made.
+    COUNTS = ("collectives", "allgathers", "alltoalls", "messages_sent", "bytes_sent",
+              "bytes_received")
+
+    def _counts(self) -> dict:
+        counts = self.__dict__.get("_stat_counts")
+        if counts is None:
+            counts = self._stat_counts = dict.fromkeys(self.COUNTS, 0)
+        return counts
+
+    def stats(self) -> dict:
+        """Exact counts of what this process started, since the transport
+        was made (a copy: a snapshot). ``collectives``: non-blocking
+        collectives started (``allgathers`` + ``alltoalls``; the blocking ones
+        are built on them); ``messages_sent``: one per peer a collective
+        gives a non-empty payload to (an allgather: every other process; an
+        all-to-all: the processes it sends rows to); ``bytes_sent`` and
+        ``bytes_received``: the payload bytes to and from other processes
+        (rows a process draws from its own shard stay local and count
+        nothing). The counts are logical: what the protocol asks the
+        library to move, whatever the library's algorithm adds."""
+        return dict(self._counts())
 
     def test(self, handles) -> bool:
         """True once every collective of ``handles`` (a list of handles) has

@@ -194,6 +194,22 @@ def reproducible(seed=None):
     return dict(stats, digest=digest.hexdigest(), shared_seed=shared)
 
 
+def exchange_counts():
+    """The transport's exact counts after the buffer's construction and after
+    a known number of steps (the round opened for the next step included)."""
+    b, steps = 4, 10
+    buf = dr.RehearsalBuffer(capacity=1000, num_representatives=7, device=DEVICE, seed=6,
+                             comm=COMM, policy="reservoir", timeout=TIMEOUT)
+    built = buf.exchange_stats()
+    for step in range(steps):
+        buf.mix(*ident_batch(step, b))
+    buf.sampler.settle()                       # the round opened for step `steps` has ended
+    result = {"built": built, "stats": buf.exchange_stats(), "seed": buf.sampler.shared_seed,
+              "b": b, "steps": steps, "fields": [int(f.nbytes) for f in buf.spec]}
+    buf.close()
+    return result
+
+
 def seed_per_rank():
     """``seed=rank``-style seeds: the shared draws come from rank 0's."""
     return reproducible(seed=7 * RANK + 1)
@@ -622,6 +638,7 @@ def calls(kind):
 
 
 SCENARIOS = {f.__name__: f for f in (collectives, pairing, uniform, reproducible, seed_per_rank,
+                                     exchange_counts,
                                      uneven, epoch_starts, stage_failure, add_during_round, use_after_close,
                                      close_from_another_thread)}
 CALLS = ("save_vs_step", "save_vs_load", "save_vs_build", "save_alone")
