@@ -153,19 +153,37 @@ class Transport:
         on :meth:`agreement` (a collective call; nothing to do by default)."""
 
     # ---------------------------------------------------------- waiting
+    #: Seconds :meth:`wait` polls without pause before it sleeps between polls.
+    spin_seconds: float = 2e-4
+    #: The first pause between polls (seconds); each pause doubles, up to
+    #: :attr:`short_pause` while the wait is young, up to an eighth of the time
+    #: waited so far after that, and never beyond :attr:`longest_pause`.
+    first_pause: float = 5e-6
+    short_pause: float = 1e-4
+    longest_pause: float = 1e-3
+
     def wait(self, handles, what: str = "a collective", *, timeout: float | None = -1.0,
              poll: bool = True) -> None:
-        """Waits for ``handles`` without spinning on a core.
+        """Waits for ``handles`` without holding a core for long.
 
-        A blocking collective busy-polls while it waits for slower processes,
-        taking a core from decoding and training; polling with short sleeps
-        costs at most a millisecond of latency. Raises :class:`RemoteError`
-        when the collectives fail, or are not complete after ``timeout``
-        seconds (default: the transport's).
+        A blocking collective busy-polls for as long as it waits for slower
+        processes, taking a core from decoding and training. This polls
+        without pause for :attr:`spin_seconds` (a round whose processes are
+        all there ends within it: non-blocking collectives of MPI progress
+        only while they are tested, so a sleeping poller would delay every
+        phase of the collective on every process), then sleeps between polls,
+        from :attr:`first_pause` doubling up to :attr:`short_pause`, and
+        longer pauses only once the wait has lasted eight times as long (a
+        late process costs at most an eighth more, an idle wait a poll a
+        millisecond: :attr:`longest_pause`). Raises
+        :class:`RemoteError` when the collectives fail, or are not complete
+        after ``timeout`` seconds (default: the transport's).
         """
         limit = self.timeout if timeout == -1.0 else timeout
         start = time.monotonic()
-        pause = 2e-5
+        began = time.perf_counter()
+        spin_end = began + self.spin_seconds
+        pause = self.first_pause
         while True:
             try:
                 if self.test(handles):
@@ -176,13 +194,18 @@ class Transport:
                 raise RemoteError(f"rank {self.rank}: the {self.name} transport failed while "
                                   f"waiting for {what}: {type(e).__name__}: {e}",
                                   broken=True) from e
+            now = time.perf_counter()
+            if now < spin_end:
+                time.sleep(0)            # lets another thread take the GIL
+                continue
             if limit is not None and time.monotonic() - start > limit:
                 raise RemoteError(
                     f"rank {self.rank}: no answer from the other processes within {limit:g} s "
                     f"while waiting for {what}: a process was killed, hangs, or is far slower "
                     "than this one (RehearsalBuffer(timeout=...) sets this limit)", broken=True)
             time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
+            pause = min(pause * 2, max(self.short_pause, (now - began) / 8),
+                        self.longest_pause)
 
     # ---------------------------------------------------------- blocking
     def barrier(self) -> None:
