@@ -222,13 +222,14 @@ def test_uneven_shards_end_epochs_together_without_loss(transport, n, mnist_dir)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_epoch_starts_give_the_same_batches_whatever_the_timing(transport, mnist_dir):
     """The round of an epoch's first step opens at the epoch end: random
-    pauses between steps and epochs and an add() between epochs change
-    nothing in the batches, with the stage's worker and without it."""
+    pauses between steps and epochs change nothing in the batches, with the
+    stage's worker and without it. (An ``add()`` between epochs would race
+    with the worker, which builds the next epoch's first steps as soon as
+    DALI asks for them at the reset, as it does within an epoch.)"""
     results, _ = run(transport, 2, "epoch_starts", mnist_dir)
     for r in results.values():
         assert r["steps"] == [[3] * 4] * 4, r["steps"]     # the shorter shard ends each epoch
-        worker, worker_again, inline, inline_again = r["digests"]
-        assert worker == worker_again and inline == inline_again, r["digests"]
+        assert len(set(r["digests"])) == 1, r["digests"]
     assert results[0]["digests"][0] != results[1]["digests"][0]
 
 
