@@ -765,7 +765,7 @@ class GlobalSampler:
         for (s, r), f in zip(transfers, spec):
             handles += t.ialltoallv(_bytes(s), serve_counts * f.nbytes, _bytes(r),
                                     request_counts * f.nbytes)
-        t.wait(handles, f"the samples of round {rnd.number}")
+        t.wait(handles, f"the samples of round {rnd.number}", transfer=True)
         self.stats["bytes_sent"] += int(n * buffer.store.row_nbytes)
         self.stats["bytes_received"] += int(k * buffer.store.row_nbytes)
         ready = None

@@ -155,6 +155,9 @@ class Transport:
     # ---------------------------------------------------------- waiting
     #: Seconds :meth:`wait` polls without pause before it sleeps between polls.
     spin_seconds: float = 2e-4
+    #: The same for a wait with ``transfer=True`` (samples moving between
+    #: processes that are all there).
+    transfer_spin_seconds: float = 1e-2
     #: The first pause between polls (seconds); each pause doubles, up to
     #: :attr:`short_pause` while the wait is young, up to an eighth of the time
     #: waited so far after that, and never beyond :attr:`longest_pause`.
@@ -163,7 +166,7 @@ class Transport:
     longest_pause: float = 1e-3
 
     def wait(self, handles, what: str = "a collective", *, timeout: float | None = -1.0,
-             poll: bool = True) -> None:
+             poll: bool = True, transfer: bool = False) -> None:
         """Waits for ``handles`` without holding a core for long.
 
         A blocking collective busy-polls for as long as it waits for slower
@@ -178,11 +181,20 @@ class Transport:
         millisecond: :attr:`longest_pause`). Raises
         :class:`RemoteError` when the collectives fail, or are not complete
         after ``timeout`` seconds (default: the transport's).
+
+        ``transfer``: the processes are known to be there (the status of the
+        round has been exchanged) and the collectives move samples. MPI moves
+        a large message a piece per poll (polled without pause, a megabyte
+        between two processes takes a fraction of a millisecond; with
+        millisecond pauses, tens of milliseconds), so such a wait polls
+        without pause for
+        :attr:`transfer_spin_seconds`, then with pauses of at most
+        :attr:`short_pause` however long it takes.
         """
         limit = self.timeout if timeout == -1.0 else timeout
         start = time.monotonic()
         began = time.perf_counter()
-        spin_end = began + self.spin_seconds
+        spin_end = began + (self.transfer_spin_seconds if transfer else self.spin_seconds)
         pause = self.first_pause
         while True:
             try:
@@ -204,8 +216,8 @@ class Transport:
                     f"while waiting for {what}: a process was killed, hangs, or is far slower "
                     "than this one (RehearsalBuffer(timeout=...) sets this limit)", broken=True)
             time.sleep(pause)
-            pause = min(pause * 2, max(self.short_pause, (now - began) / 8),
-                        self.longest_pause)
+            cap = self.short_pause if transfer else max(self.short_pause, (now - began) / 8)
+            pause = min(pause * 2, cap, self.longest_pause)
 
     # ---------------------------------------------------------- blocking
     def barrier(self) -> None:
