@@ -173,6 +173,19 @@ class RehearsalBuffer:
         """Where representatives come from (:mod:`dali_rehearsal.sampling`)."""
         return self._sampler
 
+    def exchange_stats(self) -> dict:
+        """What this process's global sampling has exchanged so far, as exact
+        counts (a snapshot, a new dict each call): ``rounds`` served,
+        ``collectives`` started (``allgathers`` + ``alltoalls``),
+        ``messages_sent``, ``bytes_sent`` and ``bytes_received`` to and from
+        other processes (see docs/exchange.md). All zero for a buffer that
+        samples locally. The round for the next step may still be running
+        when this returns: its counts appear once it ends."""
+        if getattr(self._sampler, "is_global", False):
+            return self._sampler.exchange_stats()
+        from .exchange.transport import Transport
+        return dict.fromkeys(("rounds",) + Transport.COUNTS, 0)
+
     @property
     def device(self) -> str:
         return self._backend.device
@@ -338,6 +351,15 @@ class RehearsalBuffer:
             if not self._sampler.started:
                 self._sampler.start(active=active, event=self._last_write[1])
             return self._sampler.finish()
+
+    def open_step(self, *, active: bool = True) -> None:
+        """Opens the round for the next step now, when none is open (global
+        sampling; nothing otherwise): a stage calls it at a point every
+        process reaches at the same step, so that the round overlaps with what
+        comes before that step. :meth:`begin_step` then waits for it."""
+        with self._lock:
+            if self._sampler.is_global and not self._sampler.started:
+                self._sampler.start(active=active, event=self._last_write[1])
 
     def end_step(self, out, fresh_count: int, labels: np.ndarray, reps: Representatives,
                  *, stream=None, next_active: bool | None = True) -> int:

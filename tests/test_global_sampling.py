@@ -106,6 +106,44 @@ def test_both_transports_give_the_same_batches(n, tmp_path):
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_transport_counts_what_the_protocol_must_send(transport, tmp_path):
+    """``exchange_stats()``: one status allgather per round (and one for the
+    construction), one all-to-all per field in every round that draws, and
+    bytes = status rows + the rows each process serves to the others."""
+    from dali_rehearsal.exchange.rounds import _COLUMNS, _draw
+    n = 2
+    results, _ = run(transport, n, "exchange_counts", tmp_path)
+    status = 8 * _COLUMNS                      # bytes of one status row
+    for me, res in results.items():
+        assert res["built"] == {"rounds": 0, "collectives": 1, "allgathers": 1, "alltoalls": 0,
+                                "messages_sent": n - 1, "bytes_sent": status * (n - 1),
+                                "bytes_received": status * (n - 1)}, res["built"]
+        b, steps, fields, seed = res["b"], res["steps"], res["fields"], res["seed"]
+        rounds = steps + 1                     # the steps', and the one opened for the next
+        alltoalls = messages = sent = received = 0
+        for j in range(rounds):                # round j: every shard holds b * j samples
+            total = n * b * j
+            k = min(7, total)
+            if k == 0:
+                continue
+            alltoalls += len(fields)
+            for q in range(n):
+                owners = _draw(seed, j, q, total, k) // (b * j)
+                if q != me:
+                    to_q = int((owners == me).sum())
+                    messages += len(fields) * (to_q > 0)
+                    sent += to_q * sum(fields)
+                else:
+                    received += int((owners != me).sum()) * sum(fields)
+        assert res["stats"] == {
+            "rounds": rounds, "collectives": 1 + rounds + alltoalls, "allgathers": 1 + rounds,
+            "alltoalls": alltoalls, "messages_sent": (1 + rounds) * (n - 1) + messages,
+            "bytes_sent": (1 + rounds) * status * (n - 1) + sent,
+            "bytes_received": (1 + rounds) * status * (n - 1) + received}, (me, res["stats"])
+        assert sent > 0 and received > 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_add_waits_for_the_open_round(transport, tmp_path):
     """``buffer.add()`` while the round for the next step is still reading the
     store in the background: the insert waits for it, nothing is torn."""
@@ -179,6 +217,20 @@ def test_uneven_shards_end_epochs_together_without_loss(transport, n, mnist_dir)
     assert steps[0] == [-(-shortest["shard"] // 4)] * 4
     for p in range(1, n):
         assert results[p]["fresh"] == 4 * sum(steps[0])       # full batches every step
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_epoch_starts_give_the_same_batches_whatever_the_timing(transport, mnist_dir):
+    """The round of an epoch's first step opens at the epoch end: random
+    pauses between steps and epochs change nothing in the batches, with the
+    stage's worker and without it. (An ``add()`` between epochs would race
+    with the worker, which builds the next epoch's first steps as soon as
+    DALI asks for them at the reset, as it does within an epoch.)"""
+    results, _ = run(transport, 2, "epoch_starts", mnist_dir)
+    for r in results.values():
+        assert r["steps"] == [[3] * 4] * 4, r["steps"]     # the shorter shard ends each epoch
+        assert len(set(r["digests"])) == 1, r["digests"]
+    assert results[0]["digests"][0] != results[1]["digests"][0]
 
 
 # ------------------------------------------------------------------ failures

@@ -74,10 +74,10 @@ class MPITransport(Transport):
                   + (f" for {purpose}" if purpose else ""))
         self.comm = dup
 
-    def iallgather(self, send, recv):
+    def _iallgather(self, send, recv):
         return [self.comm.Iallgather(send, recv)]
 
-    def ialltoallv(self, send, send_counts, recv, recv_counts):
+    def _ialltoallv(self, send, send_counts, recv, recv_counts):
         sc = np.asarray(send_counts, dtype=np.int64)
         rc = np.asarray(recv_counts, dtype=np.int64)
         B = self._MPI.BYTE

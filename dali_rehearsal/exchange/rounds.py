@@ -612,6 +612,13 @@ class GlobalSampler:
         """The round the next step uses: the open one, else the next to open."""
         return self._pending.number if self._pending is not None else self._next_round
 
+    def exchange_stats(self) -> dict:
+        """Exact counts of this process's exchange so far (a snapshot): the
+        rounds served, then the transport's counts
+        (:meth:`~.transport.Transport.stats`). An open round may still be
+        running: :meth:`settle` first for counts that include it."""
+        return {"rounds": int(self.stats["rounds"]), **self.transport.stats()}
+
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "seed": self.shared_seed,
                 "round": self.resume_round}
@@ -758,7 +765,7 @@ class GlobalSampler:
         for (s, r), f in zip(transfers, spec):
             handles += t.ialltoallv(_bytes(s), serve_counts * f.nbytes, _bytes(r),
                                     request_counts * f.nbytes)
-        t.wait(handles, f"the samples of round {rnd.number}")
+        t.wait(handles, f"the samples of round {rnd.number}", transfer=True)
         self.stats["bytes_sent"] += int(n * buffer.store.row_nbytes)
         self.stats["bytes_received"] += int(k * buffer.store.row_nbytes)
         ready = None

@@ -118,14 +118,14 @@ class TorchTransport(Transport):
             return self._torch.from_numpy(a)
         return self._torch.from_dlpack(a)       # CuPy: the same device memory, no copy
 
-    def iallgather(self, send, recv):
+    def _iallgather(self, send, recv):
         out = self._torch.from_numpy(recv.reshape(-1))
         # all_gather_single is the newer name of all_gather_into_tensor
         gather = getattr(self._dist, "all_gather_single", None) or \
             self._dist.all_gather_into_tensor
         return [gather(out, self._torch.from_numpy(send), group=self._control, async_op=True)]
 
-    def ialltoallv(self, send, send_counts, recv, recv_counts):
+    def _ialltoallv(self, send, send_counts, recv, recv_counts):
         return [self._dist.all_to_all_single(
             self._tensor(recv), self._tensor(send),
             output_split_sizes=[int(c) for c in recv_counts],

@@ -82,14 +82,62 @@ class Transport:
         """Starts gathering every process's ``send`` (a 1-D host array, the
         same length and dtype everywhere) into the rows of ``recv`` (shape
         ``(size, len(send))``, C-contiguous). Returns a handle."""
-        raise NotImplementedError
+        c = self._counts()
+        peers = self.size - 1
+        c["collectives"] += 1
+        c["allgathers"] += 1
+        c["messages_sent"] += peers
+        c["bytes_sent"] += int(send.nbytes) * peers
+        c["bytes_received"] += int(send.nbytes) * peers
+        return self._iallgather(send, recv)
 
     def ialltoallv(self, send, send_counts: np.ndarray, recv, recv_counts: np.ndarray):
         """Starts an all-to-all of bytes: ``send`` and ``recv`` are flat uint8
         arrays (host arrays, or device arrays when :attr:`device_buffers`);
         ``send_counts[p]`` bytes go to process ``p`` (consecutive, in rank
         order) and ``recv_counts[p]`` come from it. Returns a handle."""
+        c = self._counts()
+        out = np.array(send_counts, dtype=np.int64, copy=True)
+        inc = np.array(recv_counts, dtype=np.int64, copy=True)
+        out[self.rank] = inc[self.rank] = 0          # a process's rows to itself stay local
+        c["collectives"] += 1
+        c["alltoalls"] += 1
+        c["messages_sent"] += int((out > 0).sum())
+        c["bytes_sent"] += int(out.sum())
+        c["bytes_received"] += int(inc.sum())
+        return self._ialltoallv(send, send_counts, recv, recv_counts)
+
+    def _iallgather(self, send, recv):
+        """:meth:`iallgather` of the communication library (subclasses)."""
         raise NotImplementedError
+
+    def _ialltoallv(self, send, send_counts, recv, recv_counts):
+        """:meth:`ialltoallv` of the communication library (subclasses)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ counts
+    #: What :meth:`stats` counts, per process, since the transport was made.
+    COUNTS = ("collectives", "allgathers", "alltoalls", "messages_sent", "bytes_sent",
+              "bytes_received")
+
+    def _counts(self) -> dict:
+        counts = self.__dict__.get("_stat_counts")
+        if counts is None:
+            counts = self._stat_counts = dict.fromkeys(self.COUNTS, 0)
+        return counts
+
+    def stats(self) -> dict:
+        """Exact counts of what this process started, since the transport
+        was made (a copy: a snapshot). ``collectives``: non-blocking
+        collectives started (``allgathers`` + ``alltoalls``; the blocking ones
+        are built on them); ``messages_sent``: one per peer a collective
+        gives a non-empty payload to (an allgather: every other process; an
+        all-to-all: the processes it sends rows to); ``bytes_sent`` and
+        ``bytes_received``: the payload bytes to and from other processes
+        (rows a process draws from its own shard stay local and count
+        nothing). The counts are logical: what the protocol asks the
+        library to move, whatever the library's algorithm adds."""
+        return dict(self._counts())
 
     def test(self, handles) -> bool:
         """True once every collective of ``handles`` (a list of handles) has
@@ -105,19 +153,49 @@ class Transport:
         on :meth:`agreement` (a collective call; nothing to do by default)."""
 
     # ---------------------------------------------------------- waiting
-    def wait(self, handles, what: str = "a collective", *, timeout: float | None = -1.0,
-             poll: bool = True) -> None:
-        """Waits for ``handles`` without spinning on a core.
+    #: Seconds :meth:`wait` polls without pause before it sleeps between polls.
+    spin_seconds: float = 2e-4
+    #: The same for a wait with ``transfer=True`` (samples moving between
+    #: processes that are all there).
+    transfer_spin_seconds: float = 1e-2
+    #: The first pause between polls (seconds); each pause doubles, up to
+    #: :attr:`short_pause` while the wait is young, up to an eighth of the time
+    #: waited so far after that, and never beyond :attr:`longest_pause`.
+    first_pause: float = 5e-6
+    short_pause: float = 1e-4
+    longest_pause: float = 1e-3
 
-        A blocking collective busy-polls while it waits for slower processes,
-        taking a core from decoding and training; polling with short sleeps
-        costs at most a millisecond of latency. Raises :class:`RemoteError`
-        when the collectives fail, or are not complete after ``timeout``
-        seconds (default: the transport's).
+    def wait(self, handles, what: str = "a collective", *, timeout: float | None = -1.0,
+             poll: bool = True, transfer: bool = False) -> None:
+        """Waits for ``handles`` without holding a core for long.
+
+        A blocking collective busy-polls for as long as it waits for slower
+        processes, taking a core from decoding and training. This polls
+        without pause for :attr:`spin_seconds` (a round whose processes are
+        all there ends within it: non-blocking collectives of MPI progress
+        only while they are tested, so a sleeping poller would delay every
+        phase of the collective on every process), then sleeps between polls,
+        from :attr:`first_pause` doubling up to :attr:`short_pause`, and
+        longer pauses only once the wait has lasted eight times as long (a
+        late process costs at most an eighth more, an idle wait a poll a
+        millisecond: :attr:`longest_pause`). Raises
+        :class:`RemoteError` when the collectives fail, or are not complete
+        after ``timeout`` seconds (default: the transport's).
+
+        ``transfer``: the processes are known to be there (the status of the
+        round has been exchanged) and the collectives move samples. MPI moves
+        a large message a piece per poll (polled without pause, a megabyte
+        between two processes takes a fraction of a millisecond; with
+        millisecond pauses, tens of milliseconds), so such a wait polls
+        without pause for
+        :attr:`transfer_spin_seconds`, then with pauses of at most
+        :attr:`short_pause` however long it takes.
         """
         limit = self.timeout if timeout == -1.0 else timeout
         start = time.monotonic()
-        pause = 2e-5
+        began = time.perf_counter()
+        spin_end = began + (self.transfer_spin_seconds if transfer else self.spin_seconds)
+        pause = self.first_pause
         while True:
             try:
                 if self.test(handles):
@@ -128,13 +206,18 @@ class Transport:
                 raise RemoteError(f"rank {self.rank}: the {self.name} transport failed while "
                                   f"waiting for {what}: {type(e).__name__}: {e}",
                                   broken=True) from e
+            now = time.perf_counter()
+            if now < spin_end:
+                time.sleep(0)            # lets another thread take the GIL
+                continue
             if limit is not None and time.monotonic() - start > limit:
                 raise RemoteError(
                     f"rank {self.rank}: no answer from the other processes within {limit:g} s "
                     f"while waiting for {what}: a process was killed, hangs, or is far slower "
                     "than this one (RehearsalBuffer(timeout=...) sets this limit)", broken=True)
             time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
+            cap = self.short_pause if transfer else max(self.short_pause, (now - began) / 8)
+            pause = min(pause * 2, cap, self.longest_pause)
 
     # ---------------------------------------------------------- blocking
     def barrier(self) -> None:

@@ -198,7 +198,26 @@ class Mixer:
         self.epoch += 1
         self._epoch_steps = None
         self._source_ended = False
+        self._open_next_epoch()
         raise StopIteration
+
+    def _open_next_epoch(self) -> None:
+        """Opens the round for the next epoch's first step at once, so that
+        it runs while the loop turns over the epoch (global sampling).
+
+        Every process reaches this point at the same step: each has just
+        consumed the round that ended the epoch (the one its own last step
+        opened with ``next_active=False``, or the one another process ended),
+        and nothing has been inserted since, so the round serves the same
+        snapshot whatever the timing. Whether this process has a step in the
+        next epoch is known from the plan; a source without a reader tells it
+        only when the step is built, so its round still opens then."""
+        if self.plan is None:
+            return
+        try:
+            self.buffer.open_step(active=self.plan.steps(self.epoch) > 0)
+        except Exception:      # noqa: BLE001 - stopped, closed: the next step raises it
+            pass
 
     def _raise_ahead_error(self, step) -> None:
         if self._ahead_error is not None and self._ahead_error[0] is step:

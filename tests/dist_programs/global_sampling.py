@@ -191,6 +191,22 @@ def reproducible(seed=None):
     return dict(stats, digest=digest.hexdigest(), shared_seed=shared)
 
 
+def exchange_counts():
+    """The transport's exact counts after the buffer's construction and after
+    a known number of steps (the round opened for the next step included)."""
+    b, steps = 4, 10
+    buf = dr.RehearsalBuffer(capacity=1000, num_representatives=7, device=DEVICE, seed=6,
+                             comm=COMM, policy="reservoir", timeout=TIMEOUT)
+    built = buf.exchange_stats()
+    for step in range(steps):
+        buf.mix(*ident_batch(step, b))
+    buf.sampler.settle()                       # the round opened for step `steps` has ended
+    result = {"built": built, "stats": buf.exchange_stats(), "seed": buf.sampler.shared_seed,
+              "b": b, "steps": steps, "fields": [int(f.nbytes) for f in buf.spec]}
+    buf.close()
+    return result
+
+
 def seed_per_rank():
     """``seed=rank``-style seeds: the shared draws come from rank 0's."""
     return reproducible(seed=7 * RANK + 1)
@@ -344,7 +360,7 @@ def mismatch(kind):
 
 
 # ------------------------------------------------------------ DALI, uneven
-def _mnist_pipelines(files, labels, batch, buf, last_batch_policy):
+def _mnist_pipelines(files, labels, batch, buf, last_batch_policy, prepare_ahead=2):
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None, seed=RANK + 1)
@@ -355,7 +371,8 @@ def _mnist_pipelines(files, labels, batch, buf, last_batch_policy):
     @pipeline_def(batch_size=batch + buf.num_representatives, num_threads=1, device_id=None)
     def train(source):
         images, lab, flag = dr.fn.rehearsal(source, buffer=buf, replay_flag=True,
-                                            last_batch_policy=last_batch_policy)
+                                            last_batch_policy=last_batch_policy,
+                                            prepare_ahead=prepare_ahead)
         return images, lab, flag
 
     return train(decode())
@@ -400,6 +417,44 @@ def uneven():
     in_order = fresh_order == [i % n for i in range(len(fresh_order))]
     return {"steps": steps, "fresh": len(fresh_order), "shard": n, "in_order": in_order,
             "wrong_labels": int(wrong), "remote_representatives": remote}
+
+
+def epoch_starts():
+    """The DALI stage over several epochs of uneven shards, with random pauses
+    (different in every run) between steps and between epochs: the round of
+    each epoch's first step opens at the epoch end, and the batches do not
+    depend on the timing. Runs with the stage's worker twice, then without it
+    twice."""
+    runs = [_epoch_run(ahead) for ahead in (2, 2, 0, 0)]
+    return {"digests": [d for d, _ in runs], "steps": [s for _, s in runs]}
+
+
+def _epoch_run(prepare_ahead):
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    data = dr.LabelledFiles.from_folder(os.path.join(OUT_DIR, "mnist", "train"))
+    n = 9 + 5 * RANK                                   # unequal shards: epochs end early
+    files = list(data.files[RANK * 40: RANK * 40 + n])
+    labels = list(data.labels[RANK * 40: RANK * 40 + n])
+    buf = dr.RehearsalBuffer(capacity=12, num_representatives=3, device="cpu", seed=4,
+                             comm=COMM, timeout=TIMEOUT)
+    it = DALIGenericIterator(_mnist_pipelines(files, labels, 4, buf, dr.LastBatchPolicy.PARTIAL,
+                                              prepare_ahead),
+                             ["images", "labels", "flag"], auto_reset=True)
+    timing = np.random.default_rng()                   # fresh entropy: timing differs per run
+    digest, steps = hashlib.sha256(), []
+    for epoch in range(4):
+        k = 0
+        for out in it:
+            for name in ("images", "labels", "flag"):
+                digest.update(np.ascontiguousarray(out[0][name].numpy()).tobytes())
+            k += 1
+            time.sleep(timing.uniform(0, 0.02))
+            training_collective()
+        steps.append(k)
+        time.sleep(timing.uniform(0, 0.1))
+    buf.close()
+    del it
+    return digest.hexdigest(), steps
 
 
 def stage_failure():
@@ -576,7 +631,8 @@ def calls(kind):
 
 
 SCENARIOS = {f.__name__: f for f in (collectives, pairing, uniform, reproducible, seed_per_rank,
-                                     uneven, stage_failure, add_during_round, use_after_close,
+                                     exchange_counts,
+                                     uneven, epoch_starts, stage_failure, add_during_round, use_after_close,
                                      close_from_another_thread)}
 CALLS = ("save_vs_step", "save_vs_load", "save_vs_build", "save_alone")
 FAILURES = ("raise_in_mix", "raise_outside", "close_early", "one_fewer", "uncaught", "sys_exit",
