@@ -553,6 +553,13 @@ def save(buffer, policy, path, *, allow_other_files: bool = False) -> None:
             name = shard_name(save_id, buffer.rank, buffer.world_size)
             written = []
 
+            def discard():
+                """Removes what this save wrote; the previous checkpoint stays."""
+                for done in written:
+                    _remove(os.path.join(path, done))
+                if writer is not None:
+                    writer.abandon()
+
             def write_shard_file():
                 state = captured["state"]
                 if not os.path.isdir(path):
@@ -571,10 +578,7 @@ def save(buffer, policy, path, *, allow_other_files: bool = False) -> None:
                 entries = channel.run("shards", write_shard_file, errors=_SAVE_ERRORS)
             except BaseException:
                 if channel.in_step:          # every process has stopped writing
-                    for done in written:
-                        _remove(os.path.join(path, done))
-                    if writer is not None:
-                        writer.abandon()
+                    discard()
                 raise
             from . import __version__
             body = {"format": DIR_FORMAT, "version": DIR_VERSION, "save_id": save_id,
@@ -595,10 +599,7 @@ def save(buffer, policy, path, *, allow_other_files: bool = False) -> None:
                 if committed:
                     writer.clean_up({e["file"] for e in entries})
                 elif channel.in_step:        # nobody needs the new files
-                    for done in written:
-                        _remove(os.path.join(path, done))
-                    if writer is not None:
-                        writer.abandon()
+                    discard()
                 raise
             # Every process returns once the directory holds the new checkpoint alone.
             channel.run("clean up", lambda: writer.clean_up({e["file"] for e in entries})
