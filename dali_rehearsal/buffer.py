@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import numbers
 import threading
 import weakref
 
@@ -11,6 +10,7 @@ import numpy as np
 
 from . import checkpoint
 from ._backend import Backend, get_backend, on_device, to_host
+from .checks import check_int, check_seed
 from .policies import make_policy
 from .sampling import Representatives, make_sampler, world_of
 from .storage import FieldSpec, SampleStore, spec_of
@@ -22,24 +22,6 @@ log = logging.getLogger("dali_rehearsal")
 #: dtype kinds a stored field may have: bool, integers, floats, complex.
 _STORABLE_KINDS = "biufc"
 _INT64_MAX = np.iinfo(np.int64).max
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_seed(seed) -> int | None:
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be None or a non-negative integer, got {seed!r}")
-    if seed < 0:
-        raise ValueError(f"seed must be None or a non-negative integer, got {seed}")
-    return int(seed)
 
 
 class RehearsalBuffer:
@@ -99,10 +81,10 @@ class RehearsalBuffer:
                  label_index: int = 1, seed: int | None = None, comm=None,
                  sampling: str = "global", cuda_aware: bool | None = None,
                  timeout: float | None = 600.0):
-        self.capacity = _check_int("capacity", capacity, 1)
-        self.num_representatives = _check_int("num_representatives", num_representatives, 0)
-        self.label_index = _check_int("label_index", label_index, 0)
-        self.seed = _check_seed(seed)
+        self.capacity = check_int(capacity, "capacity", 1)
+        self.num_representatives = check_int(num_representatives, "num_representatives", 0)
+        self.label_index = check_int(label_index, "label_index", 0)
+        self.seed = check_seed(seed)
         # Serialises every operation on the buffer (see the class docstring).
         # The exchange's progress thread never takes it: it reads only what
         # does not need it (size, spec, store, settings), and a thread that
@@ -437,7 +419,7 @@ class RehearsalBuffer:
     def sample(self, num: int | None = None, *, stream=None):
         """Draws ``num`` (default ``r``) stored samples uniformly without
         replacement from this process's shard; one array per field."""
-        k = self.num_representatives if num is None else _check_int("num", num, 0)
+        k = self.num_representatives if num is None else check_int(num, "num", 0)
         if stream is None and self._backend.is_gpu:
             stream = self._backend.current_stream()
         with self._lock:

@@ -78,7 +78,8 @@ from .checkpoint_directory import MANIFEST, ConcurrentSaveError, DirectoryWriter
     is_shard_name, shard_name, shard_temporary
 from .checkpoint_files import MAX_META_BYTES, CheckpointError, HashingWriter, ShardFile, \
     check_depth, load_json, write_atomically, write_shard
-from .policies import check_rng_state, make_policy
+from .checks import check_rng_state
+from .policies import make_policy
 from .storage import FieldSpec
 
 __all__ = ["CheckpointError", "ConcurrentSaveError", "state_dict", "load_state_dict", "save",

@@ -61,33 +61,9 @@ import heapq
 
 import numpy as np
 
-__all__ = ["InsertionPolicy", "ClassBalanced", "Reservoir", "make_policy", "POLICIES",
-           "check_rng_state"]
+from .checks import check_int, check_rng_state
 
-
-def check_rng_state(rng: np.random.Generator, state, what: str) -> dict:
-    """Checks that ``state`` is a valid state of ``rng``'s bit generator,
-    without touching ``rng``; returns it. Raises ValueError naming ``what``."""
-    bitgen = rng.bit_generator
-    if not isinstance(state, dict) or state.get("bit_generator") != type(bitgen).__name__:
-        name = state.get("bit_generator") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{what}: not a {type(bitgen).__name__} random state (got {name!r})")
-    scratch = type(bitgen)()
-    try:
-        scratch.state = state
-    except Exception as e:  # the bit generator's own checks: types, ranges, keys
-        raise ValueError(f"{what}: malformed random state ({type(e).__name__}: {e})") from None
-    if scratch.state != state:
-        raise ValueError(f"{what}: malformed random state (values out of range)")
-    return state
-
-
-def _as_int(value, what: str, minimum: int = 0) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{what} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return int(value)
+__all__ = ["InsertionPolicy", "ClassBalanced", "Reservoir", "make_policy", "POLICIES"]
 
 
 def _as_index_array(value, what: str, length: int | None = None) -> np.ndarray:
@@ -201,10 +177,10 @@ class InsertionPolicy:
         if missing or extra:
             raise ValueError(f"policy state for {self.name!r}: missing keys {missing}, "
                              f"unexpected keys {extra}")
-        size = _as_int(state["size"], "policy size")
+        size = check_int(state["size"], "policy size", 0, error=ValueError)
         if size > self.capacity:
             raise ValueError(f"policy size {size} is more than the capacity {self.capacity}")
-        num_seen = _as_int(state["num_seen"], "policy num_seen")
+        num_seen = check_int(state["num_seen"], "policy num_seen", 0, error=ValueError)
         if num_seen < size:
             raise ValueError(f"policy num_seen={num_seen} is less than its size {size}")
         slot_labels = _as_index_array(state["slot_labels"], "slot_labels", self.capacity)

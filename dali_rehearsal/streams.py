@@ -54,7 +54,6 @@ Example::
 
 from __future__ import annotations
 
-import operator
 import os
 import pathlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -63,32 +62,24 @@ from typing import Union
 
 import numpy as np
 
+from .checks import check_int
+
 __all__ = ["LabelledFiles", "Task", "ClassIncremental"]
 
 _DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
-def _as_int(value, what: str) -> int:
-    """Return ``value`` as a Python int (numpy integers accepted, bools and floats rejected)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be an integer, got {value!r}") from None
-
-
 def _normalise(files, labels) -> tuple[tuple[str, ...], tuple[int, ...]]:
     files = tuple(os.fspath(f) for f in files)
-    labels = tuple(_as_int(label, "label") for label in labels)
+    labels = tuple(check_int(label, "label") for label in labels)
     if len(files) != len(labels):
         raise ValueError(f"files and labels differ in length: {len(files)} files, {len(labels)} labels")
     return files, labels
 
 
 def _check_shard(shard_id, num_shards) -> tuple[int, int]:
-    shard_id = _as_int(shard_id, "shard_id")
-    num_shards = _as_int(num_shards, "num_shards")
+    shard_id = check_int(shard_id, "shard_id")
+    num_shards = check_int(num_shards, "num_shards")
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     if not 0 <= shard_id < num_shards:
@@ -173,7 +164,7 @@ class LabelledFiles:
 
         Raises ``ValueError`` if a requested class does not occur in the data.
         """
-        wanted = {_as_int(c, "class") for c in classes}
+        wanted = {check_int(c, "class") for c in classes}
         missing = wanted - set(self.labels)
         if missing:
             raise ValueError(f"classes not present in the data: {sorted(missing)}")
@@ -198,8 +189,8 @@ class Task:
 
     def __post_init__(self) -> None:
         files, labels = _normalise(self.files, self.labels)
-        object.__setattr__(self, "index", _as_int(self.index, "index"))
-        object.__setattr__(self, "classes", tuple(_as_int(c, "class") for c in self.classes))
+        object.__setattr__(self, "index", check_int(self.index, "index"))
+        object.__setattr__(self, "classes", tuple(check_int(c, "class") for c in self.classes))
         object.__setattr__(self, "files", files)
         object.__setattr__(self, "labels", labels)
 
@@ -266,7 +257,7 @@ class ClassIncremental:
         n_classes = len(classes)
 
         if class_order is not None:
-            order = tuple(_as_int(c, "class_order entry") for c in class_order)
+            order = tuple(check_int(c, "class_order entry") for c in class_order)
             if len(set(order)) != len(order) or set(order) != set(classes):
                 raise ValueError(
                     f"class_order must be a permutation of the data's classes {list(classes)}, "
@@ -280,7 +271,7 @@ class ClassIncremental:
         if isinstance(increment, Iterable):
             if initial_increment is not None:
                 raise ValueError("initial_increment cannot be combined with a list of increments")
-            counts = tuple(_as_int(c, "increment") for c in increment)
+            counts = tuple(check_int(c, "increment") for c in increment)
             if not counts or any(c < 1 for c in counts):
                 raise ValueError(f"every increment must be >= 1, got {list(counts)}")
             if sum(counts) != n_classes:
@@ -288,10 +279,10 @@ class ClassIncremental:
                     f"increments {list(counts)} sum to {sum(counts)} but the data has {n_classes} classes"
                 )
         else:
-            step = _as_int(increment, "increment")
+            step = check_int(increment, "increment")
             if step < 1:
                 raise ValueError(f"increment must be >= 1, got {step}")
-            first = step if initial_increment is None else _as_int(initial_increment, "initial_increment")
+            first = step if initial_increment is None else check_int(initial_increment, "initial_increment")
             if first < 1:
                 raise ValueError(f"initial_increment must be >= 1, got {first}")
             if first > n_classes:
@@ -312,7 +303,7 @@ class ClassIncremental:
 
     # -- helpers -----------------------------------------------------------------------------
     def _index(self, task_index) -> int:
-        i = _as_int(task_index, "task index")
+        i = check_int(task_index, "task index")
         n = len(self._counts)
         if i < 0:
             i += n

@@ -6,6 +6,7 @@ import numbers
 import weakref
 
 from ..buffer import RehearsalBuffer
+from ..checks import check_int
 from ..epochs import LastBatchPolicy, policy_name
 from .mixer import Mixer
 
@@ -161,8 +162,7 @@ def rehearsal(source, *, buffer: RehearsalBuffer, reader_name: str | None = None
     if not isinstance(buffer, RehearsalBuffer):
         raise TypeError(f"buffer must be a dali_rehearsal.RehearsalBuffer, got "
                         f"{_describe(buffer)}")
-    if isinstance(prepare_ahead, bool) or not isinstance(prepare_ahead, int) or prepare_ahead < 0:
-        raise ValueError(f"prepare_ahead must be an integer >= 0, got {prepare_ahead!r}")
+    prepare_ahead = check_int(prepare_ahead, "prepare_ahead", 0, error=ValueError)
     policy = policy_name(last_batch_policy)
     _check_checkpointing(pipe, "mixing pipeline")
     _check_checkpointing(source, "source pipeline")

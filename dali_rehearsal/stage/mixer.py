@@ -57,10 +57,7 @@ class Mixer:
                  reader_name: str | None = None, last_batch_policy=LastBatchPolicy.PARTIAL,
                  replay_flag: bool = False, ring_depth: int = 4, prepare_ahead: int = 2,
                  static_batch: bool = False):
-        if isinstance(prepare_ahead, bool) or not isinstance(prepare_ahead, int) \
-                or prepare_ahead < 0:
-            raise ValueError(f"prepare_ahead must be an integer >= 0, got {prepare_ahead!r}")
-        self.prepare_ahead = prepare_ahead
+        self.prepare_ahead = prepare_ahead     # checked by rehearsal()
         self.buffer = buffer
         self.last_batch_policy = policy_name(last_batch_policy)
         self.replay_flag = bool(replay_flag)
