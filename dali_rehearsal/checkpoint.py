@@ -114,7 +114,7 @@ _HashingWriter, _write_shard = HashingWriter, write_shard
 def _settings(buffer) -> dict:
     return {"capacity": int(buffer.capacity),
             "num_representatives": int(buffer.num_representatives),
-            "policy": buffer.policy, "label_index": int(buffer.label_index),
+            "policy": buffer.policy.name, "label_index": int(buffer.label_index),
             "sampling": buffer.sampling, "rank": int(buffer.rank),
             "world_size": int(buffer.world_size)}
 
@@ -165,9 +165,10 @@ def _torch():
     return torch
 
 
-def state_dict(buffer, policy) -> dict:
+def state_dict(core) -> dict:
     """:meth:`RehearsalBuffer.state_dict`: arrays as torch tensors when
     PyTorch can be imported, NumPy arrays otherwise."""
+    buffer, policy, wrote = core, core.policy, core.mark_written
     state = capture(buffer, policy)
     torch = _torch()
     if torch is None:
@@ -503,8 +504,9 @@ def _apply(buffer, policy, wrote, prepared: _Prepared) -> None:
     policy.load_state_dict(prepared.policy_state)
 
 
-def load_state_dict(buffer, policy, wrote, state) -> None:
+def load_state_dict(core, state) -> None:
     """:meth:`RehearsalBuffer.load_state_dict`."""
+    buffer, policy, wrote = core, core.policy, core.mark_written
     _check_empty(buffer)
     if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
         raise CheckpointError("not a RehearsalBuffer state (no settings)")
@@ -534,10 +536,11 @@ _SAVE_ERRORS = (ConcurrentSaveError, FileExistsError, FileNotFoundError, Permiss
 _LOAD_ERRORS = (FileNotFoundError, CheckpointError, RuntimeError)
 
 
-def save(buffer, policy, path, *, allow_other_files: bool = False) -> None:
+def save(core, path, *, allow_other_files: bool = False) -> None:
     """:meth:`RehearsalBuffer.save`: every process writes its shard, rank 0
     (holding the directory's lock) commits the manifest, then removes the
     files the new checkpoint replaced."""
+    buffer, policy, wrote = core, core.policy, core.mark_written
     path = os.fspath(path)
     with _open_channel(buffer, "save") as channel:
         captured: dict = {}
@@ -799,10 +802,11 @@ class _Shard:
 
 
 # ------------------------------------------------------------------- load
-def load(buffer, policy, wrote, path, *, resize: bool = False) -> None:
+def load(core, path, *, resize: bool = False) -> None:
     """:meth:`RehearsalBuffer.load`. A single process whose checkpoint is
     replaced while it reads it (another process saving into the directory)
     reads the new one."""
+    buffer, policy, wrote = core, core.policy, core.mark_written
     path = os.fspath(path)
     alone = buffer.comm is None or buffer.world_size == 1
     for attempt in range(3):
@@ -955,7 +959,7 @@ def _prepare_elastic(buffer, own_policy, path, entries, capacities, seed,
     capacities = np.asarray(capacities, dtype=np.int64)
     total = int(min(capacities.sum(), len(label)))
     rng = np.random.default_rng(np.random.SeedSequence(seed))
-    class_balanced = buffer.policy == "class_balanced"
+    class_balanced = buffer.policy.name == "class_balanced"
     if class_balanced:
         order, seen = [], {}
         for s in states:
@@ -991,7 +995,7 @@ def _prepare_elastic(buffer, own_policy, path, entries, capacities, seed,
         order = np.argsort(rows, kind="stable")
         for out, field in zip(fields, s.fields):
             out[pick[order]] = field.read_rows(rows[order])
-    policy = make_policy(buffer.policy, buffer.capacity, np.random.default_rng(0))
+    policy = make_policy(buffer.policy.name, buffer.capacity, np.random.default_rng(0))
     if class_balanced:
         per_class = np.zeros((buffer.world_size, len(classes)), dtype=np.int64)
         np.add.at(per_class, (owner, cls[kept]), 1)
