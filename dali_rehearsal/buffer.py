@@ -54,6 +54,13 @@ class RehearsalBuffer:
             waits forever). It bounds the wait for a process that stopped
             answering without a word (killed, hung); failures a process can
             report reach the others at once.
+        task_aware: draw representatives only from samples stored before the
+            current task (task-aware replay, as Avalanche's replay that updates
+            its buffer after each experience): every replayed sample belongs
+            to an earlier task, and the first task trains on its ``b`` fresh
+            rows alone. Tell the buffer where a task ends with
+            :meth:`end_task`. Default False: draws from everything stored,
+            the current task's samples included (online experience replay).
 
     Threads: one buffer may be used from several threads. Its operations
     (``mix``, ``add``, ``sample``, ``state_dict``, ``load_state_dict``,
@@ -70,11 +77,13 @@ class RehearsalBuffer:
                  policy: str = "class_balanced", device: str | None = None,
                  label_index: int = 1, seed: int | None = None, comm=None,
                  sampling: str = "global", cuda_aware: bool | None = None,
-                 timeout: float | None = 600.0):
+                 timeout: float | None = 600.0, task_aware: bool = False):
         self.capacity = check_int(capacity, "capacity", 1)
         self.num_representatives = check_int(num_representatives, "num_representatives", 0)
         self.label_index = check_int(label_index, "label_index", 0)
         self.seed = check_seed(seed)
+        if not isinstance(task_aware, (bool, np.bool_)):
+            raise TypeError(f"task_aware must be True or False, got {task_aware!r}")
         if sampling not in ("global", "local"):
             raise ValueError(f"sampling must be 'global' or 'local', got {sampling!r}")
         self.sampling = sampling
@@ -84,7 +93,8 @@ class RehearsalBuffer:
                               num_representatives=self.num_representatives,
                               label_index=self.label_index, seed=self.seed, policy=policy,
                               device=device, comm=comm, sampling=sampling,
-                              cuda_aware=cuda_aware, timeout=timeout)
+                              cuda_aware=cuda_aware, timeout=timeout,
+                              task_aware=task_aware)
         self.rank = self._core.rank
         self.world_size = self._core.world_size
 
@@ -197,6 +207,29 @@ class RehearsalBuffer:
         """
         views = self._core.stored()
         return views if field is None else views[field]
+
+    # ----------------------------------------------------------------- tasks
+    @property
+    def task_aware(self) -> bool:
+        """Whether representatives come only from earlier tasks (see ``task_aware=``)."""
+        return self._core.task_aware
+
+    @property
+    def task(self) -> int:
+        """The current task's index: how many times :meth:`end_task` was called."""
+        return self._core.task
+
+    def end_task(self) -> None:
+        """The current task (Avalanche's *experience*) ended: the samples
+        stored so far become what task-aware replay draws from, until the
+        next call. Call it after the task's last training step, before
+        building the next task's pipelines. A DALI stage feeding the buffer
+        is stopped first (build new pipelines for the next task), so the
+        buffer holds exactly what it holds after any run with the same seed.
+        With global sampling every process calls it after the same step.
+        Without ``task_aware`` it only counts tasks."""
+        self._check_open("end_task()")
+        self._core.end_task()
 
     # -------------------------------------------------------------- the step
     def _stream(self, stream):

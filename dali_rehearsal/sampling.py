@@ -119,9 +119,12 @@ class LocalSampler:
             raise RuntimeError("finish() called before start()")
         if not active:
             return None
-        size = self._buffer.size
+        eligible = self._buffer.replayable_slots()
+        size = self._buffer.size if eligible is None else len(eligible)
         k = min(self._buffer.num_representatives, size)
-        return Representatives(k, slots=draw_distinct(self.rng, size, k), rank=self.rank)
+        picks = draw_distinct(self.rng, size, k)
+        return Representatives(k, slots=picks if eligible is None else eligible[picks],
+                               rank=self.rank)
 
     def settle(self) -> None:
         """Nothing runs in the background here: the store may be written."""

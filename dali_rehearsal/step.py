@@ -64,13 +64,18 @@ class StepCore:
 
     def __init__(self, *, capacity: int, num_representatives: int, label_index: int,
                  seed: int | None, policy: str, device: str | None, comm, sampling: str,
-                 cuda_aware: bool | None, timeout: float | None):
+                 cuda_aware: bool | None, timeout: float | None, task_aware: bool = False):
         self.capacity = capacity
         self.num_representatives = num_representatives
         self.label_index = label_index
         self.seed = seed
         self.sampling = sampling
         self.comm = comm
+        self.task_aware = bool(task_aware)
+        self.task = 0               # tasks ended so far: the current task's index
+        # The task each slot's sample was stored in (task-aware replay draws
+        # only from slots stored before the current task).
+        self.slot_task = np.zeros(capacity, dtype=np.int64)
         # Serialises every operation on the buffer. The exchange's progress
         # thread never takes it: a thread that holds the lock while it waits
         # for a round must not wait for itself.
@@ -121,6 +126,14 @@ class StepCore:
     def allocated(self) -> bool:
         """Whether the storage layout is fixed (a first batch was admitted)."""
         return self.store.allocated
+
+    def replayable_slots(self) -> np.ndarray | None:
+        """The slots representatives may be drawn from, increasing (int64):
+        with task-aware replay those stored before the current task; ``None``
+        otherwise (every stored slot, ``0 .. size-1``)."""
+        if not self.task_aware:
+            return None
+        return np.flatnonzero(self.slot_task[: self.size] < self.task).astype(np.int64)
 
     @property
     def log_level(self) -> int:
@@ -173,6 +186,19 @@ class StepCore:
         stop = self._stop_writer() if self._stop_writer is not None else None
         if stop is not None:
             stop()
+
+    # ----------------------------------------------------------------- tasks
+    def end_task(self) -> None:
+        """The current task ended: what is stored now becomes what task-aware
+        replay draws from. Stops the DALI stage feeding the store first (its
+        worker ends where it always ends: ``prepare_ahead + 1`` steps beyond
+        what the loop consumed), and discards the round its last step opened,
+        so that the next step's draws see the new task."""
+        self.stop_writer()      # without the lock: its worker may be finishing a step
+        with self.lock:
+            if self.sampler.started:
+                self.sampler.finish()
+            self.task += 1
 
     # ------------------------------------------------------------ admission
     def admit(self, fields, stream=None) -> tuple[list, np.ndarray]:
@@ -274,6 +300,7 @@ class StepCore:
             reps.write_into(self.store, out, fresh_count, stream)
             self.last_reps = reps
             batch_index, slots = self.policy.offer(labels[:fresh_count])
+            self.slot_task[slots] = self.task
             self.store.scatter(out, batch_index, slots, stream)
             self.mark_written(stream)
             if self.sampler.is_global and next_active is not None:
@@ -312,6 +339,7 @@ class StepCore:
             # reading the store in the background: let it finish first.
             self.sampler.settle()
             batch_index, slots = self.policy.offer(labels)
+            self.slot_task[slots] = self.task
             self.store.scatter(arrays, batch_index, slots, stream)
             self.mark_written(stream)
 

@@ -313,9 +313,11 @@ def announce(t: Transport, kind: int, what: str) -> None:
 class _Round:
     """One round: what this process says, and what comes back."""
 
-    def __init__(self, kind: int, *, size: int = 0, event=None, note: str | None = None):
+    def __init__(self, kind: int, *, size: int = 0, event=None, note: str | None = None,
+                 slots: np.ndarray | None = None):
         self.kind = kind
-        self.size = size
+        self.size = size            # how many samples this process offers to the draws
+        self.slots = slots          # which slots they are (None: 0 .. size-1)
         self.event = event          # GPU event: the step's writes are queued before it
         self.note = note            # why this process stops (FAILED, CLOSED)
         self.number = -1            # set when submitted: the same on every process
@@ -454,8 +456,12 @@ class GlobalSampler:
                                   "process failed", ranks=[self.rank])
             if self._pending is not None:
                 raise RuntimeError("internal: a round is already open")
-            self._pending = self._submit(_Round(ACTIVE if active else IDLE,
-                                                size=self._buffer.size, event=event))
+            # What this process offers to the round's draws, as of now: nothing
+            # is inserted until the round ends (finish, settle).
+            slots = self._buffer.replayable_slots()
+            size = self._buffer.size if slots is None else len(slots)
+            self._pending = self._submit(_Round(ACTIVE if active else IDLE, size=size,
+                                                event=event, slots=slots))
 
     def finish(self) -> Representatives | None:
         """Waits for the open round; None when some process ended its epoch."""
@@ -733,11 +739,26 @@ class GlobalSampler:
                 origin = np.stack([owners.astype(np.int64), slots], axis=1)
                 request_counts = np.bincount(owners, minlength=self.world_size).astype(np.int64)
             served = picks[owners == self.rank] - starts[self.rank]
+            if rnd.slots is not None:       # task-aware replay: the offered slots
+                served = rnd.slots[served]
             wanted.append(served)
             serve_counts[p] = len(served)
         wanted = np.concatenate(wanted).astype(np.int64)
         rows, ready = self._move_rows(rnd, wanted, serve_counts, request_counts, k)
+        if rnd.slots is not None:
+            # The draws index what each owner offered: the owners say which slots.
+            origin[:, 1] = self._exchange_slots(rnd, wanted, serve_counts, request_counts, k)
         return Representatives(k, rows=rows, origin=origin, ready=ready)
+
+    def _exchange_slots(self, rnd, wanted, serve_counts, request_counts, k) -> np.ndarray:
+        """The slots of this process's ``k`` representatives, from their owners."""
+        recv = np.empty(k, np.int64)
+        t = self.transport
+        send = np.ascontiguousarray(wanted, dtype=np.int64)
+        handles = t.ialltoallv(send.view(np.uint8), serve_counts * 8, recv.view(np.uint8),
+                               request_counts * 8)
+        t.wait(handles, f"the slots of round {rnd.number}", transfer=True)
+        return recv
 
     def _move_rows(self, rnd, wanted, serve_counts, request_counts, k):
         """Serves the ``wanted`` slots and receives ``k`` rows: all fields in

@@ -630,10 +630,66 @@ def calls(kind):
     return result
 
 
+def task_aware():
+    """Task-aware replay over every rank's shard: task 0 replays nothing, later
+    tasks only earlier tasks' samples, with their labels, from the (rank, slot)
+    where each owner held them before the step."""
+    buf = dr.RehearsalBuffer(capacity=12, num_representatives=5, device=DEVICE, seed=4,
+                             comm=COMM, policy="reservoir", timeout=TIMEOUT, task_aware=True)
+    stats = new_stats()
+    stats.update(first_task_rows=[], wrong_task=0, wrong_origin=0)
+    held, drawn = [], []
+    step = 0
+    for task in range(3):
+        for _ in range(8):
+            held.append(to_host(buf.stored(0))[:, 0].tolist() if buf.size else [])
+            batch = ident_batch(step, 3)
+            out = buf.mix(*batch)
+            reps = check(out, step, batch, stats)
+            if task == 0:
+                stats["first_task_rows"].append(len(to_host(out[0])))
+            # an id's step says its task: 8 steps a task
+            stats["wrong_task"] += int((((reps % 1_000_000) // 1000) // 8 >= task).sum())
+            drawn.append([[int(o), int(s), int(i)] for (o, s), i
+                          in zip(buf.last_origin.tolist(), reps.tolist())])
+            step += 1
+        buf.end_task()
+    buf.close()
+    # every rank's holdings before each step: a draw names the slot that held it
+    everyone = allgather(held)
+    for st, rows in enumerate(drawn):
+        for owner, slot, ident in rows:
+            if everyone[owner][st][slot] != ident:
+                stats["wrong_origin"] += 1
+    return stats
+
+
+def task_aware_uniform():
+    """Draws of task-aware replay, uniform over every rank's earlier samples:
+    fixed stores (capacity 4 * (rank + 1) ** 2), no inserts while drawing."""
+    capacity = 4 * (RANK + 1) ** 2
+    buf = dr.RehearsalBuffer(capacity=capacity, num_representatives=5, device=DEVICE,
+                             seed=12, comm=COMM, policy="reservoir", timeout=TIMEOUT,
+                             task_aware=True)
+    images, labels, _ = ident_batch(0, capacity)
+    buf.add(images, labels)
+    buf.end_task()
+    core, steps = buf.core, 1000
+    counts = [np.zeros(4 * (p + 1) ** 2, dtype=np.int64) for p in range(SIZE)]
+    for _ in range(steps):
+        reps = core.begin()
+        for owner, slot in reps.origin.tolist():
+            counts[owner][slot] += 1
+        core.commit(core.empty_rows(reps.count), 0, np.empty(0, np.int64), reps)
+    buf.close()
+    return {"counts": [c.tolist() for c in counts], "steps": steps}
+
+
 SCENARIOS = {f.__name__: f for f in (collectives, pairing, uniform, reproducible, seed_per_rank,
                                      exchange_counts,
                                      uneven, epoch_starts, stage_failure, add_during_round, use_after_close,
-                                     close_from_another_thread)}
+                                     close_from_another_thread, task_aware,
+                                     task_aware_uniform)}
 CALLS = ("save_vs_step", "save_vs_load", "save_vs_build", "save_alone")
 FAILURES = ("raise_in_mix", "raise_outside", "close_early", "one_fewer", "uncaught", "sys_exit",
             "exit", "interrupt", "sigkill", "hang", "float_labels", "big_labels",
