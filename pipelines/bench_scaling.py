@@ -100,20 +100,39 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------- one launch
-def _settle(buf, rounds_at_least: int, deadline_s: float = 10.0) -> dict:
-    """``buf.exchange_stats()`` once the rounds opened so far have ended:
-    ``rounds_at_least`` rounds counted and the counts unchanged for 50 ms."""
+def _settle(buf, rounds: int, deadline_s: float = 120.0) -> dict:
+    """``buf.exchange_stats()`` once ``rounds`` rounds have ended: a round
+    adds to ``rounds`` after all its counts, so the snapshot holds every
+    count of every round up to there and nothing of a later one (no round is
+    opened while this waits). Raises when they do not end in time."""
     end = time.monotonic() + deadline_s
-    last = buf.exchange_stats()
-    still = time.monotonic()
-    while time.monotonic() < end:
-        time.sleep(0.005)
+    while True:
+        now = buf.exchange_stats()
+        if now["rounds"] >= rounds:
+            if now["rounds"] > rounds:
+                raise RuntimeError(f"{now['rounds']} rounds counted, {rounds} expected")
+            return now
+        if time.monotonic() > end:
+            raise RuntimeError(f"the exchange did not end {rounds} rounds in {deadline_s:g} s "
+                               f"({now['rounds']} counted)")
+        time.sleep(0.002)
+
+
+def _rounds_per_call(buf, images, labels, calls: int) -> tuple[int, int]:
+    """``(rounds, calls)``: how many rounds the buffer has served in all once
+    ``calls`` more calls of ``mix()`` are done and their rounds have ended
+    (the counts unchanged for a second), and the total number of
+    ``mix()`` calls; the offset between the two (the round opened ahead of
+    the next step) stays the same afterwards."""
+    for _ in range(calls):
+        buf.mix(images, labels)
+    last, still = buf.exchange_stats(), time.monotonic()
+    while time.monotonic() - still < 1.0:
+        time.sleep(0.01)
         now = buf.exchange_stats()
         if now != last:
             last, still = now, time.monotonic()
-        elif now["rounds"] >= rounds_at_least and time.monotonic() - still >= 0.05:
-            return now
-    return last
+    return last["rounds"], calls
 
 
 def child(args) -> int:
@@ -139,11 +158,12 @@ def child(args) -> int:
     sleep = args.compute_ms / 1e3
     # fill every shard before measuring (counts then no longer change with the fill)
     fill = -(-args.capacity // b) + 1
-    for buf in bufs.values():
-        for _ in range(fill):
-            buf.mix(images, labels)
     g = bufs["global"]
-    expected_rounds = g.exchange_stats()["rounds"]
+    for _ in range(fill):
+        bufs["local"].mix(images, labels)
+    bench.Barrier()
+    # rounds served so far; each later mix() call adds exactly one
+    expected_rounds, _ = _rounds_per_call(g, images, labels, fill)
     mix_times = {(v, k): [] for v in VARIANTS for k in KINDS}      # per repetition: arrays
     step_times = {(v, k): [] for v in VARIANTS for k in KINDS}
     counts = {k: {c: 0 for c in COUNTED} for k in KINDS}
