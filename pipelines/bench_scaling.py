@@ -73,8 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--launchers", default="mpiexec,torchrun",
                    help="launchers: mpiexec (MPI transport) and/or torchrun (gloo)")
     p.add_argument("--mpiexec", default="mpiexec",
-                   help="the mpiexec command (oversubscription: MPICH's Hydra allows it; "
-                        "for Open MPI give 'mpiexec --oversubscribe')")
+                   help="the mpiexec command (Open MPI's gets --oversubscribe added; MPICH's "
+                        "Hydra oversubscribes by itself)")
     p.add_argument("--launch-timeout", type=float, default=300.0,
                    help="seconds each launch may take (then it is killed and reported)")
     p.add_argument("--batch-size", "-b", type=int, default=8, help="fresh rows per step")
@@ -335,6 +335,19 @@ def _child_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def _oversubscribe(exe: list[str]) -> list[str]:
+    """``--oversubscribe`` for Open MPI's mpiexec (more processes than cores);
+    MPICH's Hydra oversubscribes without being asked and refuses the option."""
+    if "--oversubscribe" in exe:
+        return []
+    try:
+        version = subprocess.run([*exe, "--version"], capture_output=True, text=True,
+                                 timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return ["--oversubscribe"] if "Open MPI" in version or "OpenRTE" in version else []
+
+
 def launch_all(args, argv) -> int:
     counts = [int(n) for n in args.processes.split(",") if n.strip()]
     launchers = [x.strip() for x in args.launchers.split(",") if x.strip()]
@@ -357,7 +370,7 @@ def launch_all(args, argv) -> int:
                         failures.append({"launcher": launcher, "processes": n,
                                          "error": f"{exe[0]} not found"})
                         continue
-                    cmd = [*exe, "-n", str(n), sys.executable, script]
+                    cmd = [*exe, *_oversubscribe(exe), "-n", str(n), sys.executable, script]
                 elif launcher == "torchrun":
                     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={n}", script]
