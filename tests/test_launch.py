@@ -119,10 +119,12 @@ def _check(results, n):
 
 
 @pytest.mark.mpi
-def test_mpiexec_with_a_host_file_of_two_hosts(tmp_path):
+@pytest.mark.parametrize("form", ["host-file", "host-list"])
+def test_mpiexec_with_two_hosts(form, tmp_path):
     """``mpiexec -n 2 -f hosts`` with two host lines (``localhost:1`` and
-    ``127.0.0.1:1``): Hydra starts one rank per host, each the only rank of
-    its host (``MPI_LOCALNRANKS=1``), as on two nodes."""
+    ``127.0.0.1:1``), or ``mpiexec -n 2 -hosts localhost:1,127.0.0.1:1``:
+    Hydra starts one rank per host, each the only rank of its host
+    (``MPI_LOCALNRANKS=1``), as on two nodes."""
     mpiexec = shutil.which("mpiexec")
     if mpiexec is None:
         pytest.skip("mpiexec not found")
@@ -130,10 +132,13 @@ def test_mpiexec_with_a_host_file_of_two_hosts(tmp_path):
                              timeout=60).stdout
     if "HYDRA" not in version:
         pytest.skip("a host file in Hydra's format needs MPICH's mpiexec")
-    hosts = tmp_path / "hosts"
-    hosts.write_text("localhost:1\n127.0.0.1:1\n")
-    cmd = [mpiexec, "-n", "2", "-f", str(hosts), sys.executable, str(PROGRAM), "mpi",
-           str(tmp_path)]
+    if form == "host-file":
+        hosts = tmp_path / "hosts"
+        hosts.write_text("localhost:1\n127.0.0.1:1\n")
+        where = ["-f", str(hosts)]
+    else:
+        where = ["-hosts", "localhost:1,127.0.0.1:1"]
+    cmd = [mpiexec, "-n", "2", *where, sys.executable, str(PROGRAM), "mpi", str(tmp_path)]
     done = _run([cmd], [env()])
     results = read_results(tmp_path, "multinode", 2)
     assert done[0].returncode == 0, output(done)
