@@ -73,6 +73,21 @@ def _launch(args) -> int:
     return worst
 
 
+def _settled(buf, deadline_s: float = 10.0) -> dict:
+    """``buf.exchange_stats()`` once the round opened for the next step has
+    ended (the counts unchanged for 50 ms): exact counts of the steps done."""
+    end = time.monotonic() + deadline_s
+    last, still = buf.exchange_stats(), time.monotonic()
+    while time.monotonic() < end:
+        time.sleep(0.005)
+        now = buf.exchange_stats()
+        if now != last:
+            last, still = now, time.monotonic()
+        elif time.monotonic() - still >= 0.05:
+            break
+    return last
+
+
 def _segment(buf, images, labels, steps) -> tuple[np.ndarray, float]:
     times = np.empty(steps)
     cpu = time.process_time()
@@ -105,8 +120,7 @@ def main(argv=None) -> int:
     medians = {v: [] for v in bufs}
     cpu = {v: 0.0 for v in bufs}
     counted = hasattr(bufs["global"], "exchange_stats")    # (older versions: no counts)
-    bufs["global"].sampler.settle()
-    before = bufs["global"].exchange_stats() if counted else {}
+    before = _settled(bufs["global"]) if counted else {}
     for s in range(args.segments):
         for v in (("global", "local") if s % 2 == 0 else ("local", "global")):
             comm.Barrier()
@@ -114,8 +128,7 @@ def main(argv=None) -> int:
             per_step[v].append(times)
             medians[v].append(float(np.median(times)))
             cpu[v] += c
-    bufs["global"].sampler.settle()
-    after = bufs["global"].exchange_stats() if counted else {}
+    after = _settled(bufs["global"]) if counted else {}
     for buf in bufs.values():
         buf.close()
     # rank 0 prints every rank's figures

@@ -236,13 +236,20 @@ def run_once(args) -> int:
     finally:
         progress.close()
     info = {}
+    sampling_of = {name: sampling for name, (_, sampling) in plan.items()}
     for name, (_, buffer) in variants.items():
         sampler = buffer.sampler
         transport = getattr(sampler, "transport", None)
+        # exact counts from the public API; the round time and the transport's
+        # name where the sampler shows them (None otherwise)
+        counted = buffer.exchange_stats()
+        timing = getattr(sampler, "stats", None) or {}
+        counted["round_seconds"] = timing.get("round_seconds")
         info[name] = {"sampler": type(sampler).__name__, "size": buffer.size,
                       "capacity": buffer.capacity, "world_size": buffer.world_size,
-                      "transport": None if transport is None else transport.name,
-                      "exchange_stats": dict(getattr(sampler, "stats", {}) or {})}
+                      "transport": (None if buffer.world_size < 2 or sampling_of[name] != "global"
+                                    else getattr(transport, "name", "global")),
+                      "exchange_stats": counted}
         buffer.close()
 
     mine = {"rank": rank, "raw": raw, "buffers": info}
@@ -292,13 +299,18 @@ def run_once(args) -> int:
             continue
         per_rank = [g["buffers"][v]["exchange_stats"] for g in gathered]
         rounds = sum(s.get("rounds", 0) for s in per_rank)
+        timed = all(s.get("round_seconds") is not None for s in per_rank)
         exchange[v] = {
             "transport": gathered[0]["buffers"][v]["transport"],
             "rounds_per_rank": rounds / len(per_rank),
-            "mean_round_ms": 1e3 * sum(s.get("round_seconds", 0.0) for s in per_rank)
-            / max(rounds, 1),
+            "mean_round_ms": (1e3 * sum(s["round_seconds"] for s in per_rank) / max(rounds, 1)
+                              if timed else None),
             "kib_received_per_round": sum(s.get("bytes_received", 0) for s in per_rank)
-            / max(rounds, 1) / 1024}
+            / max(rounds, 1) / 1024,
+            # exact counts per round and rank (buffer.exchange_stats())
+            "per_round": {k: sum(s.get(k, 0) for s in per_rank) / max(rounds, 1)
+                          for k in ("collectives", "messages_sent", "bytes_sent",
+                                    "bytes_received")}}
     per_rank = [{v: figures([g["raw"][v]]) for v in names} for g in gathered]
     settings = {k: v for k, v in vars(args).items()
                 if k not in ("no_progress", "launch", "same_settings")}
@@ -351,7 +363,7 @@ def print_run(result) -> None:
         rows.append([v, ex.get("transport", "-"), f["mean_step_ms"], f["median_step_ms"],
                      f["p95_step_ms"], f["mean_input_wait_ms"],
                      "-" if r is None else r["median"],
-                     "-" if not ex else ex["mean_round_ms"],
+                     "-" if not ex or ex["mean_round_ms"] is None else ex["mean_round_ms"],
                      "-" if not ex else ex["kib_received_per_round"]])
     print(_bench.table(rows, ["sampling", "transport", "mean ms", "median ms", "p95 ms",
                               "input wait ms", "vs local", "round ms", "KiB/round"]))

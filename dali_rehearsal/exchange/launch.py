@@ -6,6 +6,26 @@ launch that does not match the communication library: ``torchrun`` starts N
 processes, each of which is an MPI world of one, so ``MPI.COMM_WORLD`` has
 size 1 in every one of them and global sampling would silently sample each
 shard alone.
+
+What is read, in this order (the first that is set and names more than one
+process wins):
+
+============================  ==========================================
+``WORLD_SIZE`` / ``RANK``     torchrun, torch.distributed's launchers
+``OMPI_COMM_WORLD_SIZE``      Open MPI's ``mpirun`` / ``mpiexec``
+``PMI_SIZE`` / ``PMI_RANK``   MPICH and Intel MPI (Hydra ``mpiexec``),
+                              ``srun --mpi=pmi2``
+``MV2_COMM_WORLD_SIZE``       MVAPICH2
+``SLURM_STEP_NUM_TASKS``      Slurm ``srun`` (the job step's tasks)
+``SLURM_NTASKS``              Slurm ``srun``, only inside a job step
+                              (``SLURM_STEP_ID`` set): a batch script
+                              has it too, for the tasks it may start
+============================  ==========================================
+
+The rank comes from ``RANK``, ``OMPI_COMM_WORLD_RANK``, ``PMI_RANK``,
+``MV2_COMM_WORLD_RANK`` or ``SLURM_PROCID`` (the first that is set). The
+library reads nothing else from the environment to find the job: the
+communicator the user passes decides which processes share samples.
 """
 
 from __future__ import annotations
@@ -13,7 +33,8 @@ from __future__ import annotations
 import os
 import warnings
 
-__all__ = ["launched_processes", "launched_rank", "check_world", "warn_unshared"]
+__all__ = ["launched_processes", "launched_rank", "check_world", "warn_unshared",
+           "SIZE_VARIABLES", "RANK_VARIABLES"]
 
 #: (variable, launcher) pairs that give the number of processes of the job.
 SIZE_VARIABLES = (
@@ -22,9 +43,20 @@ SIZE_VARIABLES = (
     ("PMI_SIZE", "MPICH / Intel MPI mpiexec, srun --mpi=pmi2"),
     ("MV2_COMM_WORLD_SIZE", "MVAPICH2"),
     ("SLURM_STEP_NUM_TASKS", "Slurm srun"),
+    ("SLURM_NTASKS", "Slurm srun (inside a job step)"),
 )
-_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK",
-                   "SLURM_PROCID")
+#: Variables that give this process's rank, in the order they are read.
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK",
+                  "SLURM_PROCID")
+#: Variables that count only inside a job step of Slurm: ``sbatch`` sets
+#: ``SLURM_NTASKS`` (and ``SLURM_PROCID=0``) in the batch script itself, a
+#: single process that may start the job's tasks with ``srun``.
+_STEP_ONLY = ("SLURM_NTASKS", "SLURM_PROCID")
+
+
+def _in_slurm_step() -> bool:
+    return bool(os.environ.get("SLURM_STEP_ID") or os.environ.get("SLURM_STEPID")
+                or os.environ.get("SLURM_STEP_NUM_TASKS"))
 
 _warned = False
 
@@ -34,7 +66,7 @@ def launched_processes() -> tuple[int, str] | None:
     than one process, else None."""
     for name, _ in SIZE_VARIABLES:
         value = os.environ.get(name)
-        if not value:
+        if not value or (name in _STEP_ONLY and not _in_slurm_step()):
             continue
         try:
             n = int(value)
@@ -47,8 +79,10 @@ def launched_processes() -> tuple[int, str] | None:
 
 def launched_rank() -> int | None:
     """This process's rank according to the launcher (None when unknown)."""
-    for name in _RANK_VARIABLES:
+    for name in RANK_VARIABLES:
         value = os.environ.get(name)
+        if name in _STEP_ONLY and not _in_slurm_step():
+            continue
         if value is not None:
             try:
                 return int(value)
