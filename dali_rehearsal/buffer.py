@@ -450,7 +450,7 @@ class RehearsalBuffer:
         :mod:`dali_rehearsal.checkpoint`.
         """
         with self._lock:
-            return checkpoint.state_dict(self, self._policy)
+            return checkpoint.state_dict(_CheckpointCore(self))
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a :meth:`state_dict` into this new buffer (before its first
@@ -462,7 +462,7 @@ class RehearsalBuffer:
         ``ValueError``) and leaves the buffer as it was.
         """
         with self._lock:
-            checkpoint.load_state_dict(self, self._policy, self._wrote, state)
+            checkpoint.load_state_dict(_CheckpointCore(self), state)
 
     def save(self, path, *, allow_other_files: bool = False) -> None:
         """Writes a checkpoint directory at ``path`` (NumPy files and JSON, no
@@ -479,7 +479,7 @@ class RehearsalBuffer:
         :class:`~dali_rehearsal.checkpoint.ConcurrentSaveError`; the previous
         checkpoint or one complete new one always loads."""
         with self._lock:
-            checkpoint.save(self, self._policy, path, allow_other_files=allow_other_files)
+            checkpoint.save(_CheckpointCore(self), path, allow_other_files=allow_other_files)
 
     def load(self, path, *, resize: bool = False) -> None:
         """Restores a checkpoint directory written by :meth:`save` into this new
@@ -493,7 +493,7 @@ class RehearsalBuffer:
         every process and changes nothing.
         """
         with self._lock:
-            checkpoint.load(self, self._policy, self._wrote, path, resize=resize)
+            checkpoint.load(_CheckpointCore(self), path, resize=resize)
 
     def attach_stage(self, stage) -> None:
         """A new DALI stage feeds this buffer: the previous one stops preparing
@@ -544,3 +544,17 @@ class RehearsalBuffer:
                 f"{self.num_representatives}, policy={self.policy!r}, device={self.device!r}, "
                 f"size={self.size}, rank={self.rank}/{self.world_size}, "
                 f"sampling={self.sampling!r})")
+
+
+class _CheckpointCore:
+    """Temporary: the step object's interface (``dali_rehearsal.step.StepCore``)
+    over a buffer, for the checkpoint entry points, until the step object
+    lands: the buffer's attributes, its policy object, ``mark_written``."""
+
+    def __init__(self, buffer: RehearsalBuffer):
+        self._buffer = buffer
+        self.policy = buffer._policy
+        self.mark_written = buffer._wrote
+
+    def __getattr__(self, name):
+        return getattr(self._buffer, name)
