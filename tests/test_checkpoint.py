@@ -350,6 +350,48 @@ def test_global_sampler_state_is_checked_before_it_is_applied():
             check_sampler_state(GlobalShaped(), bad)
 
 
+@pytest.mark.parametrize("via", ["state dict", "directory"])
+def test_a_load_that_fails_writing_the_samples_leaves_the_buffer_new(via, tmp_path,
+                                                                     monkeypatch):
+    """The storage is allocated, then writing the samples into it fails (out
+    of device memory): the buffer is left exactly as it was, storage
+    included, and the same load then succeeds and resumes exactly."""
+    from dali_rehearsal.storage import SampleStore
+    original = _fed()
+    state = original.state_dict()
+    original.save(tmp_path / "c")
+    buffer = _buffer()
+    before = _fingerprint(buffer)
+
+    def out_of_memory(self, host_fields, stream=None):
+        raise MemoryError("out of device memory (simulated)")
+
+    monkeypatch.setattr(SampleStore, "write", out_of_memory)
+    with pytest.raises(MemoryError, match="simulated"):
+        buffer.load_state_dict(state) if via == "state dict" else buffer.load(tmp_path / "c")
+    assert _fingerprint(buffer) == before and buffer.nbytes == 0
+    monkeypatch.undo()
+    buffer.load_state_dict(state) if via == "state dict" else buffer.load(tmp_path / "c")
+    assert _continue(buffer) == _continue(original)
+
+
+def test_one_process_calls_run_over_a_transport_of_one():
+    """The size-1 transport that carries the checkpoint calls of one process:
+    the interface's blocking collectives, and the all-to-all, over it."""
+    from dali_rehearsal.checkpoint.calls import AloneTransport
+    transport = AloneTransport()
+    assert (transport.rank, transport.size) == (0, 1)
+    assert transport.allgather_bytes(b"state of rank 0") == [b"state of rank 0"]
+    assert transport.allgather_bytes(b"") == [b""]
+    transport.barrier()
+    send = np.arange(5, dtype=np.uint8)
+    recv = np.zeros(5, dtype=np.uint8)
+    transport.wait(transport.ialltoallv(send, np.array([5]), recv, np.array([5])))
+    np.testing.assert_array_equal(recv, send)
+    with pytest.raises(ValueError, match="sends 5 bytes but receives 4"):
+        transport.ialltoallv(send, np.array([5]), recv, np.array([4]))
+
+
 # ============================================================ directories
 def _shard_files(path):
     return sorted(p for p in Path(path).iterdir() if p.name.startswith("shard-"))
