@@ -76,10 +76,9 @@ def numpy_of(value):
 
 def host_array(value, what: str):
     """A NumPy array from a NumPy array or a torch tensor (or a field reader)."""
+    value = numpy_of(value)
     if isinstance(value, (np.ndarray, FieldReader)):
         return value
-    if is_tensor(value):
-        return value.detach().cpu().numpy()
     raise CheckpointError(f"{what} must be an array or a tensor, got {type(value).__name__}")
 
 

@@ -15,7 +15,7 @@ Both are selected by name in :class:`~dali_rehearsal.RehearsalBuffer`
 :class:`InsertionPolicy` in a module of its own, with an entry in
 :data:`POLICIES`: it decides a batch (``_decide``), and overrides the state
 methods and :meth:`InsertionPolicy.redistribute` if it keeps bookkeeping of
-its own. Nothing else in the library names a policy.
+its own. No other part of the library branches on a policy's name.
 """
 
 from __future__ import annotations
