@@ -84,7 +84,7 @@ def _plain(value):
 def _fingerprint(buffer):
     """Everything a failed load must leave as it was: the whole state, the
     storage and the settings."""
-    return (json.dumps(_plain(buffer.state_dict()), sort_keys=True), buffer.store.allocated,
+    return (json.dumps(_plain(buffer.state_dict()), sort_keys=True), buffer.core.allocated,
             buffer.spec, buffer.num_representatives, buffer.sampler.started)
 
 

@@ -31,6 +31,7 @@ import dali_rehearsal as dr
 from dali_rehearsal import kernels
 from utils import to_host
 from dali_rehearsal.buffer import RehearsalBuffer
+from dali_rehearsal.step import StepCore
 from emulation import runtime
 from emulation.kernels import RawModule
 
@@ -232,8 +233,8 @@ def test_store_movements_allocate_nothing_per_step(emulated_gpu):
     with s:                  # uploaded on the stream that uses them
         batch = [cp.asarray(a) for a in _fields_batch(rng, 8, 2)]
     buf.add(*batch, stream=s)
-    out = buf.store.empty_rows(12)
-    store = buf.store
+    out = buf.core.empty_rows(12)
+    store = buf.core.store
     for _ in range(3):                           # warm-up: staging slots
         store.copy(batch, out, 0, s)
         store.gather(np.arange(4), out, 8, s)
@@ -373,7 +374,7 @@ def test_teeth_without_host_waits_the_accessors_read_stale_rows(emulated_gpu, mo
     """Defect 4 put back: host accessors that do not wait for the stage stream."""
     def no_wait(self, stream=None):
         return None
-    monkeypatch.setattr(RehearsalBuffer, "wait_for_writes", no_wait)
+    monkeypatch.setattr(StepCore, "wait_for_writes", no_wait)
     with pytest.raises(AssertionError):
         check_host_accessors(emulated_gpu)
 
@@ -381,7 +382,7 @@ def test_teeth_without_host_waits_the_accessors_read_stale_rows(emulated_gpu, mo
 def test_teeth_without_write_events_checkpoints_load_late(emulated_gpu, monkeypatch):
     """Defect 4 put back: no event after the writes (load_state_dict fills
     storage on the legacy stream; the next stream does not wait for it)."""
-    monkeypatch.setattr(RehearsalBuffer, "_wrote", lambda self, stream: None)
+    monkeypatch.setattr(StepCore, "mark_written", lambda self, stream: None)
     with pytest.raises(AssertionError):
         check_host_accessors(emulated_gpu)
 

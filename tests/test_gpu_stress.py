@@ -221,7 +221,7 @@ def test_stage_stress_checks_on_the_emulation(dataset_small, emulated_gpu, prepa
 
     buffer = dr.RehearsalBuffer(capacity=CAPACITY, num_representatives=R, device="gpu",
                                 seed=0, policy="reservoir")
-    mixer = Mixer(GpuSourcePipeline(source()), buffer, out_batch_size=B + R, replay_flag=True,
+    mixer = Mixer(GpuSourcePipeline(source()), buffer.core, out_batch_size=B + R, replay_flag=True,
                   prepare_ahead=prepare_ahead, ring_depth=4)
     reader = ExternalSourceReader(read_after=2, cuda_stream=mixer.stream)
     checker = Checker(base)

@@ -31,6 +31,7 @@ import pytest
 
 import dali_rehearsal as dr
 from dali_rehearsal.buffer import RehearsalBuffer
+from dali_rehearsal.step import StepCore
 from dali_rehearsal.stage import Handover, Mixer, SourceStream
 
 pytest.importorskip("nvidia.dali")
@@ -345,7 +346,7 @@ def _without(monkeypatch, orderings):
         stop = Mixer.stop
 
         def stop_without_sync(self, *, drain=True):
-            backend, caller = self.buffer.backend, threading.current_thread()
+            backend, caller = self.core.backend, threading.current_thread()
             synchronize = backend.synchronize
 
             def skip_in_caller(stream=None):     # the worker's own waits stay
@@ -358,12 +359,12 @@ def _without(monkeypatch, orderings):
                 del backend.synchronize
         monkeypatch.setattr(Mixer, "stop", stop_without_sync)
     if "host wait" in orderings:
-        wait = RehearsalBuffer.wait_for_writes
+        wait = StepCore.wait_for_writes
 
         def wait_on_streams_only(self, stream=None):
             if stream is not None:
                 wait(self, stream)
-        monkeypatch.setattr(RehearsalBuffer, "wait_for_writes", wait_on_streams_only)
+        monkeypatch.setattr(StepCore, "wait_for_writes", wait_on_streams_only)
 
 
 ORDERINGS = ("hand-over", "stop", "host wait")

@@ -419,7 +419,7 @@ class GlobalSampler:
     def _settings(self) -> dict:
         b = self._buffer
         return {"sampling": "global", "num_representatives": int(b.num_representatives),
-                "policy": b.policy, "label_index": int(b.label_index),
+                "policy": b.policy.name, "label_index": int(b.label_index),
                 **self.transport.agreement()}
 
     def _layout(self):

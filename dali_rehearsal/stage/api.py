@@ -192,7 +192,10 @@ def rehearsal(source, *, buffer: RehearsalBuffer, reader_name: str | None = None
     depth = pipe.prefetch_queue_depth
     if isinstance(depth, dict):
         depth = depth["cpu_size"] * depth["gpu_size"]
-    mixer = Mixer(source, buffer, out_batch_size=pipe.max_batch_size, reader_name=reader_name,
+    if buffer.closed:
+        raise RuntimeError("a new rehearsal stage on a closed RehearsalBuffer: close() ended "
+                           "its use (build a new buffer, or load a checkpoint into one)")
+    mixer = Mixer(source, buffer.core, out_batch_size=pipe.max_batch_size, reader_name=reader_name,
                   last_batch_policy=policy, replay_flag=replay_flag,
                   ring_depth=int(depth) + 2, prepare_ahead=prepare_ahead,
                   static_batch=static_batch)

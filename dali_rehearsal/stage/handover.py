@@ -74,8 +74,9 @@ FRESH, REPLAYED, FILLER = 0, 1, 2
 class Handover:
     """The ring of output arrays and the hand-over of each batch to DALI."""
 
-    def __init__(self, buffer, *, batch_size: int, depth: int, stream=None):
-        self.buffer = buffer
+    def __init__(self, core, *, batch_size: int, depth: int, stream=None):
+        self.core = core
+        self.backend = core.backend
         self.batch_size = int(batch_size)
         self.depth = int(depth)
         self.stream = stream
@@ -89,10 +90,10 @@ class Handover:
     def take(self):
         """The next ring slot: ``(out, flags)``, one array per field and the
         uint8 flags, ``batch_size`` rows each. The storage layout must be known
-        (``buffer.store.allocated``)."""
+        (``core.allocated``)."""
         if self._ring is None:
-            be, store = self.buffer.backend, self.buffer.store
-            self._ring = [store.empty_rows(self.batch_size) for _ in range(self.depth)]
+            be = self.backend
+            self._ring = [self.core.empty_rows(self.batch_size) for _ in range(self.depth)]
             self._flags = [be.empty(self.batch_size, np.uint8) for _ in range(self.depth)]
         i = self._next
         self._next = (i + 1) % self.depth
@@ -101,7 +102,7 @@ class Handover:
     def _order(self) -> None:
         """The ordering point of the hand-over (see the module docstring):
         every device operation that wrote the batch is complete on return."""
-        self.buffer.backend.synchronize(self.stream)
+        self.backend.synchronize(self.stream)
 
     def publish(self, out, flags, rows: int, *, with_flag: bool) -> list:
         """The batch as it leaves the stage, ordered: the first ``rows`` rows of
@@ -121,7 +122,7 @@ class Handover:
         """Remembers the source's output layouts (``""`` for none)."""
         if self._wrap is not None or layouts is None:
             return
-        be = self.buffer.backend
+        be = self.backend
         if be.is_gpu:
             if not any(layouts):
                 self._wrap = ()

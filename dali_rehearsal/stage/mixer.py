@@ -23,7 +23,7 @@ import logging
 
 import numpy as np
 
-from ..buffer import RehearsalBuffer
+from ..step import StepCore
 from ..epochs import EpochPlan, LastBatchPolicy, policy_name
 from .handover import FILLER, FRESH, REPLAYED, Handover
 from .source import SourceStream
@@ -53,12 +53,12 @@ class Mixer:
     of output arrays (see :mod:`dali_rehearsal.stage.handover`).
     """
 
-    def __init__(self, source, buffer: RehearsalBuffer, *, out_batch_size: int,
+    def __init__(self, source, core: StepCore, *, out_batch_size: int,
                  reader_name: str | None = None, last_batch_policy=LastBatchPolicy.PARTIAL,
                  replay_flag: bool = False, ring_depth: int = 4, prepare_ahead: int = 2,
                  static_batch: bool = False):
         self.prepare_ahead = prepare_ahead     # checked by rehearsal()
-        self.buffer = buffer
+        self.core = core
         self.last_batch_policy = policy_name(last_batch_policy)
         self.replay_flag = bool(replay_flag)
         self.static_batch = bool(static_batch)
@@ -67,8 +67,8 @@ class Mixer:
         self.stopped = False
         self.failed = False                 # an error that leaves the stage unusable
         self._source_failed = False         # the error being raised is the source's
-        self._stream = buffer.backend.new_stream()
-        self.source = SourceStream(source, buffer, self, stream=self._stream)
+        self._stream = core.backend.new_stream()
+        self.source = SourceStream(source, core, self, stream=self._stream)
         readers = source.reader_meta()
         if reader_name is None and len(readers) > 1:
             raise ValueError(f"the source pipeline has several readers {sorted(readers)}: "
@@ -87,7 +87,7 @@ class Mixer:
                 f"last_batch_policy=DROP with a batch of {self.fresh_batch_size} and shards of "
                 f"{r.size // r.num_shards} samples: every epoch would be empty; use FILL or "
                 "PARTIAL, or a smaller batch")
-        self.handover = Handover(buffer, batch_size=self.out_batch_size,
+        self.handover = Handover(core, batch_size=self.out_batch_size,
                                  depth=int(ring_depth) + prepare_ahead, stream=self._stream)
         self.epoch = 0
         self.steps = 0                      # steps delivered in this epoch
@@ -98,7 +98,7 @@ class Mixer:
         # an error of fill_ahead, and the filled step it belongs to (None: the first)
         self._ahead_error: tuple[_Step | None, BaseException] | None = None
         self._worker: Worker | None = None
-        buffer.attach_stage(self)
+        core.attach_writer(self.stop)
 
     @property
     def stream(self):
@@ -124,7 +124,7 @@ class Mixer:
                                "build new pipelines to go on")
         if self.stopped:
             raise RuntimeError("this rehearsal stage was stopped: a newer stage uses its buffer")
-        be = self.buffer.backend
+        be = self.core.backend
         try:
             if self._stream is None:        # the host: no device, no stream to make current
                 return self._build()
@@ -137,7 +137,7 @@ class Mixer:
                 self._source_failed = False
             else:
                 self.failed = True
-                self.buffer.fail_step()
+                self.core.fail()
             raise
 
     def fill_ahead(self, steps: int) -> None:
@@ -150,9 +150,9 @@ class Mixer:
         an error is raised when the step whose rows it interrupted is asked
         for, after the steps filled before it, as it would have been."""
         if self.plan is None or self.failed or self.stopped or self._step is not None \
-                or self._filled or not self.buffer.store.allocated:
+                or self._filled or not self.core.allocated:
             return
-        be = self.buffer.backend
+        be = self.core.backend
         try:
             if self._epoch_steps is None:
                 self._start_epoch()
@@ -180,7 +180,7 @@ class Mixer:
         if self._worker is not None:
             self._worker.stop(drain=drain)
         self.stopped = True
-        self.buffer.backend.synchronize(self._stream)
+        self.core.backend.synchronize(self._stream)
 
     # ------------------------------------------------------------ epochs
     def _start_epoch(self) -> None:
@@ -190,7 +190,7 @@ class Mixer:
     def _end_epoch(self, *, synced: bool = False) -> None:
         if not synced:
             # every process ends the epoch at the same step (global sampling)
-            self.buffer.begin_step(active=False)
+            self.core.begin(active=False)
         log.debug("epoch %d: %d steps", self.epoch, self.steps)
         self.epoch += 1
         self._epoch_steps = None
@@ -212,7 +212,7 @@ class Mixer:
         if self.plan is None:
             return
         try:
-            self.buffer.open_step(active=self.plan.steps(self.epoch) > 0)
+            self.core.open(active=self.plan.steps(self.epoch) > 0)
         except Exception:      # noqa: BLE001 - stopped, closed: the next step raises it
             pass
 
@@ -233,7 +233,7 @@ class Mixer:
             step = self._step = self._filled.popleft()
             self._raise_ahead_error(step)   # the step stays open, as after a failed fill
         if step is None:
-            if not self.buffer.store.allocated:
+            if not self.core.allocated:
                 try:
                     self._fetch()           # the first batch fixes the layout
                 except StopIteration:
@@ -245,13 +245,13 @@ class Mixer:
         if step.fresh == 0 and self.plan is None:
             self._end_epoch()               # the source's epoch ended before this step
         # From the representatives to the insert, no other thread uses the buffer.
-        with self.buffer.lock:
-            reps = self.buffer.begin_step(active=True)
+        with self.core.lock:
+            reps = self.core.begin(active=True)
             if reps is None:
                 # another process ended its epoch: this step's fresh rows open the next one
-                log.log(self.buffer.log_level, "epoch %d ends early on rank %d (another rank "
+                log.log(self.core.log_level, "epoch %d ends early on rank %d (another rank "
                         "ended its epoch); %d fresh samples open the next epoch", self.epoch,
-                        self.buffer.rank, step.fresh)
+                        self.core.rank, step.fresh)
                 self._end_epoch(synced=True)
             if step.fresh + reps.count == 0:
                 # nothing to deliver (an empty buffer): DALI cannot pass an empty batch
@@ -353,7 +353,7 @@ class Mixer:
         # come then): that round opens then (None), so that every process ends
         # its epoch at the same step; the worker still builds it ahead.
         next_active = self.steps + 1 < self._epoch_steps if self.plan is not None else None
-        return self.buffer.end_step(step.out, fresh, step.labels, reps, stream=self._stream,
+        return self.core.commit(step.out, fresh, step.labels, reps, stream=self._stream,
                                     next_active=next_active)
 
     def _finish(self, step: _Step, rows: int):
@@ -370,10 +370,10 @@ class Mixer:
     def _fill_static(self, out, flags, fresh: int, rows: int) -> int:
         """Fills the rows the buffer could not (it holds fewer than ``r``
         samples) with copies of this batch's fresh rows, flagged FILLER."""
-        store, end = self.buffer.store, self.out_batch_size
+        end = self.out_batch_size
         while rows < end and fresh > 0:
             k = min(fresh, end - rows)
-            store.copy([o[:k] for o in out], out, rows, self._stream)
+            self.core.copy_rows([o[:k] for o in out], out, rows, self._stream)
             if self.replay_flag:
                 flags[rows:rows + k] = FILLER
             rows += k

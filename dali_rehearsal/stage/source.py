@@ -1,7 +1,7 @@
 """The user's pipeline seen as a stream of rows.
 
 :class:`SourceStream` runs the source pipeline one batch at a time, checks the
-batch through the buffer (``check_batch``, ``ensure_storage``) and hands out its
+batch through the step object (``StepCore.admit``) and hands out its
 rows in order. It knows how to run a source (with the stage's CUDA stream, or
 host-synchronously on DALI's legacy executors), resets a source that raised
 ``StopIteration`` so that its next epoch can start, remembers the layouts of
@@ -77,9 +77,9 @@ class SourceStream:
     first) and ``labels`` its labels on the host; ``pos`` is the next row.
     """
 
-    def __init__(self, source, buffer, stage, *, stream=None):
+    def __init__(self, source, core, stage, *, stream=None):
         self.source = source
-        self.buffer = buffer
+        self.core = core
         self.stream = stream
         self._claim = _claim(source, stage)
         source.build()
@@ -132,7 +132,7 @@ class SourceStream:
             # The source's outputs are valid only until it runs again (DALI
             # recycles them): the copies out of the previous batch, queued on
             # the stage's stream, must be done first.
-            self.buffer.backend.synchronize(self.stream)
+            self.core.backend.synchronize(self.stream)
         self.batch, self.labels, self.pos = None, None, 0
         self._claim.read = True
         try:
@@ -148,9 +148,7 @@ class SourceStream:
                              f"{e}") from e
         if self.layouts is None:
             self.layouts = [str(o.layout() or "") for o in outputs]
-        with self.buffer.lock:      # another thread's first batch may fix the layout
-            arrays, labels = self.buffer.check_batch(fields, self.stream)
-            self.buffer.ensure_storage(arrays)
+        arrays, labels = self.core.admit(fields, self.stream)
         self.batch, self.labels = arrays, labels
 
     def take(self, n: int, out, offset: int, labels) -> None:
@@ -159,7 +157,7 @@ class SourceStream:
         p = self.pos
         whole = p == 0 and n == len(self.labels)
         rows = self.batch if whole else [f[p:p + n] for f in self.batch]
-        self.buffer.store.copy(rows, out, offset, self.stream)
+        self.core.copy_rows(rows, out, offset, self.stream)
         labels[offset:offset + n] = self.labels if whole else self.labels[p:p + n]
         self.pos = p + n
 

@@ -177,7 +177,7 @@ class Worker:
     def __init__(self, mixer):
         self._channel = _Channel(mixer.prepare_ahead)
         self._thread = threading.Thread(
-            target=_work, args=(weakref.ref(mixer), self._channel, mixer.buffer.backend),
+            target=_work, args=(weakref.ref(mixer), self._channel, mixer.core.backend),
             daemon=True, name="dali-rehearsal-stage")
         # the stage is dropped: its thread stops (the callback holds no mixer)
         weakref.finalize(mixer, self._channel.stop)

@@ -489,7 +489,7 @@ def add_during_round():
     buf = dr.RehearsalBuffer(capacity=30, num_representatives=5, device=DEVICE, seed=4,
                              comm=COMM, policy="reservoir", timeout=TIMEOUT)
     stats = new_stats()
-    store = buf.store
+    store = buf.core.store
     scatter = store.scatter
     early = []                 # inserts that started while the open round still ran
 
