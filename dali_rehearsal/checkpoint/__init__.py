@@ -29,8 +29,9 @@ a concurrent ``save`` raises :class:`ConcurrentSaveError`), loading costs
 what the files hold whatever they declare, and a directory written by ``N``
 processes loads on ``M`` processes (docs/checkpoints.md).
 
-The entry points take the buffer's step object (``core``: its settings,
-``store``, ``policy``, ``sampler``, ``backend``, ``wait_for_writes`` and
+The entry points take the buffer's step object
+(:class:`~dali_rehearsal.step.StepCore`, ``core``: its settings, ``store``,
+``policy``, ``sampler``, ``backend``, ``wait_for_writes`` and
 ``mark_written``). The modules, one job each, from the top down:
 
 - :mod:`.saving`, :mod:`.loading`: the collective calls ``save`` and
