@@ -90,6 +90,12 @@ class SampleStore:
                             for f in spec)
         self.spec = spec
 
+    def reset(self) -> None:
+        """Forgets the layout and frees the rows (a load that failed after
+        allocating them): the next layout allocates afresh."""
+        self.spec = None        # the layout first: a reader that sees it finds the rows
+        self.fields = None
+
     def empty_rows(self, n: int) -> list:
         """Uninitialised arrays for ``n`` rows of every field (output batches)."""
         return [self.backend.empty((n,) + f.shape, f.dtype) for f in self.spec]

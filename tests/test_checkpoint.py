@@ -30,8 +30,12 @@ import pytest
 from scipy.stats import chisquare
 
 import dali_rehearsal as dr
-from dali_rehearsal import checkpoint
 from dali_rehearsal.checkpoint import CheckpointError, ConcurrentSaveError
+from dali_rehearsal.checkpoint import state as checkpoint_state
+from dali_rehearsal.checkpoint.atomic import HashingWriter
+from dali_rehearsal.checkpoint.manifest import manifest_bytes
+from dali_rehearsal.checkpoint.shards import write_shard
+from dali_rehearsal.checkpoint.validation import check_sampler_state
 from utils import snapshot, to_host
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +102,7 @@ def test_round_trip_resumes_with_exactly_the_same_batches(xp, device, policy, vi
         blob.seek(0)
         resumed.load_state_dict(torch.load(blob, weights_only=True)["buffer"])
     elif via == "numpy-pickle":
-        monkeypatch.setattr(checkpoint, "_torch", lambda: None)      # no PyTorch installed
+        monkeypatch.setattr(checkpoint_state, "torch_module", lambda: None)      # no PyTorch installed
         state = original.state_dict()
         assert all(isinstance(f, np.ndarray) for f in state["fields"])
         resumed.load_state_dict(pickle.loads(pickle.dumps(state)))
@@ -268,7 +272,7 @@ def test_every_tampered_state_is_rejected_and_changes_nothing(policy, form, monk
     if form == "torch":
         _torch()
     else:
-        monkeypatch.setattr(checkpoint, "_torch", lambda: None)
+        monkeypatch.setattr(checkpoint_state, "torch_module", lambda: None)
     original = _fed(policy)
     good = original.state_dict()
     for name, change in _tamperings(policy).items():
@@ -330,7 +334,7 @@ def test_global_sampler_state_is_checked_before_it_is_applied():
             return {"rng": rng.bit_generator.state, "seed": 12, "round": 40}
 
     good = {"rng": np.random.default_rng(1).bit_generator.state, "seed": 3, "round": 7}
-    assert checkpoint._check_sampler_state(GlobalShaped(), good) == good
+    assert check_sampler_state(GlobalShaped(), good) == good
     nested = {"rng": good["rng"], "seed": 3, "round": 7}
     deep = nested
     for _ in range(5000):                       # deeper than Python recurses
@@ -343,7 +347,49 @@ def test_global_sampler_state_is_checked_before_it_is_applied():
                        ({**good, "extra": 1}, "keys"), ({"rng": good["rng"]}, "keys"),
                        ({**good, "rng": {**good["rng"], "uinteger": -1}}, "random state")]:
         with pytest.raises(CheckpointError, match=match):
-            checkpoint._check_sampler_state(GlobalShaped(), bad)
+            check_sampler_state(GlobalShaped(), bad)
+
+
+@pytest.mark.parametrize("via", ["state dict", "directory"])
+def test_a_load_that_fails_writing_the_samples_leaves_the_buffer_new(via, tmp_path,
+                                                                     monkeypatch):
+    """The storage is allocated, then writing the samples into it fails (out
+    of device memory): the buffer is left exactly as it was, storage
+    included, and the same load then succeeds and resumes exactly."""
+    from dali_rehearsal.storage import SampleStore
+    original = _fed()
+    state = original.state_dict()
+    original.save(tmp_path / "c")
+    buffer = _buffer()
+    before = _fingerprint(buffer)
+
+    def out_of_memory(self, host_fields, stream=None):
+        raise MemoryError("out of device memory (simulated)")
+
+    monkeypatch.setattr(SampleStore, "write", out_of_memory)
+    with pytest.raises(MemoryError, match="simulated"):
+        buffer.load_state_dict(state) if via == "state dict" else buffer.load(tmp_path / "c")
+    assert _fingerprint(buffer) == before and buffer.nbytes == 0
+    monkeypatch.undo()
+    buffer.load_state_dict(state) if via == "state dict" else buffer.load(tmp_path / "c")
+    assert _continue(buffer) == _continue(original)
+
+
+def test_one_process_calls_run_over_a_transport_of_one():
+    """The size-1 transport that carries the checkpoint calls of one process:
+    the interface's blocking collectives, and the all-to-all, over it."""
+    from dali_rehearsal.checkpoint.calls import AloneTransport
+    transport = AloneTransport()
+    assert (transport.rank, transport.size) == (0, 1)
+    assert transport.allgather_bytes(b"state of rank 0") == [b"state of rank 0"]
+    assert transport.allgather_bytes(b"") == [b""]
+    transport.barrier()
+    send = np.arange(5, dtype=np.uint8)
+    recv = np.zeros(5, dtype=np.uint8)
+    transport.wait(transport.ialltoallv(send, np.array([5]), recv, np.array([5])))
+    np.testing.assert_array_equal(recv, send)
+    with pytest.raises(ValueError, match="sends 5 bytes but receives 4"):
+        transport.ialltoallv(send, np.array([5]), recv, np.array([4]))
 
 
 # ============================================================ directories
@@ -395,11 +441,11 @@ def _rewrite_shard(path, change):
                        for k, v in state["policy"].items()}
     change(state)
     with open(shard, "wb") as f:
-        writer = checkpoint._HashingWriter(f)
-        checkpoint._write_shard(writer, state)
+        writer = HashingWriter(f)
+        write_shard(writer, state)
     manifest["shards"][0]["sha256"] = writer.sha256.hexdigest()
     manifest["shards"][0]["bytes"] = writer.nbytes
-    (path / "manifest.json").write_bytes(checkpoint._manifest_bytes(manifest))
+    (path / "manifest.json").write_bytes(manifest_bytes(manifest))
 
 
 @pytest.mark.parametrize("name", ["label field disagrees with slot labels",
@@ -459,10 +505,10 @@ def test_failed_rename_leaves_the_previous_checkpoint(fail_on, tmp_path, monkeyp
             raise OSError("disk full (simulated)")
         return real(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", failing)
+    monkeypatch.setattr(os, "replace", failing)
     with pytest.raises(OSError, match="disk full"):
         buffer.save(path)
-    monkeypatch.setattr(checkpoint.os, "replace", real)
+    monkeypatch.setattr(os, "replace", real)
     assert not [p for p in path.iterdir() if ".tmp-" in p.name]
     _assert_restores(path, saved)
     buffer.save(path)                                    # a later save works
@@ -477,7 +523,6 @@ _KILLED_SAVE = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("prog", {program!r})
     prog = importlib.util.module_from_spec(spec); spec.loader.exec_module(prog)
     import dali_rehearsal as dr
-    from dali_rehearsal import checkpoint
     buffer = dr.RehearsalBuffer(capacity=24, num_representatives=5, device="cpu", seed=8)
     prog.feed(buffer, 0, 12, 7)
     buffer.save({path!r})
@@ -487,7 +532,7 @@ _KILLED_SAVE = textwrap.dedent("""
         if os.path.basename(dst).startswith({target!r}):
             os._exit(17)                # killed after the write, before the rename
         return real(src, dst)
-    checkpoint.os.replace = die
+    os.replace = die
     buffer.save({path!r})
 """)
 
@@ -579,7 +624,7 @@ def test_a_manifest_naming_other_files_never_gets_them_deleted(tmp_path):
     (path / "notes.txt").write_bytes(b"mine")
     body = json.loads((path / "manifest.json").read_text())["body"]
     body["shards"][0]["file"] = "notes.txt"
-    (path / "manifest.json").write_bytes(checkpoint._manifest_bytes(body))
+    (path / "manifest.json").write_bytes(manifest_bytes(body))
     with pytest.raises(CheckpointError, match="bad shard file name 'notes.txt'"):
         _buffer().load(path)
     with pytest.raises(FileExistsError, match="notes.txt"):
@@ -743,7 +788,7 @@ def _forge(path, state, edit=None, deflate=()):
     -> bytes, or an iterable of byte chunks), those in ``deflate`` compressed,
     and a manifest whose checksums match: well-formed files that lie."""
     blob = io.BytesIO()
-    checkpoint._write_shard(blob, state)
+    write_shard(blob, state)
     with zipfile.ZipFile(blob) as z:
         members = {n: z.read(n) for n in z.namelist()}
     if edit is not None:
@@ -751,7 +796,7 @@ def _forge(path, state, edit=None, deflate=()):
     body = json.loads((path / "manifest.json").read_text())["body"]
     entry = body["shards"][0]
     with open(path / entry["file"], "wb") as f:
-        writer = checkpoint._HashingWriter(f)
+        writer = HashingWriter(f)
         with zipfile.ZipFile(writer, "w") as z:
             for name, data in members.items():
                 info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
@@ -762,7 +807,7 @@ def _forge(path, state, edit=None, deflate=()):
                         member.write(chunk)
     entry.update(sha256=writer.sha256.hexdigest(), bytes=writer.nbytes,
                  settings=state["settings"])
-    (path / "manifest.json").write_bytes(checkpoint._manifest_bytes(body))
+    (path / "manifest.json").write_bytes(manifest_bytes(body))
 
 
 def _state_of(buffer):

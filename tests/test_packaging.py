@@ -81,6 +81,15 @@ def test_wheel_contains_kernel_sources(wheel):
     assert not any(n.startswith("kernels/") for n in names)
 
 
+def test_wheel_ships_every_module_of_the_package(wheel):
+    """Every module of the source tree (subpackages included) is in the wheel."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = {p.relative_to(REPO).as_posix() for p in (REPO / "dali_rehearsal").rglob("*.py")}
+    assert {"dali_rehearsal/checkpoint/__init__.py", "dali_rehearsal/policies/__init__.py"} \
+        <= sources
+    assert not sorted(sources - names), sorted(sources - names)
+
+
 def test_installed_wheel_finds_its_cuda_source(wheel, tmp_path):
     site = tmp_path / "site"
     proc = subprocess.run(

@@ -466,6 +466,110 @@ def test_state_from_samples_is_a_valid_state(name):
     assert policy.size == 10
 
 
+# ------------------------------------------------------------ redistribution
+def _saved_states(name, capacities, seed):
+    """The policy states of ``len(capacities)`` processes fed different streams
+    (classes 0..5, unevenly: some classes are rare)."""
+    rng = np.random.default_rng(seed)
+    states = []
+    for p, capacity in enumerate(capacities):
+        policy = make_policy(name, capacity, np.random.default_rng([seed, p]))
+        for _ in range(12):
+            policy.offer(rng.choice(6, size=7, p=[0.4, 0.3, 0.15, 0.1, 0.04, 0.01]))
+        states.append(policy.validate_state(policy.state_dict()))
+    return states
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("saved, loading", [((30, 30), (20, 20, 20)), ((30, 30, 30), (25,)),
+                                            ((12, 40), (7, 9)), ((8,), (50, 50))])
+def test_redistribute_shares_out_every_sample_once(name, saved, loading):
+    """Every loading process computes its share from the same stream: the
+    shares are disjoint, each fits its capacity, together they keep all the
+    samples when they fit (else as many as fit), every state is valid with the
+    loading policy's own random state, and the offers so far are all shared
+    out (per class for class_balanced)."""
+    states = _saved_states(name, saved, seed=3)
+    labels = np.concatenate([s["slot_labels"][: s["size"]] for s in states])
+    offered = sum(s["num_seen"] for s in states)
+    kept, seen, per_class_seen = [], 0, {}
+    for rank, capacity in enumerate(loading):
+        policy = make_policy(name, capacity, np.random.default_rng(100 + rank))
+        mine, state = policy.redistribute(states, loading, rank, np.random.default_rng(7))
+        valid = policy.validate_state(state)
+        assert valid["rng"] == policy.rng.bit_generator.state
+        assert len(mine) == valid["size"] <= capacity
+        np.testing.assert_array_equal(valid["slot_labels"][: len(mine)], labels[mine])
+        kept.extend(mine.tolist())
+        seen += valid["num_seen"]
+        if name == "class_balanced":
+            for c, n in zip(valid["class_labels"].tolist(), valid["class_seen"].tolist()):
+                per_class_seen[c] = per_class_seen.get(c, 0) + n
+    assert len(set(kept)) == len(kept) == min(len(labels), sum(loading))
+    assert seen == offered
+    if name == "class_balanced":
+        saved_seen = {}
+        for s in states:
+            for c, n in zip(s["class_labels"].tolist(), s["class_seen"].tolist()):
+                saved_seen[c] = saved_seen.get(c, 0) + n
+        assert per_class_seen == saved_seen
+
+
+def test_class_balanced_redistribution_gives_equal_shares_per_class():
+    """Fewer slots than samples: each class gets an equal share of the new
+    total (a rare class keeps all it has), whatever its share in the saved
+    shards."""
+    states = _saved_states("class_balanced", (30, 30, 30), seed=4)
+    labels = np.concatenate([s["slot_labels"][: s["size"]] for s in states])
+    available = {c: int((labels == c).sum()) for c in np.unique(labels).tolist()}
+    counts: dict[int, int] = {}
+    for rank in range(2):
+        policy = make_policy("class_balanced", 12, np.random.default_rng(rank))
+        mine, _ = policy.redistribute(states, [12, 12], rank, np.random.default_rng(0))
+        for c in labels[mine].tolist():
+            counts[c] = counts.get(c, 0) + 1
+    assert sum(counts.values()) == 24
+    cut = [c for c, n in available.items() if counts.get(c, 0) < n]
+    top = max(counts.values())
+    # a class that lost samples holds as many as any other class (within one)
+    assert cut and all(counts[c] >= top - 1 for c in cut)
+    # and a rare class (fewer samples than the others' share) keeps all of them
+    rare = [c for c, n in available.items() if c not in cut]
+    assert rare and all(available[c] < top for c in rare)
+
+
+def test_a_new_policy_keeps_what_its_redistribute_chooses(tmp_path, monkeypatch):
+    """A policy added without touching the checkpoint code: its own
+    ``redistribute`` decides what an elastic load keeps (here: the samples
+    with the smallest labels, in order)."""
+    import dali_rehearsal as dr
+    from dali_rehearsal.policies import Reservoir
+
+    class SmallestLabels(Reservoir):
+        name = "smallest_labels"
+
+        def redistribute(self, states, capacities, rank, rng):
+            labels = np.concatenate([s["slot_labels"][: s["size"]] for s in states])
+            order = np.argsort(labels, kind="stable")[: sum(capacities)]
+            mine = order[rank::len(capacities)][: capacities[rank]]
+            seen = sum(s["num_seen"] for s in states) // len(capacities)
+            return mine, self.state_from_samples(labels[mine], num_seen=max(seen, len(mine)))
+
+    monkeypatch.setitem(POLICIES, SmallestLabels.name, SmallestLabels)
+    settings = dict(num_representatives=2, device="cpu", policy="smallest_labels")
+    saved = dr.RehearsalBuffer(capacity=20, seed=0, **settings)
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        labels = rng.integers(0, 50, 8)
+        saved.mix(labels.astype(np.float32)[:, None], labels)
+    saved.save(tmp_path / "c")
+    smallest = np.sort(saved.stored_labels())[:5]
+    loaded = dr.RehearsalBuffer(capacity=5, seed=1, **settings)
+    loaded.load(tmp_path / "c", resize=True)
+    np.testing.assert_array_equal(loaded.stored_labels(), smallest)
+    np.testing.assert_array_equal(loaded.stored(0)[:, 0], smallest.astype(np.float32))
+
+
 # ------------------------------------------------------------- many classes
 class _ManyClassesReference:
     """class_balanced as documented, one sample at a time, every share and

@@ -278,7 +278,8 @@ def forge_meta(path, edit):
     values."""
     import io
     import zipfile
-    from dali_rehearsal import checkpoint
+    from dali_rehearsal.checkpoint.atomic import HashingWriter
+    from dali_rehearsal.checkpoint.manifest import manifest_bytes
     manifest = os.path.join(path, "manifest.json")
     with open(manifest) as f:
         body = json.load(f)["body"]
@@ -292,13 +293,13 @@ def forge_meta(path, edit):
         np.lib.format.write_array(blob, np.frombuffer(json.dumps(meta).encode(), np.uint8))
         members["meta.npy"] = blob.getvalue()
         with open(file, "wb") as f:
-            writer = checkpoint._HashingWriter(f)
+            writer = HashingWriter(f)
             with zipfile.ZipFile(writer, "w") as z:
                 for name, data in members.items():
                     z.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
         entry.update(sha256=writer.sha256.hexdigest(), bytes=writer.nbytes)
     with open(manifest, "wb") as f:
-        f.write(checkpoint._manifest_bytes(body))
+        f.write(manifest_bytes(body))
 
 
 def forged_seed(comm, out_dir, seed):

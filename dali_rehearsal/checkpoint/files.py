@@ -1,5 +1,6 @@
-"""The files of a checkpoint directory, written and read without trusting
-what they declare (used by :mod:`dali_rehearsal.checkpoint`).
+"""The files of a checkpoint directory, read without trusting what they
+declare (the reading side;
+:mod:`.atomic` and :mod:`.shards` write them).
 
 A shard is a zip archive of ``.npy`` members, every member stored
 uncompressed. Reading one costs what the file holds, whatever it declares:
@@ -25,14 +26,13 @@ import ast
 import hashlib
 import json
 import os
-import secrets
 import struct
 import zipfile
 
 import numpy as np
 
-__all__ = ["CheckpointError", "load_json", "check_depth", "ShardFile", "write_shard",
-           "write_atomically", "HashingWriter", "fsync_dir", "sha256_of"]
+__all__ = ["CheckpointError", "load_json", "check_depth", "ShardFile", "FieldReader",
+           "sha256_of"]
 
 
 class CheckpointError(ValueError):
@@ -298,83 +298,17 @@ class ShardFile:
         self._f.close()
 
 
-# ================================================================== writing
-def fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+class FieldReader:
+    """A field of a shard file, read whole or by rows (its size checked
+    against the file, nothing read yet)."""
 
+    def __init__(self, shard: ShardFile, name: str):
+        self._shard, self._name = shard, name
+        array = shard.array(name)
+        self.shape, self.dtype = array.shape, array.dtype
 
-class HashingWriter:
-    """A write-only file that hashes what goes through it (no seek: zipfile
-    then streams with data descriptors)."""
+    def read(self) -> np.ndarray:
+        return self._shard.read(self._name)
 
-    def __init__(self, f):
-        self._f = f
-        self.sha256 = hashlib.sha256()
-        self.nbytes = 0
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        self.nbytes += len(data)
-        return self._f.write(data)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
-def write_atomically(directory: str, name: str, write, *, temporary: str | None = None,
-                     replace: bool = True) -> tuple[str, int]:
-    """Writes ``name`` in ``directory`` through ``write(file)`` under a
-    temporary name (``temporary`` plus a random suffix; created exclusively),
-    fsyncs it and renames it. With ``replace=False`` an existing ``name`` is
-    never replaced (FileExistsError). Returns (sha256, bytes)."""
-    tmp = os.path.join(directory, f"{temporary or '.' + name}.tmp-{secrets.token_hex(4)}")
-    target = os.path.join(directory, name)
-    try:
-        with open(tmp, "xb") as f:
-            writer = HashingWriter(f)
-            write(writer)
-            f.flush()
-            os.fsync(f.fileno())
-        if not replace and os.path.lexists(target):
-            raise FileExistsError(f"{target} exists: save() does not overwrite it")
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(directory)
-    return writer.sha256.hexdigest(), writer.nbytes
-
-
-def write_shard(f, state: dict) -> None:
-    """A shard: the state's arrays as stored ``.npy`` members, the rest as the
-    ``meta`` member (UTF-8 JSON)."""
-    arrays = {f"fields.{i}": a for i, a in enumerate(state["fields"])}
-    policy_meta = {}
-    for key, value in state["policy"].items():
-        if isinstance(value, np.ndarray):
-            arrays[f"policy.{key}"] = value
-        else:
-            policy_meta[key] = value
-    meta = {k: state[k] for k in ("format", "version", "settings", "layout", "sampler")}
-    meta["policy"] = policy_meta
-    meta["arrays"] = sorted(arrays)
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
-        for name, array in arrays.items():
-            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-            # (a fixed date: the same buffer state gives the same bytes)
-            with z.open(info, "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.ascontiguousarray(array),
-                                          allow_pickle=False)
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        return self._shard.read_rows(self._name, rows)

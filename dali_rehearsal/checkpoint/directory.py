@@ -45,7 +45,8 @@ import secrets
 import threading
 import time
 
-from .checkpoint_files import CheckpointError, fsync_dir, load_json, write_atomically
+from .atomic import fsync_dir, write_atomically
+from .files import CheckpointError, load_json
 
 try:
     import fcntl
