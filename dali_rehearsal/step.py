@@ -72,10 +72,6 @@ class StepCore:
         self.sampling = sampling
         self.comm = comm
         self.task_aware = bool(task_aware)
-        self.task = 0               # tasks ended so far: the current task's index
-        # The task each slot's sample was stored in (task-aware replay draws
-        # only from slots stored before the current task).
-        self.slot_task = np.zeros(capacity, dtype=np.int64)
         # Serialises every operation on the buffer. The exchange's progress
         # thread never takes it: a thread that holds the lock while it waits
         # for a round must not wait for itself.
@@ -131,9 +127,12 @@ class StepCore:
         """The slots representatives may be drawn from, increasing (int64):
         with task-aware replay those stored before the current task; ``None``
         otherwise (every stored slot, ``0 .. size-1``)."""
-        if not self.task_aware:
-            return None
-        return np.flatnonzero(self.slot_task[: self.size] < self.task).astype(np.int64)
+        return self.policy.earlier_task_slots() if self.task_aware else None
+
+    @property
+    def task(self) -> int:
+        """The current task's index (tasks ended so far)."""
+        return self.policy.task
 
     @property
     def log_level(self) -> int:
@@ -198,7 +197,7 @@ class StepCore:
         with self.lock:
             if self.sampler.started:
                 self.sampler.finish()
-            self.task += 1
+            self.policy.end_task()
 
     # ------------------------------------------------------------ admission
     def admit(self, fields, stream=None) -> tuple[list, np.ndarray]:
@@ -300,7 +299,6 @@ class StepCore:
             reps.write_into(self.store, out, fresh_count, stream)
             self.last_reps = reps
             batch_index, slots = self.policy.offer(labels[:fresh_count])
-            self.slot_task[slots] = self.task
             self.store.scatter(out, batch_index, slots, stream)
             self.mark_written(stream)
             if self.sampler.is_global and next_active is not None:
@@ -339,7 +337,6 @@ class StepCore:
             # reading the store in the background: let it finish first.
             self.sampler.settle()
             batch_index, slots = self.policy.offer(labels)
-            self.slot_task[slots] = self.task
             self.store.scatter(arrays, batch_index, slots, stream)
             self.mark_written(stream)
 

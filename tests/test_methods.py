@@ -188,3 +188,89 @@ def test_task_aware_through_the_stage(mnist):
         # ahead (DALI prefetch 2, prepare_ahead 2, the step being built)
         assert held.num_seen <= (task + 1) * (2 * len(data.files) + 5 * b)
     buffer.close()
+
+
+# ------------------------------------------------------------------ checkpoints
+def _two_tasks(buffer, steps=12):
+    for task in range(2):
+        for step in range(steps):
+            buffer.mix(*_ids_batch(task, step))
+        buffer.end_task()
+    for step in range(5):                   # into the third task
+        buffer.mix(*_ids_batch(2, step))
+
+
+@pytest.mark.parametrize("how", ["state_dict", "directory"])
+def test_task_aware_resumes_exactly_from_a_checkpoint(how, tmp_path):
+    kwargs = dict(capacity=30, num_representatives=R, policy="class_balanced", device="cpu",
+                  seed=7, task_aware=True)
+    ref = dr.RehearsalBuffer(**kwargs)
+    _two_tasks(ref)
+    resumed = dr.RehearsalBuffer(**kwargs)
+    if how == "state_dict":
+        resumed.load_state_dict(ref.state_dict())
+    else:
+        ref.save(tmp_path / "ckpt")
+        resumed.load(tmp_path / "ckpt")
+    assert resumed.task == ref.task == 2
+    for step in range(5, 15):
+        a = _rows(ref.mix(*_ids_batch(2, step)))
+        b = _rows(resumed.mix(*_ids_batch(2, step)))
+        assert (a[0] == b[0]).all() and (a[1] == b[1]).all()
+        assert (a[0][B:] // 10_000 < 2).all()
+
+
+def test_an_elastic_load_keeps_each_sample_s_task(tmp_path):
+    """Loading into a buffer of another capacity redistributes the samples;
+    each keeps the task it was stored in, so task-aware replay goes on
+    drawing only earlier tasks."""
+    ref = dr.RehearsalBuffer(capacity=30, num_representatives=R, policy="reservoir",
+                             device="cpu", seed=7, task_aware=True)
+    _two_tasks(ref)
+    ref.save(tmp_path / "ckpt")
+    small = dr.RehearsalBuffer(capacity=20, num_representatives=R, policy="reservoir",
+                               device="cpu", seed=8, task_aware=True)
+    small.load(tmp_path / "ckpt", resize=True)
+    assert small.task == 2 and small.size == 20
+    ids = np.asarray(to_host(small.stored(0)))[:, 0]
+    tasks = small.core.policy.slot_task[: small.size]
+    assert (tasks == ids // 10_000).all()
+    for step in range(5, 25):
+        got, labels = _rows(small.mix(*_ids_batch(2, step)))
+        assert (got[B:] // 10_000 < 2).all()
+
+
+def test_a_state_without_task_bookkeeping_loads_as_task_0():
+    """States saved before tasks were recorded load: every sample from task 0."""
+    ref = dr.RehearsalBuffer(capacity=30, num_representatives=R, device="cpu", seed=7)
+    for step in range(6):
+        ref.mix(*_ids_batch(0, step))
+    state = ref.state_dict()
+    del state["policy"]["task"], state["policy"]["slot_task"]
+    new = dr.RehearsalBuffer(capacity=30, num_representatives=R, device="cpu", seed=7,
+                             task_aware=True)
+    new.load_state_dict(state)
+    assert new.task == 0 and new.size == ref.size
+    new.end_task()
+    ids, _ = _rows(new.mix(*_ids_batch(1, 0)))
+    assert len(ids) == B + R and (ids[B:] // 10_000 == 0).all()
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda p: p.update(task=-1), "task"),
+    (lambda p: p.pop("task"), "go together"),
+    (lambda p: p["slot_task"].__setitem__(0, 5), "slot_task"),
+])
+def test_bad_task_bookkeeping_is_refused(bad, match):
+    ref = dr.RehearsalBuffer(capacity=30, num_representatives=R, device="cpu", seed=7,
+                             task_aware=True)
+    _two_tasks(ref, steps=3)
+    state = ref.state_dict()
+    state["policy"] = {k: (v.numpy().copy() if hasattr(v, "numpy") else v)
+                       for k, v in state["policy"].items()}
+    bad(state["policy"])
+    new = dr.RehearsalBuffer(capacity=30, num_representatives=R, device="cpu", seed=7,
+                             task_aware=True)
+    with pytest.raises(dr.CheckpointError, match=match):
+        new.load_state_dict(state)
+    assert new.size == 0

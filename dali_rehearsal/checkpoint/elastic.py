@@ -55,6 +55,14 @@ def prepare_elastic(core, path, entries, capacities, seed, shards, digest=None) 
         mine, state = core.policy.redistribute([s.policy_state for s in states],
                                                np.asarray(capacities, dtype=np.int64),
                                                core.rank, rng)
+        # Every sample keeps the task it was stored in (task-aware replay),
+        # whichever process it moves to; the task count is the furthest.
+        stored_tasks = np.concatenate([np.zeros(0, np.int64)] + [
+            np.asarray(s.policy_state["slot_task"][: s.policy_state["size"]], np.int64)
+            for s in states])
+        state["task"] = max(int(s.policy_state["task"]) for s in states)
+        state["slot_task"] = np.zeros(core.capacity, dtype=np.int64)
+        state["slot_task"][: len(mine)] = stored_tasks[mine]
         valid = core.policy.validate_state(state)
     except ValueError as e:
         raise CheckpointError(f"internal: redistributed state is inconsistent: {e}") from None

@@ -35,6 +35,10 @@ __all__ = ["InsertionPolicy", "COUNTER_MAX", "as_index_array", "below", "rank_wi
 COUNTER_MAX = 2**62
 
 
+#: Optional keys of a policy state: the task bookkeeping (absent from states
+#: saved before it was recorded).
+_TASK_KEYS = ("task", "slot_task")
+
 def as_index_array(value, what: str, length: int | None = None) -> np.ndarray:
     """A 1-D int64 copy of an integer array, or ValueError."""
     a = np.asarray(value)
@@ -136,6 +140,10 @@ class InsertionPolicy:
         self.slot_labels = np.full(self.capacity, -1, dtype=np.int64)
         self.size = 0          # occupied slots are 0 .. size-1
         self.num_seen = 0      # samples offered so far
+        # Tasks (task-aware replay): the current task's index, and the task
+        # in which each slot's sample was stored.
+        self.task = 0
+        self.slot_task = np.zeros(self.capacity, dtype=np.int64)
 
     def offer(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Offers a batch of samples (by label, non-negative integers), in order.
@@ -151,7 +159,16 @@ class InsertionPolicy:
         batch_index, slots = last_writes(*self._decide(labels))
         self.num_seen += len(labels)
         self.slot_labels[slots] = labels[batch_index]
+        self.slot_task[slots] = self.task
         return batch_index, slots
+
+    def end_task(self) -> None:
+        """The current task ended: its samples become earlier-task samples."""
+        self.task += 1
+
+    def earlier_task_slots(self) -> np.ndarray:
+        """The occupied slots stored before the current task, increasing."""
+        return np.flatnonzero(self.slot_task[: self.size] < self.task).astype(np.int64)
 
     def _decide(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -165,7 +182,8 @@ class InsertionPolicy:
     def state_dict(self) -> dict:
         """The policy's state: NumPy arrays and plain values (copies)."""
         return {"slot_labels": self.slot_labels.copy(), "size": int(self.size),
-                "num_seen": int(self.num_seen), "rng": self.rng.bit_generator.state}
+                "num_seen": int(self.num_seen), "rng": self.rng.bit_generator.state,
+                "task": int(self.task), "slot_task": self.slot_task.copy()}
 
     def validate_state(self, state) -> dict:
         """Checks a :meth:`state_dict` completely, without changing this
@@ -174,7 +192,7 @@ class InsertionPolicy:
         if not isinstance(state, dict):
             raise ValueError(f"policy state must be a dict, got {type(state).__name__}")
         missing = sorted(set(self._state_keys()) - set(state))
-        extra = sorted(set(state) - set(self._state_keys()))
+        extra = sorted(set(state) - set(self._state_keys()) - set(_TASK_KEYS))
         if missing or extra:
             raise ValueError(f"policy state for {self.name!r}: missing keys {missing}, "
                              f"unexpected keys {extra}")
@@ -195,8 +213,30 @@ class InsertionPolicy:
         if (slot_labels[size:] != -1).any():
             bad = size + np.flatnonzero(slot_labels[size:] != -1)[:5]
             raise ValueError(f"slot_labels: free slots {bad.tolist()} (size {size}) must hold -1")
+        task, slot_task = self._validate_tasks(state, size)
         return {"slot_labels": slot_labels, "size": size, "num_seen": num_seen,
-                "rng": check_rng_state(self.rng, state["rng"], "policy random state")}
+                "rng": check_rng_state(self.rng, state["rng"], "policy random state"),
+                "task": task, "slot_task": slot_task}
+
+    def _validate_tasks(self, state: dict, size: int) -> tuple[int, np.ndarray]:
+        """The task bookkeeping of a state; a state without it (saved before
+        tasks were recorded) is every sample from task 0, in task 0."""
+        if "task" not in state and "slot_task" not in state:
+            return 0, np.zeros(self.capacity, dtype=np.int64)
+        if "task" not in state or "slot_task" not in state:
+            raise ValueError("policy state: 'task' and 'slot_task' go together")
+        task = check_int(state["task"], "policy task", 0, error=ValueError)
+        if task >= COUNTER_MAX:
+            raise ValueError(f"policy task={task} is out of range [0, 2**62)")
+        slot_task = as_index_array(state["slot_task"], "slot_task", self.capacity)
+        bad = np.flatnonzero((slot_task[:size] < 0) | (slot_task[:size] > task))[:5]
+        if len(bad):
+            raise ValueError(f"slot_task: occupied slots {bad.tolist()} hold tasks "
+                             f"{slot_task[bad].tolist()} outside [0, {task}]")
+        if (slot_task[size:] != 0).any():
+            bad = size + np.flatnonzero(slot_task[size:] != 0)[:5]
+            raise ValueError(f"slot_task: free slots {bad.tolist()} (size {size}) must hold 0")
+        return task, slot_task
 
     def load_state_dict(self, state) -> None:
         """Validates ``state`` and restores it; on error nothing changes."""
@@ -210,6 +250,8 @@ class InsertionPolicy:
         self.size = valid["size"]
         self.num_seen = valid["num_seen"]
         self.rng.bit_generator.state = valid["rng"]
+        self.task = valid["task"]
+        self.slot_task = valid["slot_task"].copy()
 
     def state_from_samples(self, labels: np.ndarray, *, num_seen: int,
                            class_labels=None, class_seen=None) -> dict:
@@ -219,7 +261,8 @@ class InsertionPolicy:
         slot_labels = np.full(self.capacity, -1, dtype=np.int64)
         slot_labels[: len(labels)] = labels
         return {"slot_labels": slot_labels, "size": len(labels), "num_seen": int(num_seen),
-                "rng": self.rng.bit_generator.state}
+                "rng": self.rng.bit_generator.state,
+                "task": 0, "slot_task": np.zeros(self.capacity, dtype=np.int64)}
 
     # ------------------------------------------------------ redistribution
     def redistribute(self, states: list[dict], capacities, rank: int,
