@@ -55,7 +55,7 @@ import threading
 import time
 
 __all__ = ["enable", "disable", "reset", "is_enabled", "phase", "iterate", "step",
-           "next_batch", "report", "format_report", "PHASES"]
+           "next_batch", "report", "merge", "format_report", "PHASES"]
 
 #: The loop's phases, in the order the report lists them.
 PHASES = ("source", "exchange", "stage", "stage_wait", "mixing", "train", "other")
@@ -217,6 +217,7 @@ class step:
         self.start = time.perf_counter() if on else None
         self.counted = True
         _local.in_step = on
+        _local.step = self
         return self
 
     def not_a_step(self) -> None:
@@ -227,6 +228,7 @@ class step:
     def __exit__(self, kind, *exc):
         global _steps, _loop_time
         _local.in_step = False
+        _local.step = None
         if self.start is not None:
             elapsed = time.perf_counter() - self.start
             with _lock:     # an epoch's end (StopIteration) is loop time, not a step
@@ -236,11 +238,18 @@ class step:
 
 
 def next_batch(iterator):
-    """``next(iterator)``, timed as the ``mixing`` phase while profiling is on."""
+    """``next(iterator)``, timed as the ``mixing`` phase while profiling is on;
+    a ``StopIteration`` makes the enclosing :class:`step` no step (an epoch's end)."""
     if not on:
         return next(iterator)
-    with _Phase("mixing"):
-        return next(iterator)
+    try:
+        with _Phase("mixing"):
+            return next(iterator)
+    except StopIteration:
+        current = getattr(_local, "step", None)
+        if current is not None:
+            current.counted = False
+        raise
 
 
 def report() -> dict:
@@ -262,6 +271,21 @@ def report() -> dict:
             "calls": {f"{k}:{p}": n for (k, p), n in counts.items()},
             "per_step_ms": per_step,
             "step_ms": 1e3 * loop_time / steps if steps else 0.0}
+
+
+def merge(reports) -> dict:
+    """Several reports (say one per task or per segment) as one: seconds and
+    steps summed."""
+    parts = {"loop": {}, "background": {}, "outside": {}}
+    for r in reports:
+        for part, into in parts.items():
+            for k, v in r.get(part, {}).items():
+                into[k] = into.get(k, 0.0) + v
+    steps = sum(r["steps"] for r in reports)
+    total = sum(r["loop_s"] for r in reports)
+    return {"steps": steps, "loop_s": total, **parts,
+            "per_step_ms": {k: 1e3 * v / steps for k, v in parts["loop"].items()} if steps
+            else {}, "step_ms": 1e3 * total / steps if steps else 0.0}
 
 
 def format_report(rep: dict | None = None) -> str:

@@ -403,6 +403,7 @@ class Trainer:
                     if total == 0:                 # every rank has ended its epoch
                         this_step.not_a_step()
                         break
+                    this_step.counted = True       # a step, idle on a rank that has ended
                     with profiling.phase("train"):
                         opt.zero_grad(set_to_none=False)
                         if n:
@@ -595,20 +596,6 @@ def format_table(results: dict, stream, closure) -> str:
     return "\n".join(lines)
 
 
-def merge_reports(reports: list[dict]) -> dict:
-    """Several profiling reports (tasks) as one: seconds and steps summed."""
-    loop, background, outside = {}, {}, {}
-    for r in reports:
-        for part, into in (("loop", loop), ("background", background), ("outside", outside)):
-            for k, v in r[part].items():
-                into[k] = into.get(k, 0.0) + v
-    steps = sum(r["steps"] for r in reports)
-    total = sum(r["loop_s"] for r in reports)
-    return {"steps": steps, "loop_s": total, "loop": loop, "background": background,
-            "outside": outside, "per_step_ms": {k: 1e3 * v / steps for k, v in loop.items()} if steps else {},
-            "step_ms": 1e3 * total / steps if steps else 0.0}
-
-
 def format_breakdown(results: dict) -> str:
     """Per mode: the per-step breakdown of task 1 and of the other tasks."""
     from dali_rehearsal import profiling
@@ -620,7 +607,7 @@ def format_breakdown(results: dict) -> str:
         parts = [("task 1", reports[:1])] + ([("tasks 2-%d" % len(reports), reports[1:])]
                                               if len(reports) > 1 else [])
         for label, reps in parts:
-            lines.append(f"{mode}, {label}: " + profiling.format_report(merge_reports(reps)))
+            lines.append(f"{mode}, {label}: " + profiling.format_report(profiling.merge(reps)))
     return "\n".join(lines)
 
 
