@@ -104,11 +104,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "settings or launches never write the same folder, and a run with the "
                         "same ones replaces it and says so)")
     p.add_argument("--num-threads", type=int, default=None,
-                   help="DALI CPU threads per pipeline (default: 1 with several processes, "
-                        "else 2)")
+                   help="DALI CPU threads of the pipeline that decodes (incremental and "
+                        "scratch: the only one; rehearsal: the source pipeline) (default: "
+                        "cores per process, see default_threads)")
+    p.add_argument("--mixing-threads", type=int, default=None,
+                   help="DALI CPU threads of the rehearsal mode's mixing pipeline (default: 1; "
+                        "it only normalises b + r digits a step)")
     p.add_argument("--torch-threads", type=int, default=None,
-                   help="PyTorch CPU threads (default: cores per process - 1, at least 1, "
-                        "leaving room for DALI's threads)")
+                   help="PyTorch CPU threads on the CPU path (default: cores per process: the "
+                        "training step is most of a step, and DALI's threads sleep while it "
+                        "runs)")
     p.add_argument("--sampling", choices=("global", "local"), default="global",
                    help="rehearsal with several processes: draw representatives from all "
                         "ranks' buffers or from this rank's only")
@@ -141,6 +146,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--representatives must be >= 0")
     if args.prepare_ahead < 0 or args.benchmark < 0:
         p.error("--prepare-ahead and --benchmark must be >= 0")
+    for name in ("num_threads", "mixing_threads", "torch_threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 1 <= args.per_class <= 500:
         p.error("--per-class must be between 1 and 500")
     return args
@@ -353,9 +361,11 @@ def load_test_set(test_root, *, num_threads, gpu, device):
 
 # ----------------------------------------------------------------------------- training
 class Trainer:
-    def __init__(self, args, dist: Dist, device, gpu: bool, num_threads: int):
+    def __init__(self, args, dist: Dist, device, gpu: bool, num_threads: int,
+                 mixing_threads: int = 1):
         self.args, self.dist, self.device, self.gpu = args, dist, device, gpu
         self.num_threads = num_threads
+        self.mixing_threads = mixing_threads
 
     def new_model(self):
         """(the model, what trains it: DDP over the ranks or the model, Adam)."""
@@ -506,8 +516,8 @@ def run_mode(mode: str, stream, trainer: Trainer, test) -> dict:
                 source = trainer.new_source(data, seed, normalize=False)
                 pipe = build_mixing(source, buffer,
                                     batch_size=args.batch_size + args.representatives,
-                                    seed=seed, num_threads=trainer.num_threads, gpu=trainer.gpu,
-                                    prepare_ahead=args.prepare_ahead)
+                                    seed=seed, num_threads=trainer.mixing_threads,
+                                    gpu=trainer.gpu, prepare_ahead=args.prepare_ahead)
                 it = mixing_iterator(pipe)
             else:
                 source = pipe = trainer.new_source(data, seed, normalize=True)
@@ -666,7 +676,7 @@ def benchmark(args, stream, trainer: Trainer) -> dict:
     same_rows = copy.copy(args)
     same_rows.batch_size = b + r
     trainers = {"incremental": Trainer(same_rows, dist, trainer.device, trainer.gpu,
-                                       trainer.num_threads),
+                                       trainer.num_threads, trainer.mixing_threads),
                 "rehearsal": trainer}
     runs = {mode: [] for mode in trainers}
     for k in range(args.benchmark):
@@ -685,14 +695,16 @@ def benchmark(args, stream, trainer: Trainer) -> dict:
            "rows_per_step": {"rehearsal": f"{b} fresh + {r} replayed",
                              "incremental": f"{b + r} fresh"},
            "prepare_ahead": args.prepare_ahead,
-           "threads": {"dali": trainer.num_threads, "torch": _torch().get_num_threads()},
+           "threads": {"dali": trainer.num_threads, "mixing": trainer.mixing_threads,
+                       "torch": _torch().get_num_threads()},
            "samples_per_s": {m: [x["samples_per_s"] for x in v] for m, v in runs.items()},
            "ratio": ratios, "ratio_median": statistics.median(ratios),
            "task1_per_row_over_rest": task1,
            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     print(f"rehearsal / incremental samples/s at {b + r} rows a step (b={b} + r={r} vs "
           f"--batch-size {b + r}), prepare_ahead={args.prepare_ahead}, "
-          f"DALI threads {trainer.num_threads}, torch threads {fig['threads']['torch']}: "
+          f"DALI threads {trainer.num_threads} (mixing {trainer.mixing_threads}), torch threads "
+          f"{fig['threads']['torch']}: "
           f"median {fig['ratio_median']:.3f} (range {min(ratios):.3f}-{max(ratios):.3f}, "
           f"{args.benchmark} interleaved runs)", flush=True)
     for mode, v in fig["samples_per_s"].items():
@@ -713,6 +725,25 @@ def benchmark(args, stream, trainer: Trainer) -> dict:
 
 
 # -------------------------------------------------------------------------------- main
+def default_threads(cores: int, processes: int, gpu: bool) -> dict:
+    """The split of a machine's cores between PyTorch, DALI and the stage, per process.
+
+    ``c`` = cores / processes on this machine. On the CPU the training step is
+    most of a step (85-90 % in ``--breakdown``) and DALI's threads sleep while it
+    runs, so PyTorch gets all ``c`` cores and the decoding pipeline ``c`` threads
+    (they take turns rather than compete); the mixing pipeline, which only
+    normalises ``b + r`` rows, 1; the stage's worker is one more Python thread
+    that mostly waits. On a GPU the training step runs on the device: PyTorch's
+    CPU threads only launch kernels (PyTorch's own default is kept), and the
+    decoding pipeline gets ``c - 1`` threads, one core left to the training
+    loop and the stage's worker (a 64-core node with 8 GPUs: 7 DALI threads a
+    process)."""
+    per = max(1, cores // max(1, processes))
+    if gpu:
+        return {"torch": None, "dali": max(1, per - 1), "mixing": 1}
+    return {"torch": per, "dali": per, "mixing": 1}
+
+
 def resolve_device(choice: str) -> bool:
     """True for the GPU path."""
     import torch
@@ -777,9 +808,11 @@ def run(args, dist: Dist, gpu: bool, wall0: float) -> dict:
     else:
         device = torch.device("cpu")
         device_name = f"cpu ({os.cpu_count()} cores)"
-        torch.set_num_threads(args.torch_threads
-                              or max(1, (os.cpu_count() or 1) // dist.size - 1))
-    num_threads = args.num_threads or (1 if dist.size > 1 else 2)
+    threads = default_threads(os.cpu_count() or 1, dist.size, gpu)
+    if not gpu:
+        torch.set_num_threads(args.torch_threads or threads["torch"])
+    num_threads = args.num_threads or threads["dali"]
+    mixing_threads = args.mixing_threads or threads["mixing"]
     # The vector instructions PyTorch's CPU kernels use decide the order of their
     # floating-point sums, and so the last digit of some accuracies (README).
     capability = torch.backends.cpu.get_cpu_capability()
@@ -803,7 +836,7 @@ def run(args, dist: Dist, gpu: bool, wall0: float) -> dict:
              f"{dist.size} processes ({dist.launcher})" if dist.enabled else "1 process",
              ",".join(args.modes))
 
-    trainer = Trainer(args, dist, device, gpu, num_threads)
+    trainer = Trainer(args, dist, device, gpu, num_threads, mixing_threads)
     trainer.warm_up()
     if args.benchmark:
         return benchmark(args, stream, trainer)
@@ -826,7 +859,8 @@ def run(args, dist: Dist, gpu: bool, wall0: float) -> dict:
         "device_name": device_name,
         "world_size": dist.size,
         "launcher": dist.launcher,
-        "threads": {"dali": num_threads, "torch": torch.get_num_threads()},
+        "threads": {"dali": num_threads, "mixing": mixing_threads,
+                    "torch": torch.get_num_threads()},
         "torch_cpu_capability": capability,
         "class_order": list(stream.class_order),
         "tasks": [list(t.classes) for t in stream],

@@ -82,6 +82,9 @@ def parse_args(argv=None):
                    help="of --threads, those of the stage's mixing pipeline")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="PyTorch CPU threads (default: the CPUs)")
+    p.add_argument("--mixing-prefetch", type=int, default=2,
+                   help="prefetch_queue_depth of the stage's mixing pipeline (the plain "
+                        "pipeline and the source keep DALI's default, 2)")
     p.add_argument("--prepare-ahead", type=int, default=2,
                    help="dr.fn.rehearsal(prepare_ahead=...)")
     p.add_argument("--breakdown", action="store_true",
@@ -139,7 +142,8 @@ def build(args, root):
         return read_decode_resize()
 
     @pipeline_def(batch_size=args.batch_size + args.representatives,
-                  num_threads=mixing_threads, device_id=None, seed=args.seed + 2)
+                  num_threads=mixing_threads, device_id=None, seed=args.seed + 2,
+                  prefetch_queue_depth=args.mixing_prefetch)
     def mixing(src, buffer):
         images, labels = dr.fn.rehearsal(src, buffer=buffer, reader_name="Reader",
                                           prepare_ahead=args.prepare_ahead)
