@@ -606,16 +606,19 @@ def format_table(results: dict, stream, closure) -> str:
     return "\n".join(lines)
 
 
-def format_breakdown(results: dict) -> str:
-    """Per mode: the per-step breakdown of task 1 and of the other tasks."""
+def format_breakdown(results: dict, tasks: int | None = None) -> str:
+    """Per mode: the per-step breakdown of task 1 and of the other tasks
+    (``tasks``: tasks per run, when ``breakdown`` holds several runs' tasks)."""
     from dali_rehearsal import profiling
     lines = []
     for mode, r in results.items():
         reports = r.get("breakdown")
         if not reports:
             continue
-        parts = [("task 1", reports[:1])] + ([("tasks 2-%d" % len(reports), reports[1:])]
-                                              if len(reports) > 1 else [])
+        n = tasks or len(reports)
+        first = [t for i, t in enumerate(reports) if i % n == 0]
+        rest = [t for i, t in enumerate(reports) if i % n != 0]
+        parts = [("task 1", first)] + ([("tasks 2-%d" % n, rest)] if rest else [])
         for label, reps in parts:
             lines.append(f"{mode}, {label}: " + profiling.format_report(profiling.merge(reps)))
     return "\n".join(lines)
@@ -715,8 +718,9 @@ def benchmark(args, stream, trainer: Trainer) -> dict:
               flush=True)
     print(f"  command: {command}", flush=True)
     if args.breakdown:
+        print(f"per-step breakdown over the {args.benchmark} runs of each mode:", flush=True)
         print(format_breakdown({m: {"breakdown": [t for x in v for t in x["breakdown"]]}
-                                for m, v in runs.items()}), flush=True)
+                                for m, v in runs.items()}, tasks=len(stream)), flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(fig, indent=1) + "\n")

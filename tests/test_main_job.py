@@ -138,8 +138,13 @@ def test_benchmark_mode_prints_the_ratio_with_its_command(tmp_path, cache, capsy
     """``--benchmark N``: N interleaved runs of rehearsal (b + r rows a step)
     and incremental at batch b + r; the ratio of samples/s, run by run."""
     out = tmp_path / "out"
-    fig = _load_script().main(TINY + ["--benchmark", "2", "--out", str(out)])
+    fig = _load_script().main(TINY + ["--benchmark", "2", "--breakdown", "--out", str(out)])
     printed = capsys.readouterr().out
+    # the breakdown groups the runs' tasks: task 1 of every run, then tasks 2-5 of every run
+    # (16 training digits a class, 2 classes a task, b = 8, 2 epochs: 8 steps a task)
+    assert "rehearsal, task 1: per-step breakdown: 16 steps" in printed
+    assert "rehearsal, tasks 2-5: per-step breakdown: 64 steps" in printed
+    assert "incremental, task 1: per-step breakdown: 8 steps" in printed   # batch 16
     assert "rehearsal / incremental samples/s at 16 rows a step (b=8 + r=8 vs --batch-size 16)" \
         in printed
     assert "command: " in printed and "median" in printed
