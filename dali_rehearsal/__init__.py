@@ -9,7 +9,7 @@ and :func:`dali_rehearsal.fn.rehearsal`, the DALI stage.
 
 import logging as _logging
 
-from . import datasets, fn, streams
+from . import datasets, fn, profiling, streams
 from ._backend import gpu_available
 from .buffer import RehearsalBuffer
 from .checkpoint import CheckpointError, ConcurrentSaveError
@@ -22,7 +22,7 @@ from .streams import ClassIncremental, LabelledFiles, Task
 __version__ = "0.1.0"
 
 __all__ = ["RehearsalBuffer", "FieldSpec", "LastBatchPolicy", "POLICIES", "fn", "streams",
-           "datasets", "ClassIncremental", "LabelledFiles", "Task", "gpu_available",
+           "datasets", "profiling", "ClassIncremental", "LabelledFiles", "Task", "gpu_available",
            "steps_per_epoch", "epoch_size", "CheckpointError", "ConcurrentSaveError", "RemoteError",
            "MismatchError", "CollectiveMismatchError",
            "__version__"]

@@ -19,6 +19,16 @@ interleaved over repetitions; median and range over repetitions):
    with a source this cheap every DALI iteration is mostly DALI's own host
    work, and two pipelines need about twice the CPU time of one.
 
+What a step holds here: ``pipe.run()`` and reading its outputs as arrays,
+nothing else (no framework iterator, no training step). This is the floor,
+the most pessimistic ratio: a plain step costs about a hundred microseconds,
+so the stage's fixed per-step cost is a large share of it. A benchmark whose
+step also holds a ``DALIGenericIterator`` or any work of the loop adds the
+same time to both sides and reads a higher ratio; its figures are not
+comparable with these. For a training loop, use the main job's
+``--benchmark`` (pipelines/continual_mnist.py) and, for decode-heavy loops,
+pipelines/profile_epochs.py; docs/benchmark-method.md says what each includes.
+
     python pipelines/bench_step.py                 # both parts, ~1 min on 2 cores
     python pipelines/bench_step.py --parts mix --repeats 15
 
@@ -273,7 +283,9 @@ def _fmt(s, digits=1):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0] + " A step here is pipe.run() and reading its "
+        "outputs, nothing else (no framework iterator, no training step): the floor, the most "
+        "pessimistic ratio; a loop's figure is continual_mnist.py --benchmark.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--parts", default="mix,stage",
                         help="comma-separated parts to run: mix, stage")

@@ -104,14 +104,31 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "settings or launches never write the same folder, and a run with the "
                         "same ones replaces it and says so)")
     p.add_argument("--num-threads", type=int, default=None,
-                   help="DALI CPU threads per pipeline (default: 1 with several processes, "
-                        "else 2)")
+                   help="DALI CPU threads of the pipeline that decodes (incremental and "
+                        "scratch: the only one; rehearsal: the source pipeline) (default: "
+                        "cores per process, see default_threads)")
+    p.add_argument("--mixing-threads", type=int, default=None,
+                   help="DALI CPU threads of the rehearsal mode's mixing pipeline (default: 1; "
+                        "it only normalises b + r digits a step)")
     p.add_argument("--torch-threads", type=int, default=None,
-                   help="PyTorch CPU threads (default: cores per process - 1, at least 1, "
-                        "leaving room for DALI's threads)")
+                   help="PyTorch CPU threads on the CPU path (default: cores per process: the "
+                        "training step is most of a step, and DALI's threads sleep while it "
+                        "runs)")
     p.add_argument("--sampling", choices=("global", "local"), default="global",
                    help="rehearsal with several processes: draw representatives from all "
                         "ranks' buffers or from this rank's only")
+    p.add_argument("--prepare-ahead", type=int, default=2,
+                   help="rehearsal mode: dr.fn.rehearsal(prepare_ahead=...), steps the stage "
+                        "prepares in a background thread (0: in the loop's thread)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="time every step with dali_rehearsal.profiling and print where the "
+                        "time goes (source pipeline, stage, exchange, mixing pipeline, "
+                        "training step), per mode, for task 1 and for the other tasks")
+    p.add_argument("--benchmark", type=int, default=0, metavar="N",
+                   help="instead of the comparison: N interleaved runs of rehearsal (b fresh "
+                        "+ r replayed rows a step) and incremental at --batch-size b + r (the "
+                        "same rows a step), no evaluation; prints the samples/s ratio "
+                        "(median and range over the runs) with its command")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are off anyway when stdout or stderr is not "
                         "a terminal)")
@@ -127,6 +144,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.representatives < 0:
         p.error("--representatives must be >= 0")
+    if args.prepare_ahead < 0 or args.benchmark < 0:
+        p.error("--prepare-ahead and --benchmark must be >= 0")
+    for name in ("num_threads", "mixing_threads", "torch_threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 1 <= args.per_class <= 500:
         p.error("--per-class must be between 1 and 500")
     return args
@@ -283,7 +305,7 @@ def _normalize(images):
                                     std=[MNIST_STD], output_layout="CHW")
 
 
-def build_mixing(source, buffer, *, batch_size, seed, num_threads, gpu):
+def build_mixing(source, buffer, *, batch_size, seed, num_threads, gpu, prepare_ahead=2):
     """The mixing pipeline (batch b + r): rehearsal stage -> normalisation."""
     import dali_rehearsal as dr
     from nvidia.dali import pipeline_def
@@ -292,7 +314,7 @@ def build_mixing(source, buffer, *, batch_size, seed, num_threads, gpu):
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
     def mixing():
-        images, labels = dr.fn.rehearsal(source, buffer=buffer)
+        images, labels = dr.fn.rehearsal(source, buffer=buffer, prepare_ahead=prepare_ahead)
         return _normalize(images), labels
 
     return mixing()
@@ -339,9 +361,11 @@ def load_test_set(test_root, *, num_threads, gpu, device):
 
 # ----------------------------------------------------------------------------- training
 class Trainer:
-    def __init__(self, args, dist: Dist, device, gpu: bool, num_threads: int):
+    def __init__(self, args, dist: Dist, device, gpu: bool, num_threads: int,
+                 mixing_threads: int = 1):
         self.args, self.dist, self.device, self.gpu = args, dist, device, gpu
         self.num_threads = num_threads
+        self.mixing_threads = mixing_threads
 
     def new_model(self):
         """(the model, what trains it: DDP over the ranks or the model, Adam)."""
@@ -364,36 +388,45 @@ class Trainer:
         """
         import torch
         import torch.nn.functional as F
+        from dali_rehearsal import profiling
 
         seen = 0
         trained.train()
         idle = torch.zeros(1, 1, 28, 28, device=self.device)
         for epoch in range(self.args.epochs):
             if manual_reset and epoch:
-                it.reset()
+                with profiling.step() as this_step:     # the epoch's start: loop time
+                    this_step.not_a_step()
+                    with profiling.phase("mixing"):
+                        it.reset()
             ended = False
             while True:
-                data = None
-                if not ended:
-                    try:
-                        data = next(it)
-                    except StopIteration:      # the epoch has ended on this rank
-                        ended = True
-                n = 0 if data is None else int(data[0]["labels"].shape[0])
-                total = self.dist.sum(n)
-                if total == 0:                 # every rank has ended its epoch
-                    break
-                opt.zero_grad(set_to_none=False)
-                if n:
-                    x = data[0]["images"].to(self.device, non_blocking=True)
-                    y = data[0]["labels"].reshape(-1).long().to(self.device, non_blocking=True)
-                    loss = F.cross_entropy(trained(x), y, reduction="sum")
-                    (loss * (self.dist.size / total)).backward()
-                    if pbar is not None:
-                        pbar.set_postfix(loss=f"{loss.item() / n:.3f}", refresh=False)
-                else:
-                    (trained(idle).sum() * 0.0).backward()     # joins DDP's all-reduce
-                opt.step()
+                with profiling.step() as this_step:
+                    data = None
+                    if not ended:
+                        try:
+                            data = profiling.next_batch(it)
+                        except StopIteration:      # the epoch has ended on this rank
+                            ended = True
+                    n = 0 if data is None else int(data[0]["labels"].shape[0])
+                    total = self.dist.sum(n)
+                    if total == 0:                 # every rank has ended its epoch
+                        this_step.not_a_step()
+                        break
+                    this_step.counted = True       # a step, idle on a rank that has ended
+                    with profiling.phase("train"):
+                        opt.zero_grad(set_to_none=False)
+                        if n:
+                            x = data[0]["images"].to(self.device, non_blocking=True)
+                            y = data[0]["labels"].reshape(-1).long().to(self.device,
+                                                                        non_blocking=True)
+                            loss = F.cross_entropy(trained(x), y, reduction="sum")
+                            (loss * (self.dist.size / total)).backward()
+                            if pbar is not None:
+                                pbar.set_postfix(loss=f"{loss.item() / n:.3f}", refresh=False)
+                        else:
+                            (trained(idle).sum() * 0.0).backward()   # joins DDP's all-reduce
+                        opt.step()
                 seen += n
                 if pbar is not None:
                     pbar.update(1)
@@ -461,7 +494,11 @@ def run_mode(mode: str, stream, trainer: Trainer, test) -> dict:
     args, dist = trainer.args, trainer.dist
     model, trained, opt = trainer.new_model()
     buffer = make_buffer(args, dist, trainer.gpu) if mode == "rehearsal" else None
-    out = {"accuracy": [], "task_accuracy": [], "task_time_s": [], "samples": 0}
+    from dali_rehearsal import profiling
+    out = {"accuracy": [], "task_accuracy": [], "task_time_s": [], "task_samples": [],
+           "samples": 0}
+    if args.breakdown:
+        out["breakdown"] = []
     try:
         for t, task in enumerate(stream):
             if mode == "scratch":
@@ -472,19 +509,27 @@ def run_mode(mode: str, stream, trainer: Trainer, test) -> dict:
             seed = args.seed * 1000 + t        # the same data order in every mode
             pbar = trainer.progress(f"{mode} task {t + 1}/{len(stream)}", trainer.steps(len(data)))
             dist.barrier()
+            if args.breakdown:
+                profiling.enable()              # clears the previous task's figures
             start = time.perf_counter()
             if mode == "rehearsal":
                 source = trainer.new_source(data, seed, normalize=False)
                 pipe = build_mixing(source, buffer,
                                     batch_size=args.batch_size + args.representatives,
-                                    seed=seed, num_threads=trainer.num_threads, gpu=trainer.gpu)
+                                    seed=seed, num_threads=trainer.mixing_threads,
+                                    gpu=trainer.gpu, prepare_ahead=args.prepare_ahead)
                 it = mixing_iterator(pipe)
             else:
                 source = pipe = trainer.new_source(data, seed, normalize=True)
                 it = direct_iterator(pipe)
-            out["samples"] += trainer.run_epochs(it, trained, opt, pbar,
-                                                   manual_reset=mode == "rehearsal")
+            task_samples = trainer.run_epochs(it, trained, opt, pbar,
+                                              manual_reset=mode == "rehearsal")
+            out["samples"] += task_samples
+            out["task_samples"].append(dist.sum(task_samples))
             elapsed = dist.max(time.perf_counter() - start)
+            if args.breakdown:
+                profiling.disable()
+                out["breakdown"].append(profiling.report())
             del it, pipe, source
             if pbar is not None:
                 pbar.close()
@@ -561,6 +606,24 @@ def format_table(results: dict, stream, closure) -> str:
     return "\n".join(lines)
 
 
+def format_breakdown(results: dict, tasks: int | None = None) -> str:
+    """Per mode: the per-step breakdown of task 1 and of the other tasks
+    (``tasks``: tasks per run, when ``breakdown`` holds several runs' tasks)."""
+    from dali_rehearsal import profiling
+    lines = []
+    for mode, r in results.items():
+        reports = r.get("breakdown")
+        if not reports:
+            continue
+        n = tasks or len(reports)
+        first = [t for i, t in enumerate(reports) if i % n == 0]
+        rest = [t for i, t in enumerate(reports) if i % n != 0]
+        parts = [("task 1", first)] + ([("tasks 2-%d" % n, rest)] if rest else [])
+        for label, reps in parts:
+            lines.append(f"{mode}, {label}: " + profiling.format_report(profiling.merge(reps)))
+    return "\n".join(lines)
+
+
 def plot(results: dict, stream, path: pathlib.Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -599,7 +662,92 @@ def versions() -> dict:
     return v
 
 
+def per_row_us(r: dict, tasks: slice) -> float:
+    """Training time per sample (microseconds) over some tasks of a run."""
+    return 1e6 * sum(r["task_time_s"][tasks]) / max(1, sum(r["task_samples"][tasks]))
+
+
+def benchmark(args, stream, trainer: Trainer) -> dict:
+    """``--benchmark N``: N interleaved runs of rehearsal (b + r rows a step)
+    and incremental at batch b + r (the same rows a step, the same model and
+    data path); the ratio of their samples/s, run by run."""
+    import copy
+    import statistics
+
+    dist = trainer.dist
+    b, r = args.batch_size, args.representatives
+    same_rows = copy.copy(args)
+    same_rows.batch_size = b + r
+    trainers = {"incremental": Trainer(same_rows, dist, trainer.device, trainer.gpu,
+                                       trainer.num_threads, trainer.mixing_threads),
+                "rehearsal": trainer}
+    runs = {mode: [] for mode in trainers}
+    for k in range(args.benchmark):
+        order = list(trainers) if k % 2 == 0 else list(trainers)[::-1]
+        for mode in order:
+            runs[mode].append(run_mode(mode, stream, trainers[mode], test=None))
+    if dist.rank != 0:
+        return {}
+    ratios = [reh["samples_per_s"] / inc["samples_per_s"]
+              for reh, inc in zip(runs["rehearsal"], runs["incremental"])]
+    task1 = [per_row_us(x, slice(0, 1)) / per_row_us(x, slice(1, None))
+             for x in runs["rehearsal"]] if len(stream) > 1 else []
+    command = "python " + " ".join([pathlib.Path(sys.argv[0]).as_posix()] + sys.argv[1:]) \
+        if sys.argv and sys.argv[0].endswith(".py") else "continual_mnist.main(...)"
+    fig = {"command": command, "runs": args.benchmark,
+           "rows_per_step": {"rehearsal": f"{b} fresh + {r} replayed",
+                             "incremental": f"{b + r} fresh"},
+           "prepare_ahead": args.prepare_ahead,
+           "threads": {"dali": trainer.num_threads, "mixing": trainer.mixing_threads,
+                       "torch": _torch().get_num_threads()},
+           "samples_per_s": {m: [x["samples_per_s"] for x in v] for m, v in runs.items()},
+           "ratio": ratios, "ratio_median": statistics.median(ratios),
+           "task1_per_row_over_rest": task1,
+           "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    print(f"rehearsal / incremental samples/s at {b + r} rows a step (b={b} + r={r} vs "
+          f"--batch-size {b + r}), prepare_ahead={args.prepare_ahead}, "
+          f"DALI threads {trainer.num_threads} (mixing {trainer.mixing_threads}), torch threads "
+          f"{fig['threads']['torch']}: "
+          f"median {fig['ratio_median']:.3f} (range {min(ratios):.3f}-{max(ratios):.3f}, "
+          f"{args.benchmark} interleaved runs)", flush=True)
+    for mode, v in fig["samples_per_s"].items():
+        print(f"  {mode:<12} samples/s: " + " ".join(f"{x:.0f}" for x in v), flush=True)
+    if task1:
+        print("  rehearsal task 1 time per row / tasks 2-5: median "
+              f"{statistics.median(task1):.3f} (range {min(task1):.3f}-{max(task1):.3f})",
+              flush=True)
+    print(f"  command: {command}", flush=True)
+    if args.breakdown:
+        print(f"per-step breakdown over the {args.benchmark} runs of each mode:", flush=True)
+        print(format_breakdown({m: {"breakdown": [t for x in v for t in x["breakdown"]]}
+                                for m, v in runs.items()}, tasks=len(stream)), flush=True)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(fig, indent=1) + "\n")
+    log.info("wrote %s", out / "benchmark.json")
+    return fig
+
+
 # -------------------------------------------------------------------------------- main
+def default_threads(cores: int, processes: int, gpu: bool) -> dict:
+    """The split of a machine's cores between PyTorch, DALI and the stage, per process.
+
+    ``c`` = cores / processes on this machine. On the CPU the training step is
+    most of a step (85-90 % in ``--breakdown``) and DALI's threads sleep while it
+    runs, so PyTorch gets all ``c`` cores and the decoding pipeline ``c`` threads
+    (they take turns rather than compete); the mixing pipeline, which only
+    normalises ``b + r`` rows, 1; the stage's worker is one more Python thread
+    that mostly waits. On a GPU the training step runs on the device: PyTorch's
+    CPU threads only launch kernels (PyTorch's own default is kept), and the
+    decoding pipeline gets ``c - 1`` threads, one core left to the training
+    loop and the stage's worker (a 64-core node with 8 GPUs: 7 DALI threads a
+    process)."""
+    per = max(1, cores // max(1, processes))
+    if gpu:
+        return {"torch": None, "dali": max(1, per - 1), "mixing": 1}
+    return {"torch": per, "dali": per, "mixing": 1}
+
+
 def resolve_device(choice: str) -> bool:
     """True for the GPU path."""
     import torch
@@ -664,9 +812,11 @@ def run(args, dist: Dist, gpu: bool, wall0: float) -> dict:
     else:
         device = torch.device("cpu")
         device_name = f"cpu ({os.cpu_count()} cores)"
-        torch.set_num_threads(args.torch_threads
-                              or max(1, (os.cpu_count() or 1) // dist.size - 1))
-    num_threads = args.num_threads or (1 if dist.size > 1 else 2)
+    threads = default_threads(os.cpu_count() or 1, dist.size, gpu)
+    if not gpu:
+        torch.set_num_threads(args.torch_threads or threads["torch"])
+    num_threads = args.num_threads or threads["dali"]
+    mixing_threads = args.mixing_threads or threads["mixing"]
     # The vector instructions PyTorch's CPU kernels use decide the order of their
     # floating-point sums, and so the last digit of some accuracies (README).
     capability = torch.backends.cpu.get_cpu_capability()
@@ -690,8 +840,10 @@ def run(args, dist: Dist, gpu: bool, wall0: float) -> dict:
              f"{dist.size} processes ({dist.launcher})" if dist.enabled else "1 process",
              ",".join(args.modes))
 
-    trainer = Trainer(args, dist, device, gpu, num_threads)
+    trainer = Trainer(args, dist, device, gpu, num_threads, mixing_threads)
     trainer.warm_up()
+    if args.benchmark:
+        return benchmark(args, stream, trainer)
     results = {mode: run_mode(mode, stream, trainer, test) for mode in args.modes}
     wall = dist.max(time.perf_counter() - wall0)
     if dist.rank != 0:
@@ -699,6 +851,8 @@ def run(args, dist: Dist, gpu: bool, wall0: float) -> dict:
 
     closure = gap_closure(results)
     print(format_table(results, stream, closure), flush=True)
+    if args.breakdown:
+        print(format_breakdown(results), flush=True)
     training = sum(r["train_time_s"] for r in results.values())
     print(f"run time {wall:.1f} s, of which training {training:.1f} s (the rest: data "
           "preparation, pipeline builds, evaluation)", flush=True)
@@ -709,7 +863,8 @@ def run(args, dist: Dist, gpu: bool, wall0: float) -> dict:
         "device_name": device_name,
         "world_size": dist.size,
         "launcher": dist.launcher,
-        "threads": {"dali": num_threads, "torch": torch.get_num_threads()},
+        "threads": {"dali": num_threads, "mixing": mixing_threads,
+                    "torch": torch.get_num_threads()},
         "torch_cpu_capability": capability,
         "class_order": list(stream.class_order),
         "tasks": [list(t.classes) for t in stream],

@@ -90,3 +90,14 @@ def test_two_pipeline_reference_hands_over_the_source_rows():
         np.testing.assert_array_equal(images[b:], want_images[:r])
         np.testing.assert_array_equal(labels.reshape(-1), np.concatenate(
             [want_labels.reshape(-1), want_labels.reshape(-1)[:r]]))
+
+
+def test_help_says_what_a_step_holds():
+    """One benchmark per figure: the floor benchmark says what its step holds
+    and where a training loop's figure comes from."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = " ".join(proc.stdout.split())
+    assert "A step here is pipe.run() and reading its outputs, nothing else" in text
+    assert "continual_mnist.py --benchmark" in text

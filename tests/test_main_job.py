@@ -101,13 +101,70 @@ def test_rehearsal_beats_incremental(tmp_path, cache, capsys):
     assert len(png) > 1000 and png.startswith(PNG_SIGNATURE)
 
 
+TINY = ["--per-class", "20", "--epochs", "2", "--batch-size", "8", "--representatives", "8",
+        "--capacity", "40", "--seed", "0", "--no-progress", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("prepare_ahead", [0, 2])
+def test_breakdown_of_the_main_job(tmp_path, cache, capsys, prepare_ahead):
+    """``--breakdown``: per mode and task, where the steps' time went; the
+    steps are the optimizer steps, and the phases add up to the steps' time."""
+    from dali_rehearsal import profiling
+    out = tmp_path / "out"
+    report = _load_script().main(TINY + ["--modes", "incremental,rehearsal", "--breakdown",
+                                         "--prepare-ahead", str(prepare_ahead),
+                                         "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "incremental, task 1: per-step breakdown" in printed
+    assert "rehearsal, tasks 2-5: per-step breakdown" in printed
+    assert report["settings"]["prepare_ahead"] == prepare_ahead
+    for mode, r in report["modes"].items():
+        assert len(r["breakdown"]) == 5 and sum(r["task_samples"]) == r["samples"]
+        for task in r["breakdown"]:
+            # 32 training digits a task (16 a class), b = 8: 4 steps an epoch, 2 epochs
+            assert task["steps"] == 8, (mode, task)
+            assert all(v >= 0 for v in task["loop"].values())
+            assert sum(task["loop"].values()) == pytest.approx(task["loop_s"], rel=1e-6)
+            assert task["loop"]["train"] > 0 and task["loop"]["mixing"] > 0
+        stage = sum(t["loop"]["stage"] for t in r["breakdown"])
+        assert (stage > 0) == (mode == "rehearsal"), mode
+    reh = report["modes"]["rehearsal"]["breakdown"]
+    where = "loop" if prepare_ahead == 0 else "background"
+    assert all(t[where].get("source", 0) > 0 for t in reh)
+    assert not profiling.is_enabled()
+
+
+def test_benchmark_mode_prints_the_ratio_with_its_command(tmp_path, cache, capsys):
+    """``--benchmark N``: N interleaved runs of rehearsal (b + r rows a step)
+    and incremental at batch b + r; the ratio of samples/s, run by run."""
+    out = tmp_path / "out"
+    fig = _load_script().main(TINY + ["--benchmark", "2", "--breakdown", "--out", str(out)])
+    printed = capsys.readouterr().out
+    # the breakdown groups the runs' tasks: task 1 of every run, then tasks 2-5 of every run
+    # (16 training digits a class, 2 classes a task, b = 8, 2 epochs: 8 steps a task)
+    assert "rehearsal, task 1: per-step breakdown: 16 steps" in printed
+    assert "rehearsal, tasks 2-5: per-step breakdown: 64 steps" in printed
+    assert "incremental, task 1: per-step breakdown: 8 steps" in printed   # batch 16
+    assert "rehearsal / incremental samples/s at 16 rows a step (b=8 + r=8 vs --batch-size 16)" \
+        in printed
+    assert "command: " in printed and "median" in printed
+    data = json.loads((out / "benchmark.json").read_text())
+    assert data == json.loads(json.dumps(fig))
+    assert data["runs"] == 2 and len(data["ratio"]) == 2
+    reh, inc = data["samples_per_s"]["rehearsal"], data["samples_per_s"]["incremental"]
+    assert all(x > 0 for x in reh + inc)
+    assert data["ratio"] == pytest.approx([a / b for a, b in zip(reh, inc)])
+    assert len(data["task1_per_row_over_rest"]) == 2
+    assert not (out / "results.json").exists()      # no comparison, no evaluation
+
+
 def test_options_are_checked():
     script = _load_script()
     args = script.parse_args(["--modes", "scratch,incremental"])
     assert args.modes == ["incremental", "scratch"]
     assert (args.batch_size, args.epochs, args.per_class) == (32, 3, 500)
     for bad in (["--modes", "replay"], ["--per-class", "0"], ["--batch-size", "0"],
-                ["--policy", "fifo"]):
+                ["--policy", "fifo"], ["--prepare-ahead", "-1"], ["--benchmark", "-1"]):
         with pytest.raises(SystemExit):
             script.parse_args(bad)
 

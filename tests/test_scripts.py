@@ -126,6 +126,33 @@ def test_profile_throughput(tmp_path):
     assert "step/s" not in proc.stderr and "profile_throughput (" not in proc.stderr
 
 
+@pytest.mark.slow
+def test_profile_epochs(tmp_path):
+    """The decode-heavy epoch loop: both variants, every epoch start but each
+    segment's first, the ratios as defined, the command printed."""
+    out = tmp_path / "out" / "epochs.json"
+    proc = _run([sys.executable, PIPELINES / "profile_epochs.py", "--images", "40",
+                 "--image-size", "32", "--resize-size", "40", "--batch-size", "8",
+                 "--representatives", "2", "--epochs", "3", "--repeats", "2", "--breakdown",
+                 "--out", out], tmp_path, timeout=300)
+    data = json.loads(out.read_text())
+    v = data["variants"]
+    assert set(v) == {"plain", "rehearsal"}
+    for name, f in v.items():
+        assert len(f["epoch_start_ms"]) == 2 and all(x > 0 for x in f["epoch_start_ms"]), name
+        assert len(f["fresh_per_s"]) == 2 and all(x > 0 for x in f["fresh_per_s"]), name
+    assert data["epoch_start_ratio"] == pytest.approx(
+        [a / b for a, b in zip(v["rehearsal"]["epoch_start_ms"], v["plain"]["epoch_start_ms"])])
+    assert data["fresh_per_s_ratio"] == pytest.approx(
+        [a / b for a, b in zip(v["rehearsal"]["fresh_per_s"], v["plain"]["fresh_per_s"])])
+    # 40 images, b = 8: 5 steps an epoch, 3 epochs, 2 segments
+    assert data["breakdown"]["plain"]["steps"] == data["breakdown"]["rehearsal"]["steps"] == 30
+    assert data["breakdown"]["rehearsal"]["loop"]["stage"] > 0
+    assert data["threads"]["rehearsal"]["source"] + data["threads"]["rehearsal"]["mixing"] >= 2
+    assert f"command: {data['command']}" in proc.stdout
+    assert "rehearsal / plain: epoch start" in proc.stdout
+
+
 def test_profile_throughput_help_explains_every_option_once(tmp_path):
     proc = _run([sys.executable, PIPELINES / "profile_throughput.py", "--help"], tmp_path,
                 timeout=120)

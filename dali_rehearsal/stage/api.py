@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 import weakref
 
+from .. import profiling as _prof
 from ..buffer import RehearsalBuffer
 from ..checks import check_int
 from ..epochs import LastBatchPolicy, policy_name
@@ -42,7 +43,8 @@ class _Callback:
         stage = self._stage()
         if stage is None:
             raise RuntimeError("the rehearsal stage of this pipeline was freed")
-        return stage.handover.with_layouts(stage())
+        with _prof.phase("stage"):
+            return stage.handover.with_layouts(stage())
 
 
 _CHECKPOINT_ADVICE = (

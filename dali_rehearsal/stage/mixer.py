@@ -23,6 +23,7 @@ import logging
 
 import numpy as np
 
+from .. import profiling as _prof
 from ..step import StepCore
 from ..epochs import EpochPlan, LastBatchPolicy, policy_name
 from .handover import FILLER, FRESH, REPLAYED, Handover
@@ -246,7 +247,8 @@ class Mixer:
             self._end_epoch()               # the source's epoch ended before this step
         # From the representatives to the insert, no other thread uses the buffer.
         with self.core.lock:
-            reps = self.core.begin(active=True)
+            with _prof.phase("exchange"):
+                reps = self.core.begin(active=True)
             if reps is None:
                 # another process ended its epoch: this step's fresh rows open the next one
                 log.log(self.core.log_level, "epoch %d ends early on rank %d (another rank "

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import weakref
 
+from .. import profiling as _prof
+
 __all__ = ["SourceStream", "runs_with_stream"]
 
 
@@ -136,7 +138,8 @@ class SourceStream:
         self.batch, self.labels, self.pos = None, None, 0
         self._claim.read = True
         try:
-            outputs = self._run()
+            with _prof.phase("source"):
+                outputs = self._run()
         except StopIteration:
             self.source.reset()
             raise

@@ -40,6 +40,8 @@ import threading
 import traceback
 import weakref
 
+from .. import profiling as _prof
+
 __all__ = ["Worker", "END"]
 
 #: the item that marks an epoch end in the channel
@@ -145,7 +147,8 @@ def _work(ref, channel: _Channel, backend) -> None:
             if mixer is None:
                 return
             try:
-                item = mixer.run_step()
+                with _prof.phase("stage"):
+                    item = mixer.run_step()
             except StopIteration:
                 item = END
             except BaseException as e:  # handed to the consumer, in order
@@ -190,7 +193,8 @@ class Worker:
 
     def next(self):
         """The next prepared step (raises what building it raised)."""
-        item = self._channel.get()
+        with _prof.phase("stage_wait"):
+            item = self._channel.get()
         if item is _CLOSED:
             raise RuntimeError("the rehearsal stage's worker has stopped (the stage "
                                "failed earlier or was stopped)")
