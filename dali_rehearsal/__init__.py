@@ -19,7 +19,7 @@ from .storage import FieldSpec
 from .stage import LastBatchPolicy, epoch_size, steps_per_epoch
 from .streams import ClassIncremental, LabelledFiles, Task
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["RehearsalBuffer", "FieldSpec", "LastBatchPolicy", "POLICIES", "fn", "streams",
            "datasets", "profiling", "ClassIncremental", "LabelledFiles", "Task", "gpu_available",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
+from ..version import __version__
 from .atomic import write_atomically
 from .calls import open_call
 from .directory import ConcurrentSaveError, DirectoryWriter, shard_name, shard_temporary
@@ -74,7 +75,6 @@ def save(core, path, *, allow_other_files: bool = False) -> None:
                 if channel.in_step:          # every process has stopped writing
                     discard()
                 raise
-            from .. import __version__     # here: the package imports this module first
             body = {"format": DIR_FORMAT, "version": DIR_VERSION, "save_id": save_id,
                     "world_size": core.world_size, "library_version": __version__,
                     "shards": entries}
