@@ -436,3 +436,20 @@ def photo_root(args, rank: int, bench_comm):
     if bench_comm is not None:
         bench_comm.Barrier()
     return photo_jpegs(count=args.images, size=args.jpeg_hw)
+
+
+def without_options(argv, options) -> list[str]:
+    """``argv`` without the ``options`` (each with its value: ``--opt v`` or
+    ``--opt=v``): the arguments a launched child run gets."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in options:
+            skip = True
+            continue
+        if any(a.startswith(o + "=") for o in options):
+            continue
+        out.append(a)
+    return out

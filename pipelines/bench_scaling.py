@@ -320,19 +320,8 @@ def _load() -> str:
 
 def _child_argv(argv: list[str]) -> list[str]:
     """The options a launched run gets: the measuring ones."""
-    out, skip = [], False
-    drop = ("--processes", "--launchers", "--mpiexec", "--launch-timeout", "--out", "--child")
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in drop:
-            skip = True
-            continue
-        if any(a.startswith(d + "=") for d in drop):
-            continue
-        out.append(a)
-    return out
+    return _bench.without_options(argv, ("--processes", "--launchers", "--mpiexec",
+                                         "--launch-timeout", "--out", "--child"))
 
 
 def _oversubscribe(exe: list[str]) -> list[str]:

@@ -406,8 +406,8 @@ def plot_spec(results) -> dict:
 def launch(args, argv) -> int:
     """Runs this script under ``--launcher`` for every N of ``--launch``."""
     counts = [int(n) for n in args.launch.split(",") if n.strip()]
-    child_argv = _strip(argv, ("--launch", "--out", "--mpiexec", "--launch-timeout",
-                               "--launcher"))
+    child_argv = _bench.without_options(argv, ("--launch", "--out", "--mpiexec",
+                                               "--launch-timeout", "--launcher"))
     if args.launcher == "mpiexec":
         mpiexec = shutil.which(args.mpiexec)
         if mpiexec is None:
@@ -459,21 +459,6 @@ def launch(args, argv) -> int:
     _bench.bar_chart(png_path, **combined["plotted"])
     print(f"wrote {json_path} and {png_path}{replaced}")
     return 0 if not failures else 1
-
-
-def _strip(argv, options):
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in options:
-            skip = True
-            continue
-        if any(a.startswith(o + "=") for o in options):
-            continue
-        out.append(a)
-    return out
 
 
 def parse_args(argv=None):
