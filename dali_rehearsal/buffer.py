@@ -11,8 +11,9 @@ import numpy as np
 from . import checkpoint
 from ._backend import Backend, get_backend, on_device, to_host
 from .checks import check_int, check_seed
+from .exchange import Transport, make_sampler, world_of
 from .policies import make_policy
-from .sampling import Representatives, make_sampler, world_of
+from .representatives import Representatives, StoreView
 from .storage import FieldSpec, SampleStore, spec_of
 
 __all__ = ["RehearsalBuffer", "FieldSpec"]
@@ -109,8 +110,11 @@ class RehearsalBuffer:
             entropy or None, spawn_key=(rank,)).spawn(2)
         self._policy = make_policy(policy, self.capacity, np.random.default_rng(policy_seq))
         self.sampling = sampling
-        self._sampler = make_sampler(self, comm=comm, sampling=sampling, seed=self.seed,
+        self._view = StoreView(self.store, self._policy, self.num_representatives)
+        self._sampler = make_sampler(self._view, comm=comm, sampling=sampling, seed=self.seed,
                                      rng=np.random.default_rng(sample_seq),
+                                     settings={"policy": self.policy,
+                                               "label_index": self.label_index},
                                      cuda_aware=cuda_aware, timeout=timeout)
         self.rank = self._sampler.rank
         self.world_size = self._sampler.world_size
@@ -152,7 +156,7 @@ class RehearsalBuffer:
 
     @property
     def sampler(self):
-        """Where representatives come from (:mod:`dali_rehearsal.sampling`)."""
+        """Where representatives come from (:mod:`dali_rehearsal.exchange`)."""
         return self._sampler
 
     def exchange_stats(self) -> dict:
@@ -165,7 +169,6 @@ class RehearsalBuffer:
         when this returns: its counts appear once it ends."""
         if getattr(self._sampler, "is_global", False):
             return self._sampler.exchange_stats()
-        from .exchange.transport import Transport
         return dict.fromkeys(("rounds",) + Transport.COUNTS, 0)
 
     @property
@@ -356,7 +359,7 @@ class RehearsalBuffer:
         """
         with self._lock:
             self.wait_for_writes(stream)
-            reps.write_into(self.store, out, fresh_count, stream)
+            reps.write_into(self._view, out, fresh_count, stream)
             self._last_reps = reps
             batch_index, slots = self._policy.offer(labels[:fresh_count])
             self.store.scatter(out, batch_index, slots, stream)

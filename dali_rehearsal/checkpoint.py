@@ -55,7 +55,7 @@ whole stream. The random streams are the new buffers' own (their seeds): they
 cannot continue those of another number of processes.
 
 Collective calls (``save`` and ``load`` with a communicator) run over the
-buffer's exchange (:func:`dali_rehearsal.exchange.collective.open_channel`):
+buffer's exchange (:func:`dali_rehearsal.exchange.open_channel`):
 every process must call them at the same point, each wait is bounded by the
 buffer's ``timeout``, a failure on one process raises on every process, and
 processes that are in another call (a step, ``close``, the other checkpoint
@@ -79,6 +79,7 @@ from .checkpoint_directory import MANIFEST, ConcurrentSaveError, DirectoryWriter
 from .checkpoint_files import MAX_META_BYTES, CheckpointError, HashingWriter, ShardFile, \
     check_depth, load_json, write_atomically, write_shard
 from .checks import check_rng_state
+from .exchange import LOAD, SAVE, open_channel
 from .policies import make_policy
 from .storage import FieldSpec
 
@@ -524,8 +525,6 @@ def _manifest_bytes(body: dict) -> bytes:
 
 def _open_channel(buffer, call: str):
     """The collective call ``call`` ("save", "load") over the buffer's exchange."""
-    from .exchange.collective import open_channel
-    from .exchange.rounds import LOAD, SAVE
     return open_channel(buffer, SAVE if call == "save" else LOAD, f"{call}()")
 
 

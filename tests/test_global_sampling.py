@@ -110,7 +110,7 @@ def test_the_transport_counts_what_the_protocol_must_send(transport, tmp_path):
     """``exchange_stats()``: one status allgather per round (and one for the
     construction), one all-to-all per field in every round that draws, and
     bytes = status rows + the rows each process serves to the others."""
-    from dali_rehearsal.exchange.rounds import _COLUMNS, _draw
+    from dali_rehearsal.exchange.protocol import COLUMNS as _COLUMNS, draw as _draw
     n = 2
     results, _ = run(transport, n, "exchange_counts", tmp_path)
     status = 8 * _COLUMNS                      # bytes of one status row

@@ -32,8 +32,7 @@ import numpy as np
 
 from .errors import RemoteError
 
-__all__ = ["Transport", "make_transport", "DEFAULT_TIMEOUT", "is_torch_group",
-           "is_mpi_comm", "check_timeout"]
+__all__ = ["Transport", "DEFAULT_TIMEOUT", "is_torch_group", "is_mpi_comm", "check_timeout"]
 
 #: Seconds a process waits for the others in one collective before it raises
 #: :class:`RemoteError` (the same as NCCL's default in PyTorch).
@@ -262,40 +261,3 @@ def is_torch_group(comm) -> bool:
         return False
     import torch.distributed as dist
     return isinstance(comm, dist.ProcessGroup)
-
-
-def make_transport(comm, *, timeout: float | None = DEFAULT_TIMEOUT,
-                   device_buffers: bool | None = False, purpose: str | None = None) -> Transport:
-    """The transport for ``comm``: an mpi4py communicator (the
-    :class:`~.mpi.MPITransport`) or a ``torch.distributed`` process group
-    such as ``dist.group.WORLD`` (the :class:`~.torch.TorchTransport`).
-
-    Creating one is a collective call over ``comm``. ``device_buffers``:
-    whether the sample data may travel as device arrays (``None``: when the
-    library supports it, CUDA-aware MPI or an NCCL group). ``purpose`` (for
-    example ``"save()"``) names, in a timeout's message, the call the other
-    processes did not join.
-    """
-    timeout = check_timeout(timeout)
-    if is_mpi_comm(comm):
-        from .mpi import MPITransport
-        return MPITransport(comm, timeout=timeout, device_buffers=device_buffers,
-                            purpose=purpose)
-    if is_torch_group(comm):
-        from .torch import TorchTransport
-        return TorchTransport(comm, timeout=timeout, device_buffers=device_buffers,
-                              purpose=purpose)
-    raise TypeError("comm must be an mpi4py communicator (MPI.COMM_WORLD) or a "
-                    "torch.distributed process group (torch.distributed.group.WORLD), got "
-                    f"{type(comm).__module__}.{type(comm).__name__}")
-
-
-def world_of(comm) -> tuple[int, int]:
-    """``(rank, size)`` of an mpi4py communicator or a torch process group."""
-    if is_mpi_comm(comm):
-        return int(comm.Get_rank()), int(comm.Get_size())
-    if is_torch_group(comm):
-        return int(comm.rank()), int(comm.size())
-    raise TypeError("comm must be an mpi4py communicator (MPI.COMM_WORLD) or a "
-                    "torch.distributed process group (torch.distributed.group.WORLD), got "
-                    f"{type(comm).__module__}.{type(comm).__name__}")

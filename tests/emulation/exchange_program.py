@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 
 import dali_rehearsal as dr  # noqa: E402
 from dali_rehearsal.exchange import GlobalSampler  # noqa: E402
-from dali_rehearsal.sampling import Representatives  # noqa: E402
+from dali_rehearsal.representatives import Representatives  # noqa: E402
 from emulation import runtime  # noqa: E402
 import utils  # noqa: E402
 

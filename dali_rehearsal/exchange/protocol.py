@@ -1,0 +1,59 @@
+"""The vocabulary of the round protocol: the status row every process sends
+first in every exchange, and the shared-seed draws.
+
+A status row is ``COLUMNS`` int64 values: what the process is doing
+(:data:`KIND`: a step, an ended epoch, a failure, closing, building a buffer,
+``save()``, ``load()``), its shard size, a hash of its settings and one of
+its sample layout, the round number, its step count, its seed, and whether it
+has a note (the reason it stops) to send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+from ..representatives import draw_distinct
+
+__all__ = ["ACTIVE", "IDLE", "FAILED", "CLOSED", "HELLO", "SAVE", "LOAD", "STOPPING",
+           "CALL_OF", "KIND", "SIZE", "SETTINGS", "LAYOUT", "ROUND", "STEPS", "SEED", "NOTE",
+           "COLUMNS", "NOTE_BYTES", "stable_hash", "seed_of", "draw"]
+
+# What a process says in a round (and in the first message of other collectives).
+ACTIVE, IDLE, FAILED, CLOSED, HELLO, SAVE, LOAD = 0, 1, 2, 3, 4, 5, 6
+#: The kinds that end the protocol on every process.
+STOPPING = (FAILED, CLOSED)
+#: The collective call each kind belongs to: processes that meet in one
+#: exchange must be in the same call.
+CALL_OF = {ACTIVE: "step", IDLE: "step", FAILED: "step", CLOSED: "step", HELLO: "build",
+           SAVE: "save", LOAD: "load"}
+# Columns of the status row.
+KIND, SIZE, SETTINGS, LAYOUT, ROUND, STEPS, SEED, NOTE = range(8)
+COLUMNS = 8
+#: Bytes of the note each process sends when a round needs notes.
+NOTE_BYTES = 4096
+
+
+def stable_hash(obj) -> int:
+    """A stable, non-zero 63-bit hash of a JSON-able value."""
+    digest = hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") & (2**63 - 1)) or 1
+
+
+def seed_of(seed) -> int:
+    """A 63-bit seed for the shared draws (fresh entropy for ``None``)."""
+    if seed is None:
+        return int(np.random.SeedSequence().entropy % 2**63)
+    seed = int(seed)
+    if seed < 2**63:
+        return seed
+    return int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] % 2**63)
+
+
+def draw(seed: int, round_no: int, rank: int, total: int, k: int) -> np.ndarray:
+    """Rank ``rank``'s draws in round ``round_no``: ``k`` distinct global
+    indices, uniform over ``[0, total)``, in increasing order (grouped by
+    owner). Every process can compute every other's."""
+    return draw_distinct(np.random.default_rng([seed, round_no, rank]), total, k)
