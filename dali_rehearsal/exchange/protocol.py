@@ -19,7 +19,7 @@ from ..representatives import draw_distinct
 
 __all__ = ["ACTIVE", "IDLE", "FAILED", "CLOSED", "HELLO", "SAVE", "LOAD", "STOPPING",
            "CALL_OF", "KIND", "SIZE", "SETTINGS", "LAYOUT", "ROUND", "STEPS", "SEED", "NOTE",
-           "COLUMNS", "NOTE_BYTES", "stable_hash", "seed_of", "draw"]
+           "COLUMNS", "NOTE_BYTES", "stable_hash", "seed_of", "draws"]
 
 # What a process says in a round (and in the first message of other collectives).
 ACTIVE, IDLE, FAILED, CLOSED, HELLO, SAVE, LOAD = 0, 1, 2, 3, 4, 5, 6
@@ -52,8 +52,27 @@ def seed_of(seed) -> int:
     return int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] % 2**63)
 
 
-def draw(seed: int, round_no: int, rank: int, total: int, k: int) -> np.ndarray:
-    """Rank ``rank``'s draws in round ``round_no``: ``k`` distinct global
-    indices, uniform over ``[0, total)``, in increasing order (grouped by
-    owner). Every process can compute every other's."""
-    return draw_distinct(np.random.default_rng([seed, round_no, rank]), total, k)
+def draws(seed: int, round_no: int, world: int, total: int, k: int) -> np.ndarray:
+    """Every process's draws in round ``round_no``: row ``p`` holds process
+    ``p``'s ``k`` distinct global indices, uniform over ``[0, total)``, in
+    increasing order (grouped by owner); rows independent. Every process
+    computes the same array from (rank 0's seed, round): one generator per
+    round, ``world`` rows drawn together.
+
+    As in :func:`~dali_rehearsal.representatives.draw_distinct`: when ``k``
+    is much smaller than ``total``, a row of independent uniform values is
+    kept when its values are distinct and drawn again with
+    ``Generator.choice(replace=False)`` otherwise; either way every
+    ``k``-subset is equally likely."""
+    rng = np.random.default_rng([seed, round_no])
+    if k <= 0:
+        return np.empty((world, 0), np.int64)
+    if 4 * k > total:
+        return np.stack([draw_distinct(rng, total, k) for _ in range(world)])
+    picks = (rng.random((world, k)) * total).astype(np.int64)
+    picks.sort(axis=1)
+    for p in np.flatnonzero((picks[:, 1:] == picks[:, :-1]).any(axis=1)):
+        row = rng.choice(total, size=k, replace=False).astype(np.int64)
+        row.sort()
+        picks[p] = row
+    return picks

@@ -1,4 +1,4 @@
-"""Global sampling across processes: the round protocol, over any transport.
+"""Global sampling across processes: the round state machine, over any transport.
 
 Each process keeps its own shard of the buffer. In every step, each
 process's representatives are drawn uniformly without replacement from the
@@ -21,18 +21,21 @@ every process, with every process's value.
    step count, rank 0's seed, and whether it has a note (the reason it stops).
 2. Only when a row asks for it (a mismatch, a note): an allgather of a short
    JSON note per process, from which every process builds the same error.
-3. Each process draws ``min(r, total)`` global indices uniformly without
-   replacement from ``[0, total)`` and maps them to ``(owner, slot)``. The
-   draws come from a generator seeded by (rank 0's seed, round, process), so
-   every owner computes what every process asks of it: no request messages.
-4. Each owner gathers the requested rows of every field into a send buffer
-   (the gather kernel on the GPU), and one all-to-all per field, all in flight
-   together, moves the bytes: device buffers directly when the transport
-   takes them (CUDA-aware MPI, NCCL), through pinned host memory otherwise;
-   NumPy buffers as they are. Nothing is pickled.
+3. Every process computes every process's draws: ``min(r, total)`` global
+   indices each, uniform without replacement over ``[0, total)``, from one
+   generator seeded by (rank 0's seed, round) (:func:`.protocol.draws`), and
+   maps them to ``(owner, slot)``. So every owner knows what every process
+   asks of it, and every process what it gets from each owner: no request
+   messages, no counts exchanged.
+4. Each owner sends each process that drew some of its rows one message
+   holding those rows, every field, packed; each process receives one
+   message from each owner it drew from, and nobody else takes part
+   (:mod:`.staging`: point-to-point messages, device buffers directly when
+   the transport takes them, pinned host memory otherwise). Nothing is
+   pickled.
 
 Every decision after step 1 is a function of the status table alone, so
-every process takes the same branch and the collectives always pair up.
+every process takes the same branch and the messages always pair up.
 
 **Overlap.** The buffer opens the round for step ``t + 1`` right after
 inserting step ``t``'s fresh samples and waits for it only when step ``t + 1``
@@ -47,9 +50,10 @@ of the previous round's received rows into the output). The exchange stream
 waits for it before gathering, and the host waits for the exchange stream
 before it hands any memory to the transport (MPI and NCCL do not order
 themselves after our streams): a round's gathers never read rows still being
-written, and its receives never overwrite rows still being read. Staged rows
-are uploaded on the exchange stream and the representatives carry an event
-that the step's stream waits for before copying them.
+written, and its receives never overwrite rows still being read. Received
+rows are unpacked (staged: uploaded) on the exchange stream and the
+representatives carry an event that the step's stream waits for before
+copying them.
 
 **Other collectives.** ``save()`` and ``load()`` run over the same transport,
 between two steps (:meth:`GlobalSampler.collective`): their first message is
@@ -74,14 +78,11 @@ after the timeout with :class:`RemoteError`.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
-import queue
 import sys
 import threading
 import time
-import weakref
 
 import numpy as np
 
@@ -89,8 +90,9 @@ from ..representatives import Representatives, StoreView
 from .collective import Channel
 from .errors import MismatchError, RemoteError
 from .messages import describe_exception, stop_message
+from .progress import Progress, Round, register, unregister
 from .protocol import (ACTIVE, CLOSED, COLUMNS, FAILED, HELLO, IDLE, KIND, LAYOUT, NOTE, ROUND,
-                       SEED, SETTINGS, SIZE, STEPS, STOPPING, draw, seed_of, stable_hash)
+                       SEED, SETTINGS, SIZE, STEPS, STOPPING, draws, seed_of, stable_hash)
 from .staging import RowMover
 from .status import exchange_status
 from .transport import Transport
@@ -98,40 +100,6 @@ from .transport import Transport
 __all__ = ["GlobalSampler"]
 
 log = logging.getLogger("dali_rehearsal")
-
-
-# ------------------------------------------------------------------ rounds
-class _Round:
-    """One round: what this process says, and what comes back."""
-
-    def __init__(self, kind: int, *, size: int = 0, event=None, note: str | None = None):
-        self.kind = kind
-        self.size = size
-        self.event = event          # GPU event: the step's writes are queued before it
-        self.note = note            # why this process stops (FAILED, CLOSED)
-        self.number = -1            # set when submitted: the same on every process
-        self.steps = 0
-        self.done = threading.Event()
-        self.result: Representatives | None = None
-        self.exception: BaseException | None = None
-        self.reported = False       # the caller has seen the result
-
-
-_live: "weakref.WeakSet[GlobalSampler]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_at_exit() -> None:
-    """A process that exits with a buffer open tells the others, so that they
-    raise instead of waiting for its next step."""
-    exc = getattr(sys, "last_value", None)     # set by an uncaught exception
-    reason = (f"exited with an uncaught exception ({describe_exception(exc)})" if exc
-              is not None else "exited without closing its buffer")
-    for sampler in list(_live):
-        try:
-            sampler.close(reason=reason, at_exit=True)
-        except BaseException:      # never let cleanup hide the exit status
-            pass
 
 
 class GlobalSampler:
@@ -158,6 +126,7 @@ class GlobalSampler:
         self.rng = rng
         backend = self._backend = view.backend
         self._shared_settings = dict(settings or {})
+        self._ident = None
         self.transport = transport
         self.timeout = self.transport.timeout
         self.rank, self.world_size = self.transport.rank, self.transport.size
@@ -168,8 +137,8 @@ class GlobalSampler:
         self._calls = threading.RLock()
         self._next_round = 0
         self._steps = 0
-        self._pending: _Round | None = None
-        self._last: _Round | None = None
+        self._pending: Round | None = None
+        self._last: Round | None = None
         self._stopped: BaseException | None = None   # why the protocol ended (first cause)
         self._broken = False                  # a collective may still be pending
         self._aborted = False
@@ -184,23 +153,19 @@ class GlobalSampler:
             raise
         self.staged = backend.is_gpu and not self.transport.device_buffers
         self._mover = RowMover(view, self.transport, self._stream, staged=self.staged)
-        self._threaded = self.transport.threaded
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = None
-        if self._threaded:
-            self._thread = threading.Thread(target=self._serve_forever, daemon=True,
-                                            name=f"dali-rehearsal-exchange-{self.rank}")
-            self._thread.start()
-        else:
+        self._progress = Progress(self._run, threaded=self.transport.threaded,
+                                  name=f"dali-rehearsal-exchange-{self.rank}",
+                                  setup=backend.use_device, rank=self.rank)
+        if not self._progress.threaded:
             log.warning("MPI is not initialised with MPI_THREAD_MULTIPLE: the global exchange "
                         "runs synchronously, not overlapped with training")
-        _live.add(self)
+        register(self)
         if self.rank == 0:
             log.info("global sampling over %d processes (%s, %s transfers, %s, timeout %s)",
                      self.world_size, self.transport.name,
                      "staged host" if self.staged else
                      ("device" if backend.is_gpu else "host"),
-                     "progress thread" if self._threaded else "synchronous",
+                     "progress thread" if self._progress.threaded else "synchronous",
                      "none" if self.timeout is None else f"{self.timeout:g} s")
 
     # ------------------------------------------------------------ settings
@@ -215,8 +180,18 @@ class GlobalSampler:
             return None
         return [[list(f.shape), np.dtype(f.dtype).str] for f in spec]
 
+    def _identity(self) -> tuple:
+        """``(settings, layout, their hashes)``, computed again only when the
+        sample layout changes (the settings never do)."""
+        spec = self._view.spec
+        if self._ident is None or self._ident[0] is not spec:
+            settings, layout = self._settings(), self._layout()
+            self._ident = (spec, settings, layout, stable_hash(settings),
+                           0 if layout is None else stable_hash(layout))
+        return self._ident[1:]
+
     def _hello(self) -> None:
-        rnd = _Round(HELLO)
+        rnd = Round(HELLO)
         rnd.number = self._next_round
         table, _ = self._status_round(rnd, "the other processes to build their buffers")
         #: The seed of the shared draws: rank 0's.
@@ -241,7 +216,7 @@ class GlobalSampler:
                                   "process failed", ranks=[self.rank])
             if self._pending is not None:
                 raise RuntimeError("internal: a round is already open")
-            self._pending = self._submit(_Round(ACTIVE if active else IDLE,
+            self._pending = self._submit(Round(ACTIVE if active else IDLE,
                                                 size=self._view.size, event=event))
 
     def finish(self) -> Representatives | None:
@@ -278,7 +253,7 @@ class GlobalSampler:
             self._pending = None
             if self._stopped is None:
                 reason = describe_exception(exc)
-                self._submit(_Round(FAILED, size=self._view.size,
+                self._submit(Round(FAILED, size=self._view.size,
                                     note=f"failed ({reason})" if reason else "failed"))
 
     def close(self, *, reason: str | None = None, at_exit: bool = False) -> None:
@@ -302,10 +277,10 @@ class GlobalSampler:
                     handling = describe_exception(exc)
                     reason = (f"closed its buffer while handling {handling}" if handling
                               else "closed its buffer")
-                last = self._submit(_Round(CLOSED, size=self._view.size, note=reason))
+                last = self._submit(Round(CLOSED, size=self._view.size, note=reason))
             else:
                 last = self._last            # e.g. the failure round of abort(): let it out
-        _live.discard(self)
+        unregister(self)
         try:
             if last is not None:
                 self._wait(last)
@@ -324,11 +299,7 @@ class GlobalSampler:
                 break
 
     def _shutdown(self) -> None:
-        alive = False
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=10.0)
-            alive = self._thread.is_alive()
+        alive = self._progress.stop()
         self.transport.close(broken=self._broken or alive)
 
     def _stopped_error(self) -> RemoteError:
@@ -366,7 +337,7 @@ class GlobalSampler:
                 if self._aborted:
                     raise RemoteError(f"global sampling stopped on rank {self.rank}: a step of "
                                       "this process failed", ranks=[self.rank])
-            rnd = _Round(kind, size=self._view.size)
+            rnd = Round(kind, size=self._view.size)
             rnd.number, rnd.steps = self.resume_round, self._steps
             channel = Channel(self.transport, what)
             try:
@@ -420,33 +391,18 @@ class GlobalSampler:
         self._next_round = round_no
 
     # ------------------------------------------------------------- threads
-    def _submit(self, rnd: _Round) -> _Round:
+    def _submit(self, rnd: Round) -> Round:
         """Queues ``rnd`` (the lock is held)."""
         rnd.number, self._next_round = self._next_round, self._next_round + 1
         rnd.steps = self._steps
         self._last = rnd
-        if self._threaded:
-            self._queue.put(rnd)
-        else:
-            self._run(rnd)
+        self._progress.submit(rnd)
         return rnd
 
-    def _wait(self, rnd: _Round) -> None:
-        # Every wait of the progress thread is bounded by the timeout, so the
-        # round ends; only a dead thread could leave it pending.
-        while not rnd.done.wait(0.5):
-            if self._thread is not None and not self._thread.is_alive():
-                raise RemoteError(f"rank {self.rank}: the exchange thread has stopped")
+    def _wait(self, rnd: Round) -> None:
+        self._progress.wait(rnd)
 
-    def _serve_forever(self) -> None:
-        self._backend.use_device()
-        while True:
-            rnd = self._queue.get()
-            if rnd is None:
-                return
-            self._run(rnd)
-
-    def _run(self, rnd: _Round) -> None:
+    def _run(self, rnd: Round) -> None:
         t0 = time.perf_counter()
         try:
             if self._stopped is not None:
@@ -468,21 +424,20 @@ class GlobalSampler:
             rnd.done.set()
 
     # --------------------------------------------------------------- round
-    def _status_round(self, rnd: _Round, what: str):
+    def _status_round(self, rnd: Round, what: str):
         """Steps 1 and 2: the status table, and the notes when needed.
         Returns ``(table, notes)``; raises on a mismatch or a stop."""
-        settings, layout = self._settings(), self._layout()
+        settings, layout, settings_hash, layout_hash = self._identity()
         row = np.zeros(COLUMNS, dtype=np.int64)
         row[KIND], row[SIZE] = rnd.kind, rnd.size
-        row[SETTINGS] = stable_hash(settings)
-        row[LAYOUT] = 0 if layout is None else stable_hash(layout)
+        row[SETTINGS], row[LAYOUT] = settings_hash, layout_hash
         row[ROUND], row[STEPS], row[SEED] = rnd.number, rnd.steps, self._seed
         row[NOTE] = int(bool(rnd.note))
         return exchange_status(self.transport, row, settings=settings, layout=layout,
                                note=rnd.note, what=what,
                                notes_what=f"the notes of round {rnd.number}")
 
-    def _round(self, rnd: _Round) -> Representatives | None:
+    def _round(self, rnd: Round) -> Representatives | None:
         if rnd.event is not None:
             self._backend.wait_event(self._stream, rnd.event)
         table, notes = self._status_round(rnd, f"the status of round {rnd.number}")
@@ -501,7 +456,7 @@ class GlobalSampler:
             return None
         return self._serve(rnd, table)
 
-    def _serve(self, rnd: _Round, table: np.ndarray) -> Representatives:
+    def _serve(self, rnd: Round, table: np.ndarray) -> Representatives:
         sizes = table[:, SIZE]
         total = int(sizes.sum())
         k = min(int(self._view.num_representatives), total)
@@ -509,22 +464,22 @@ class GlobalSampler:
         # layout is unknown): no process draws in such a round.
         if k == 0 or not table[:, LAYOUT].all():
             return Representatives(0, rows=None, origin=np.empty((0, 2), np.int64))
-        seed = int(table[0, SEED])
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        wanted, serve_counts = [], np.zeros(self.world_size, dtype=np.int64)
-        for p in range(self.world_size):
-            picks = draw(seed, rnd.number, p, total, k)
-            owners = np.searchsorted(starts, picks, side="right") - 1
-            if p == self.rank:
-                slots = (picks - starts[owners]).astype(np.int64)
-                origin = np.stack([owners.astype(np.int64), slots], axis=1)
-                request_counts = np.bincount(owners, minlength=self.world_size).astype(np.int64)
-            served = picks[owners == self.rank] - starts[self.rank]
-            wanted.append(served)
-            serve_counts[p] = len(served)
-        wanted = np.concatenate(wanted).astype(np.int64)
-        rows, ready = self._mover.move(f"the samples of round {rnd.number}", wanted,
-                                       serve_counts, request_counts, k)
-        self.stats["bytes_sent"] += int(len(wanted) * self._view.row_nbytes)
-        self.stats["bytes_received"] += int(k * self._view.row_nbytes)
+        me = self.rank
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        # Every process's draws (the same everywhere): which of them are mine to serve.
+        picks = draws(int(table[0, SEED]), rnd.number, self.world_size, total, k)
+        mine = picks[me]
+        owners = np.searchsorted(starts, mine, side="right") - 1
+        slots = mine - starts[owners]
+        origin = np.stack([owners, slots], axis=1)
+        request = np.bincount(owners, minlength=self.world_size)
+        lo, hi = starts[me], starts[me] + sizes[me]
+        hits = (picks >= lo) & (picks < hi)
+        hits[me] = False
+        serve = [(int(p), picks[p][hits[p]] - lo) for p in np.flatnonzero(hits.any(axis=1))]
+        rows, ready = self._mover.move(f"the samples of round {rnd.number}", rnd.number, serve,
+                                       request, slots[owners == me])
+        row_nbytes = self._mover.row_nbytes
+        self.stats["bytes_sent"] += int(hits.sum()) * row_nbytes
+        self.stats["bytes_received"] += int(k - request[me]) * row_nbytes
         return Representatives(k, rows=rows, origin=origin, ready=ready)

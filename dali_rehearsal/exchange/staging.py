@@ -1,12 +1,30 @@
-"""Moving a round's rows between processes: gather the rows this process
-serves, hand their bytes to the transport, deliver the rows it receives.
+"""Moving a round's rows between processes: one message per peer, every
+field in it.
+
+What each process asks of each owner is known everywhere (the shared-seed
+draws), so every process knows, without a request message, which of its
+rows each peer wants and how many rows each owner sends it. An owner packs
+the rows a peer wants, every field, into one contiguous byte block (``n``
+rows x ``row_nbytes``: field 0's ``n`` rows, then field 1's, ...), gathered
+straight from the store into that block (one gather per peer); the block
+goes to the peer in one point-to-point message
+(:meth:`~.transport.Transport.iexchange`). A process receives one block per
+owner it drew from, and unpacks the blocks, in owner order, into one array
+per field of ``k`` rows: the representatives. Rows a process draws from its
+own shard are gathered straight into those arrays. Nobody else takes part:
+a round costs each process as many messages as it has peers with rows to
+exchange, at most ``r`` received, whatever the number of processes.
 
 GPU rows travel as device memory when the transport takes it (CUDA-aware
-MPI, NCCL), otherwise staged through pinned host memory; NumPy rows as they
-are. Every device operation is queued on the exchange's stream, and the host
-waits for that stream before it hands any memory to the transport (MPI and
-NCCL do not order themselves after our streams). Buffers are kept between
-rounds: nothing is allocated per step.
+MPI, NCCL), otherwise through pinned host memory: the packed blocks are
+copied to the host in one transfer, the received blocks uploaded field by
+field into the device rows. Every device operation is queued on the
+exchange's stream, and the host waits for that stream before it hands any
+memory to the transport (MPI and NCCL do not order themselves after our
+streams): a round's gathers never read rows still being written, and its
+receives never overwrite rows still being read. The device rows carry an
+event (``ready``) after which they hold the samples. Buffers are kept
+between rounds: nothing is allocated per step once they have grown.
 """
 
 from __future__ import annotations
@@ -16,16 +34,24 @@ import numpy as np
 from ..representatives import StoreView
 from .transport import Transport
 
-__all__ = ["RowMover", "as_bytes"]
+__all__ = ["RowMover", "block_fields"]
 
 
-def as_bytes(a):
-    """A flat uint8 view of a C-contiguous NumPy or CuPy array."""
-    return a.reshape(-1).view(np.uint8)
+def block_fields(block, n: int, layout) -> list:
+    """The per-field arrays of a block of ``n`` packed rows (``block``: flat
+    uint8, NumPy or CuPy, ``n`` rows of every field); ``layout``: ``(shape,
+    dtype, bytes per row)`` of each field. Field ``f``'s rows are
+    consecutive, after those of the fields before it. Views, no copy."""
+    out, pos = [], 0
+    for shape, dtype, nbytes in layout:
+        size = n * nbytes
+        out.append(block[pos:pos + size].view(dtype).reshape((n,) + shape))
+        pos += size
+    return out
 
 
 class RowMover:
-    """The row buffers of one sampler and the transfer of a round's rows."""
+    """The row buffers of one sampler, and the transfer of a round's rows."""
 
     def __init__(self, view: StoreView, transport: Transport, stream, *, staged: bool):
         self.view = view
@@ -33,55 +59,92 @@ class RowMover:
         self.transport = transport
         self.stream = stream
         self.staged = staged
-        self.world_size = transport.size
-        self._rows: dict = {}
+        self.rank = transport.rank
+        self._flat: dict = {}
+        self._rows = None
+        self._spec = self._layout = None
 
-    def move(self, what: str, wanted, serve_counts, request_counts, k: int):
-        """Serves the ``wanted`` slots and receives ``k`` rows: all fields in
-        flight at once, one all-to-all each. Returns ``(rows, ready)``."""
-        view, be, t = self.view, self.backend, self.transport
-        spec = view.spec
-        n = len(wanted)
-        r = int(view.num_representatives)
-        send = self._device_rows("send", r * self.world_size)
-        recv = self._device_rows("recv", r)
-        view.gather(wanted, send, 0, self.stream)
-        transfers = []
-        for i, f in enumerate(spec):
-            if self.staged:
-                host_send = self._host_rows("send", i, n, f)
-                if n:
-                    be.to_host(send[i][:n], self.stream, out=host_send)     # blocks
-                transfers.append((host_send, self._host_rows("recv", i, k, f)))
-            else:
-                transfers.append((send[i][:n], recv[i][:k]))
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes of one row, every field."""
+        return self._fields()[1]
+
+    def _fields(self):
+        """``(shape, dtype, bytes per row)`` of each field, and a row's bytes."""
+        spec = self.view.spec
+        if spec is not self._spec:
+            self._spec = spec
+            self._layout = [(tuple(f.shape), np.dtype(f.dtype), int(f.nbytes)) for f in spec]
+        return self._layout, sum(nbytes for _, _, nbytes in self._layout)
+
+    def _buffer(self, key: str, nbytes: int, *, pinned: bool = False):
+        """A flat uint8 buffer of at least ``nbytes`` kept between rounds."""
+        buf = self._flat.get(key)
+        if buf is None or len(buf) < nbytes:
+            size = max(nbytes, 1)
+            buf = (self.backend.empty_pinned((size,), np.uint8) if pinned
+                   else self.backend.empty((size,), np.uint8))
+            self._flat[key] = buf
+        return buf
+
+    def _out_rows(self, k: int) -> list:
+        r = max(int(self.view.num_representatives), k)
+        if self._rows is None or len(self._rows[0]) < r:
+            self._rows = self.view.empty_rows(r)
+        return self._rows
+
+    def move(self, what: str, tag: int, serve: list, request: np.ndarray, own):
+        """Sends each peer its rows and receives this process's.
+
+        ``serve``: ``(peer, slots)`` for every other process that drew rows of
+        this shard, in rank order; ``request[q]``: the rows drawn from process
+        ``q`` (this one included); ``own``: the slots drawn from this shard.
+        Returns ``(rows, ready)``: one array per field holding the
+        ``request.sum()`` rows in owner order, and the event after which
+        they hold them (None: they already do)."""
+        view, be, t, s = self.view, self.backend, self.transport, self.stream
+        layout, rb = self._fields()
+        k = int(request.sum())
+        rows = self._out_rows(k)
+        starts = np.concatenate([[0], np.cumsum(request)[:-1]]).astype(np.int64)
+        # What this process sends: one block per peer, gathered straight into it.
+        served = sum(len(slots) for _, slots in serve)
+        send = self._buffer("send", served * rb)
+        blocks, pos = [], 0
+        for peer, slots in serve:
+            n = len(slots)
+            view.gather(slots, block_fields(send[pos:pos + n * rb], n, layout), 0, s)
+            blocks.append((peer, pos, n * rb))
+            pos += n * rb
+        if len(own):
+            view.gather(own, rows, int(starts[self.rank]), s)
+        peers = [(q, int(starts[q]), int(request[q])) for q in range(len(request))
+                 if q != self.rank and request[q]]
+        received = sum(m for _, _, m in peers) * rb
+        recv = self._buffer("recv", received, pinned=self.staged)
+        if self.staged:
+            host_send = self._buffer("send_host", served * rb, pinned=True)
+            if served:
+                be.to_host(send[:served * rb], s, out=host_send[:served * rb])     # blocks
+            send = host_send
         # The transport does not order itself after our stream: everything queued
         # on it (the wait for the step's event, the gathers, the previous round's
-        # uploads) completes before the transport touches this memory.
-        be.synchronize(self.stream)
-        handles = []
-        for (s, rr), f in zip(transfers, spec):
-            handles += t.ialltoallv(as_bytes(s), serve_counts * f.nbytes, as_bytes(rr),
-                                    request_counts * f.nbytes)
-        t.wait(handles, what, transfer=True)
-        ready = None
-        if self.staged:
-            for (_, host_recv), dev in zip(transfers, recv):
-                be.from_host(dev[:k], host_recv, self.stream)
-            ready = be.record_event(self.stream)
-        return [x[:k] for x in recv], ready
-
-    def _device_rows(self, key: str, n: int) -> list:
-        rows = self._rows.get(key)
-        if rows is None or len(rows[0]) < n:
-            rows = self.view.empty_rows(max(n, 1))
-            self._rows[key] = rows
-        return rows
-
-    def _host_rows(self, key: str, i: int, n: int, spec):
-        full = self._rows.get((key, i))
-        cap = int(self.view.num_representatives) * (self.world_size if key == "send" else 1)
-        if full is None or len(full) < max(n, cap):
-            full = self.backend.empty_pinned((max(n, cap, 1),) + tuple(spec.shape), spec.dtype)
-            self._rows[(key, i)] = full
-        return full[:n]
+        # uploads and unpacking) completes before the transport touches this memory.
+        be.synchronize(s)
+        sends = {peer: send[a:a + size] for peer, a, size in blocks}
+        recvs, pos = {}, 0
+        for q, _, m in peers:
+            recvs[q] = recv[pos:pos + m * rb]
+            pos += m * rb
+        if sends or recvs:
+            t.wait(t.iexchange(sends, recvs, tag), what, transfer=True)
+        # Unpack the owners' blocks into the rows, in owner order.
+        for q, start, m in peers:
+            fields = block_fields(recvs[q], m, layout)
+            if self.staged:
+                for dev, host in zip(rows, fields):
+                    be.from_host(dev[start:start + m], host, s)
+            else:
+                view.copy(fields, rows, start, s)
+        ready = be.record_event(s)
+        return [x[:k] for x in rows], ready

@@ -65,9 +65,12 @@ def check_calls(rank: int, table: np.ndarray, notes) -> None:
 
 
 def disagree(table: np.ndarray) -> bool:
-    known = table[table[:, LAYOUT] != 0, LAYOUT]
-    return (len(set(table[:, SETTINGS].tolist())) > 1 or len(set(known.tolist())) > 1
-            or len(set(table[:, ROUND].tolist())) > 1)
+    """Whether the rows disagree on settings, sample layout (where known) or round."""
+    layouts = table[:, LAYOUT]
+    known = layouts[layouts != 0]
+    return bool((table[:, SETTINGS] != table[0, SETTINGS]).any()
+                or (known != known[:1]).any()
+                or (table[:, ROUND] != table[0, ROUND]).any())
 
 
 def settings_payload(settings: dict, layout) -> dict:
