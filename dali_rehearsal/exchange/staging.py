@@ -77,7 +77,7 @@ class RowMover:
             self._layout = [(tuple(f.shape), np.dtype(f.dtype), int(f.nbytes)) for f in spec]
         return self._layout, sum(nbytes for _, _, nbytes in self._layout)
 
-    def _buffer(self, key: str, nbytes: int, *, pinned: bool = False):
+    def _flat_buffer(self, key: str, nbytes: int, *, pinned: bool = False):
         """A flat uint8 buffer of at least ``nbytes`` kept between rounds."""
         buf = self._flat.get(key)
         if buf is None or len(buf) < nbytes:
@@ -109,7 +109,7 @@ class RowMover:
         starts = np.concatenate([[0], np.cumsum(request)[:-1]]).astype(np.int64)
         # What this process sends: one block per peer, gathered straight into it.
         served = sum(len(slots) for _, slots in serve)
-        send = self._buffer("send", served * rb)
+        send = self._flat_buffer("send", served * rb)
         blocks, pos = [], 0
         for peer, slots in serve:
             n = len(slots)
@@ -121,9 +121,9 @@ class RowMover:
         peers = [(q, int(starts[q]), int(request[q])) for q in range(len(request))
                  if q != self.rank and request[q]]
         received = sum(m for _, _, m in peers) * rb
-        recv = self._buffer("recv", received, pinned=self.staged)
+        recv = self._flat_buffer("recv", received, pinned=self.staged)
         if self.staged:
-            host_send = self._buffer("send_host", served * rb, pinned=True)
+            host_send = self._flat_buffer("send_host", served * rb, pinned=True)
             if served:
                 be.to_host(send[:served * rb], s, out=host_send[:served * rb])     # blocks
             send = host_send
