@@ -132,6 +132,12 @@ class TorchTransport(Transport):
             # NCCL's own watchdog acts on its timeout: give the round protocol's
             # timeout the first word.
             self._data = self._new_group("nccl", min(2 * self._pg_timeout, _LONGEST))
+            # NCCL sets up a group's communicator on its first call, which every
+            # member must make: the rounds' point-to-point batches involve only
+            # some of them.
+            ready = self._torch.zeros(1, device=self._torch.device("cuda"))
+            self.wait([self._dist.all_reduce(ready, group=self._data, async_op=True)],
+                      "the other processes to set up their NCCL exchange group")
 
     # ---------------------------------------------------- collectives
     def _tensor(self, a):
@@ -153,6 +159,19 @@ class TorchTransport(Transport):
     def _irecv(self, data, peer, tag):
         return [self._p2p(self._dist.irecv(self._tensor(data), src=self._ranks[peer],
                                            group=self._data, tag=tag))]
+
+    def _start_exchange(self, sends, recvs, tag):
+        if not self.device_buffers:
+            return super()._start_exchange(sends, recvs, tag)
+        # NCCL: point-to-point requests posted one by one are serialised per peer
+        # (a receive posted before a send would wait for the peer's send, queued
+        # behind the peer's own receive); started together they cannot deadlock.
+        P2POp, dist = self._dist.P2POp, self._dist
+        ops = [P2POp(dist.irecv, self._tensor(recvs[p]), self._ranks[p], self._data, tag)
+               for p in sorted(recvs)]
+        ops += [P2POp(dist.isend, self._tensor(sends[p]), self._ranks[p], self._data, tag)
+                for p in sorted(sends)]
+        return list(dist.batch_isend_irecv(ops)) if ops else []
 
     def _p2p(self, work):
         # gloo reports a point-to-point request complete only through wait():

@@ -107,7 +107,11 @@ class Transport:
         c["messages_sent"] += len(sends)
         c["bytes_sent"] += sum(int(b.nbytes) for b in sends.values())
         c["bytes_received"] += sum(int(b.nbytes) for b in recvs.values())
-        tag = int(tag) % self.TAGS
+        return self._start_exchange(sends, recvs, int(tag) % self.TAGS)
+
+    def _start_exchange(self, sends: dict, recvs: dict, tag: int) -> list:
+        """Posts the receives, then the sends, one request each (subclasses
+        whose library needs them started together override this)."""
         handles = []
         for p in sorted(recvs):          # receives posted first: no unexpected messages
             handles += self._irecv(recvs[p], p, tag)
