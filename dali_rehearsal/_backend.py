@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import sys
 
 import numpy as np
 
@@ -35,8 +37,6 @@ GPU_EXTRAS = ('pip install "dali-rehearsal[gpu]" (CUDA 12 drivers) or '
 
 
 def _cupy_installed() -> bool:
-    import importlib.util
-    import sys
     if "cupy" in sys.modules:               # imported already (or set to None: blocked)
         return sys.modules["cupy"] is not None
     try:

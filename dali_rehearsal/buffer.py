@@ -7,7 +7,7 @@ import numpy as np
 
 from . import checkpoint
 from .checks import check_int, check_seed
-from .exchange.transport import Transport
+from .exchange import Transport
 from .step import StepCore
 from .storage import FieldSpec
 
@@ -143,11 +143,12 @@ class RehearsalBuffer:
     def exchange_stats(self) -> dict:
         """What this process's global sampling has exchanged so far, as exact
         counts (a snapshot, a new dict each call): ``rounds`` served,
-        ``collectives`` started (``allgathers`` + ``alltoalls``),
-        ``messages_sent``, ``bytes_sent`` and ``bytes_received`` to and from
-        other processes (see docs/exchange.md). All zero for a buffer that
-        samples locally. The round for the next step may still be running
-        when this returns: its counts appear once it ends."""
+        ``collectives`` started (``allgathers``), point-to-point
+        ``exchanges`` (one per round that moves rows), ``messages_sent``,
+        ``bytes_sent`` and ``bytes_received`` to and from other processes
+        (see docs/exchange.md). All zero for a buffer that samples locally.
+        The round for the next step may still be running when this returns:
+        its counts appear once it ends."""
         if self._core.sampler.is_global:
             return self._core.sampler.exchange_stats()
         return dict.fromkeys(("rounds",) + Transport.COUNTS, 0)

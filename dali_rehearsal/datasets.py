@@ -17,6 +17,7 @@ immediately without rewriting anything.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import pathlib
@@ -52,8 +53,6 @@ _PathLike = Union[str, os.PathLike]
 
 def _import_extra(module: str, package: str):
     """Import an optional dependency, failing with a message naming the pip extra."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:

@@ -36,8 +36,9 @@ import numpy as np
 
 from ._backend import Backend, get_backend, on_device, to_host
 from .checks import check_int
+from .exchange import make_sampler, world_of
 from .policies import make_policy
-from .sampling import Representatives, make_sampler, world_of
+from .representatives import Representatives, StoreView
 from .storage import SampleStore, spec_of
 
 __all__ = ["StepCore"]
@@ -91,8 +92,13 @@ class StepCore:
         policy_seq, sample_seq = np.random.SeedSequence(
             entropy or None, spawn_key=(rank,)).spawn(2)
         self.policy = make_policy(policy, capacity, np.random.default_rng(policy_seq))
-        self.sampler = make_sampler(self, comm=comm, sampling=sampling, seed=seed,
+        # What the sampler sees of the shard: read-only, never this object.
+        self.view = StoreView(self.store, self.policy, num_representatives,
+                              task_aware=self.task_aware)
+        self.sampler = make_sampler(self.view, comm=comm, sampling=sampling, seed=seed,
                                     rng=np.random.default_rng(sample_seq),
+                                    settings={"policy": self.policy.name,
+                                              "label_index": label_index},
                                     cuda_aware=cuda_aware, timeout=timeout)
         self.rank = self.sampler.rank
         self.world_size = self.sampler.world_size
@@ -122,12 +128,6 @@ class StepCore:
     def allocated(self) -> bool:
         """Whether the storage layout is fixed (a first batch was admitted)."""
         return self.store.allocated
-
-    def replayable_slots(self) -> np.ndarray | None:
-        """The slots representatives may be drawn from, increasing (int64):
-        with task-aware replay those stored before the current task; ``None``
-        otherwise (every stored slot, ``0 .. size-1``)."""
-        return self.policy.earlier_task_slots() if self.task_aware else None
 
     @property
     def task(self) -> int:
@@ -296,7 +296,7 @@ class StepCore:
         """
         with self.lock:
             self.wait_for_writes(stream)
-            reps.write_into(self.store, out, fresh_count, stream)
+            reps.write_into(self.view, out, fresh_count, stream)
             self.last_reps = reps
             batch_index, slots = self.policy.offer(labels[:fresh_count])
             self.store.scatter(out, batch_index, slots, stream)

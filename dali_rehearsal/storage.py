@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import Backend
+from ._backend import Backend, to_host
 from .kernels import (copy_fields, gather_fields, gather_rows_host, scatter_fields,
                       scatter_rows_host)
 
@@ -48,7 +48,6 @@ def spec_of(arrays) -> tuple[FieldSpec, ...]:
 def _host(index) -> np.ndarray:
     """Host int64 indices (the multi-field kernels upload them with their table)."""
     if hasattr(index, "__cuda_array_interface__"):
-        from ._backend import to_host
         index = to_host(index)
     return np.ascontiguousarray(index, dtype=np.int64)
 

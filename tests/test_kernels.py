@@ -157,7 +157,7 @@ def test_kernels_compile_with_nvrtc_as_cupy_loads_them(name, arch):
     if nvrtc is None:
         pytest.fail("NVRTC not available through CuPy: install the `test` extra "
                     "(cupy-cuda12x and nvidia-cuda-nvrtc-cu12)")
-    from dali_rehearsal.kernels import _COMPILE_OPTIONS
+    from dali_rehearsal.kernels import COMPILE_OPTIONS as _COMPILE_OPTIONS
     prog = nvrtc.createProgram(source_path(name).read_text(), f"{name}.cu", [], [])
     try:
         nvrtc.compileProgram(prog, [*_COMPILE_OPTIONS, f"-arch={arch}"])

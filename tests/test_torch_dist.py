@@ -32,7 +32,7 @@ def test_a_process_group_of_one_samples_locally():
     import torch.distributed as dist
     from torch.distributed import HashStore
     import dali_rehearsal as dr
-    from dali_rehearsal.sampling import LocalSampler
+    from dali_rehearsal.exchange import LocalSampler
     dist.init_process_group("gloo", store=HashStore(), rank=0, world_size=1)
     try:
         buf = dr.RehearsalBuffer(capacity=5, num_representatives=2, device="cpu", seed=0,

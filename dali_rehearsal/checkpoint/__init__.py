@@ -36,7 +36,7 @@ The entry points take the buffer's step object
 
 - :mod:`.saving`, :mod:`.loading`: the collective calls ``save`` and
   ``load``, in steps that fail together on every process (:mod:`.calls`:
-  over the buffer's exchange, or :class:`~.calls.AloneTransport` for one
+  over the buffer's exchange, or :class:`~dali_rehearsal.exchange.alone.AloneTransport` for one
   process: one code path);
 - :mod:`.elastic`: a checkpoint loaded on another number of processes; the
   policy chooses which samples each process keeps

@@ -1,8 +1,9 @@
 """The buffer's collective calls other than steps (``save``, ``load``): a
 channel of tagged exchanges that fail together.
 
-A call opens a :class:`Channel` with :func:`open_channel`, whose first
-message (a status row naming the call, see :mod:`.rounds`) makes processes
+A call opens a :class:`Channel` with
+:func:`~dali_rehearsal.exchange.open_channel`, whose first message (a status
+row naming the call, see :mod:`.status`) makes processes
 that are in another call raise :class:`~.errors.CollectiveMismatchError` at
 once, each saying what the others were doing. The call then proceeds in
 steps (:meth:`Channel.run`): every process does its part of a step, then
@@ -14,13 +15,11 @@ wait is bounded by the buffer's ``timeout``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 from .errors import CollectiveMismatchError
-from .transport import DEFAULT_TIMEOUT
 
-__all__ = ["Channel", "open_channel"]
+__all__ = ["Channel"]
 
 _REASON_CHARS = 1500
 
@@ -30,15 +29,6 @@ def _describe(exc: BaseException | None) -> str | None:
         return None
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return text if len(text) <= _REASON_CHARS else text[:_REASON_CHARS] + "..."
-
-
-class _Alone:
-    """The transport of a single process."""
-
-    rank, size = 0, 1
-
-    def allgather_bytes(self, data: bytes) -> list[bytes]:
-        return [bytes(data)]
 
 
 class Channel:
@@ -99,37 +89,3 @@ class Channel:
             replies.append(reply)
         self.in_step = True
         return replies
-
-
-@contextlib.contextmanager
-def open_channel(buffer, kind: int, what: str):
-    """A :class:`Channel` for the collective call ``what`` of ``buffer``
-    (``kind``: :data:`.rounds.SAVE` or :data:`.rounds.LOAD`).
-
-    Global sampling: over the sampler's transport, between two steps
-    (:meth:`GlobalSampler.collective`). Local sampling on several processes:
-    over a transport of its own (a collective call over ``comm``, like
-    building a buffer). One process: no messages.
-    """
-    sampler = buffer.sampler
-    if buffer.comm is None or buffer.world_size == 1:
-        yield Channel(_Alone(), what)
-        return
-    if getattr(sampler, "is_global", False):
-        with sampler.collective(kind, what) as channel:
-            yield channel
-        return
-    from .rounds import announce
-    from .transport import make_transport
-    transport = make_transport(buffer.comm, timeout=getattr(sampler, "timeout", DEFAULT_TIMEOUT),
-                               purpose=what)
-    channel = Channel(transport, what)
-    broken = False
-    try:
-        announce(transport, kind, what)
-        yield channel
-    except BaseException as e:
-        broken = bool(getattr(e, "broken", False)) or not channel.in_step
-        raise
-    finally:
-        transport.close(broken=broken)

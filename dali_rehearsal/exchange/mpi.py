@@ -1,11 +1,10 @@
-"""The mpi4py transport: non-blocking collectives on a duplicate communicator."""
+"""The mpi4py transport: non-blocking collectives and point-to-point messages
+on a duplicate communicator."""
 
 from __future__ import annotations
 
 import ctypes
 import os
-
-import numpy as np
 
 from .transport import DEFAULT_TIMEOUT, Transport
 
@@ -41,10 +40,6 @@ def cuda_aware_mpi() -> bool:
     return False
 
 
-def _displs(counts: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-
-
 class MPITransport(Transport):
     """Collectives over a duplicate (``Idup``) of an mpi4py communicator.
 
@@ -77,12 +72,11 @@ class MPITransport(Transport):
     def _iallgather(self, send, recv):
         return [self.comm.Iallgather(send, recv)]
 
-    def _ialltoallv(self, send, send_counts, recv, recv_counts):
-        sc = np.asarray(send_counts, dtype=np.int64)
-        rc = np.asarray(recv_counts, dtype=np.int64)
-        B = self._MPI.BYTE
-        return [self.comm.Ialltoallv([send, (sc, _displs(sc)), B],
-                                     [recv, (rc, _displs(rc)), B])]
+    def _isend(self, data, peer, tag):
+        return [self.comm.Isend([data, self._MPI.BYTE], dest=peer, tag=tag)]
+
+    def _irecv(self, data, peer, tag):
+        return [self.comm.Irecv([data, self._MPI.BYTE], source=peer, tag=tag)]
 
     def test(self, handles) -> bool:
         return bool(self._MPI.Request.Testall(list(handles)))

@@ -1,4 +1,4 @@
-"""Global sampling across processes: the round protocol, over any transport.
+"""Global sampling across processes: the round state machine, over any transport.
 
 Each process keeps its own shard of the buffer. In every step, each
 process's representatives are drawn uniformly without replacement from the
@@ -21,18 +21,21 @@ every process, with every process's value.
    step count, rank 0's seed, and whether it has a note (the reason it stops).
 2. Only when a row asks for it (a mismatch, a note): an allgather of a short
    JSON note per process, from which every process builds the same error.
-3. Each process draws ``min(r, total)`` global indices uniformly without
-   replacement from ``[0, total)`` and maps them to ``(owner, slot)``. The
-   draws come from a generator seeded by (rank 0's seed, round, process), so
-   every owner computes what every process asks of it: no request messages.
-4. Each owner gathers the requested rows of every field into a send buffer
-   (the gather kernel on the GPU), and one all-to-all per field, all in flight
-   together, moves the bytes: device buffers directly when the transport
-   takes them (CUDA-aware MPI, NCCL), through pinned host memory otherwise;
-   NumPy buffers as they are. Nothing is pickled.
+3. Every process computes every process's draws: ``min(r, total)`` global
+   indices each, uniform without replacement over ``[0, total)``, from one
+   generator seeded by (rank 0's seed, round) (:func:`.protocol.draws`), and
+   maps them to ``(owner, slot)``. So every owner knows what every process
+   asks of it, and every process what it gets from each owner: no request
+   messages, no counts exchanged.
+4. Each owner sends each process that drew some of its rows one message
+   holding those rows, every field, packed; each process receives one
+   message from each owner it drew from, and nobody else takes part
+   (:mod:`.staging`: point-to-point messages, device buffers directly when
+   the transport takes them, pinned host memory otherwise). Nothing is
+   pickled.
 
 Every decision after step 1 is a function of the status table alone, so
-every process takes the same branch and the collectives always pair up.
+every process takes the same branch and the messages always pair up.
 
 **Overlap.** The buffer opens the round for step ``t + 1`` right after
 inserting step ``t``'s fresh samples and waits for it only when step ``t + 1``
@@ -47,9 +50,10 @@ of the previous round's received rows into the output). The exchange stream
 waits for it before gathering, and the host waits for the exchange stream
 before it hands any memory to the transport (MPI and NCCL do not order
 themselves after our streams): a round's gathers never read rows still being
-written, and its receives never overwrite rows still being read. Staged rows
-are uploaded on the exchange stream and the representatives carry an event
-that the step's stream waits for before copying them.
+written, and its receives never overwrite rows still being read. Received
+rows are unpacked (staged: uploaded) on the exchange stream and the
+representatives carry an event that the step's stream waits for before
+copying them.
 
 **Other collectives.** ``save()`` and ``load()`` run over the same transport,
 between two steps (:meth:`GlobalSampler.collective`): their first message is
@@ -74,275 +78,28 @@ after the timeout with :class:`RemoteError`.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import hashlib
-import json
 import logging
-import queue
 import sys
 import threading
 import time
-import weakref
 
 import numpy as np
 
-from ..sampling import Representatives, draw_distinct
+from ..representatives import Representatives, StoreView
 from .collective import Channel
-from .errors import CollectiveMismatchError, MismatchError, RemoteError
-from .transport import DEFAULT_TIMEOUT, Transport, make_transport
+from .errors import MismatchError, RemoteError
+from .messages import describe_exception, stop_message
+from .progress import Progress, Round, register, unregister
+from .protocol import (ACTIVE, CLOSED, COLUMNS, FAILED, HELLO, IDLE, KIND, LAYOUT, NOTE, ROUND,
+                       SEED, SETTINGS, SIZE, STEPS, STOPPING, draws, seed_of, stable_hash)
+from .staging import RowMover
+from .status import exchange_status
+from .transport import Transport
 
-__all__ = ["GlobalSampler", "handshake", "announce", "SAVE", "LOAD"]
+__all__ = ["GlobalSampler"]
 
 log = logging.getLogger("dali_rehearsal")
-
-# What a process says in a round (and in the first message of other collectives).
-ACTIVE, IDLE, FAILED, CLOSED, HELLO, SAVE, LOAD = 0, 1, 2, 3, 4, 5, 6
-_STOPPING = (FAILED, CLOSED)
-#: The collective call each kind belongs to: processes that meet in one
-#: exchange must be in the same call.
-_CALL = {ACTIVE: "step", IDLE: "step", FAILED: "step", CLOSED: "step", HELLO: "build",
-         SAVE: "save", LOAD: "load"}
-# Columns of the status row.
-_KIND, _SIZE, _SETTINGS, _LAYOUT, _ROUND, _STEPS, _SEED, _NOTE = range(8)
-_COLUMNS = 8
-#: Bytes of the note each process sends when a round needs notes.
-NOTE_BYTES = 4096
-_REASON_CHARS = 1500
-
-
-def _hash(obj) -> int:
-    """A stable, non-zero 63-bit hash of a JSON-able value."""
-    digest = hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=8).digest()
-    return (int.from_bytes(digest, "little") & (2**63 - 1)) or 1
-
-
-def describe_exception(exc: BaseException | None) -> str | None:
-    if exc is None:
-        return None
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return text if len(text) <= _REASON_CHARS else text[:_REASON_CHARS] + "..."
-
-
-def _seed_of(seed) -> int:
-    """A 63-bit seed for the shared draws (fresh entropy for ``None``)."""
-    if seed is None:
-        return int(np.random.SeedSequence().entropy % 2**63)
-    seed = int(seed)
-    if seed < 2**63:
-        return seed
-    return int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] % 2**63)
-
-
-# ------------------------------------------------------------------ status
-def _status(transport: Transport, row: np.ndarray, what: str) -> np.ndarray:
-    table = np.empty((transport.size, _COLUMNS), dtype=np.int64)
-    transport.wait(transport.iallgather(row, table), what)
-    return table
-
-
-def _notes(transport: Transport, payload: dict, what: str) -> list[dict]:
-    """Every process's ``payload`` (a small JSON object), in rank order."""
-    data = json.dumps(payload).encode()
-    if len(data) > NOTE_BYTES:
-        payload = dict(payload, note=(payload.get("note") or "")[:200] + "...")
-        data = json.dumps(payload).encode()[:NOTE_BYTES]
-    mine = np.zeros(NOTE_BYTES, dtype=np.uint8)
-    mine[:len(data)] = np.frombuffer(data, dtype=np.uint8)
-    rows = np.empty((transport.size, NOTE_BYTES), dtype=np.uint8)
-    transport.wait(transport.iallgather(mine, rows), what)
-    out = []
-    for p in range(transport.size):
-        raw = rows[p].tobytes().rstrip(b"\0")
-        try:
-            out.append(json.loads(raw))
-        except ValueError:
-            out.append({"note": raw.decode(errors="replace")})
-    return out
-
-
-def _doing(kind: int, steps: int, note: str | None) -> str:
-    """What a process whose row says ``kind`` is doing, as in "rank 1 ..."."""
-    after = "" if steps < 0 else f" after {steps} step{'s' if steps != 1 else ''}"
-    return {ACTIVE: "is in a step (mix() or the DALI stage)" + after,
-            IDLE: "is in a step (its epoch has ended)" + after,
-            FAILED: (note or "failed") + after,
-            CLOSED: (note or "closed its buffer") + after,
-            HELLO: "is building a RehearsalBuffer",
-            SAVE: "is in save()" + after,
-            LOAD: "is in load()"}.get(kind, f"sent an unknown message (kind {kind})")
-
-
-def _check_calls(rank: int, table: np.ndarray, notes) -> None:
-    """Raises :class:`CollectiveMismatchError` (the same decision on every
-    process) when the rows come from different collective calls."""
-    kinds = table[:, _KIND].tolist()
-    if len({_CALL.get(k, k) for k in kinds}) == 1:
-        return
-    mine = _CALL.get(kinds[rank], kinds[rank])
-    others = [p for p in range(len(kinds)) if _CALL.get(kinds[p], kinds[p]) != mine]
-
-    def doing(p):
-        note = (notes[p].get("note") if notes else None)
-        return _doing(kinds[p], int(table[p, _STEPS]), note if isinstance(note, str) else None)
-
-    text = ", ".join(f"rank {p} {doing(p)}" for p in others)
-    raise CollectiveMismatchError(
-        f"mismatched collective calls: {text}, while this rank ({rank}) {doing(rank)}. Every "
-        "process must make the same collective calls in the same order (build its buffers, "
-        "take its steps, save(), load(), close())",
-        ranks=others, reasons={p: doing(p) for p in others})
-
-
-def _disagree(table: np.ndarray) -> bool:
-    known = table[table[:, _LAYOUT] != 0, _LAYOUT]
-    return (len(set(table[:, _SETTINGS].tolist())) > 1 or len(set(known.tolist())) > 1
-            or len(set(table[:, _ROUND].tolist())) > 1)
-
-
-def _layout_text(layout) -> str:
-    return " + ".join(f"{tuple(shape)} {np.dtype(dtype).name}" for shape, dtype in layout)
-
-
-def _mismatch_message(table: np.ndarray, notes: list[dict]) -> str:
-    """One message, the same on every process, naming each setting the
-    processes disagree on and every process's value."""
-    ranks = range(len(notes))
-
-    def values(pick):
-        return ", ".join(f"rank {p}: {pick(p)}" for p in ranks)
-
-    parts = []
-    settings = [n.get("settings") or {} for n in notes]
-    keys = sorted(set().union(*settings), key=lambda k: (k != "sampling", k))
-    for key in keys:
-        if key != "sampling" and not all(key in s for s in settings):
-            continue                      # local sampling has fewer settings
-        if len({json.dumps(s.get(key)) for s in settings}) > 1:
-            parts.append(f"{key} ({values(lambda p: repr(settings[p].get(key)))})")
-    layouts = {p: n.get("layout") for p, n in zip(ranks, notes) if n.get("layout")}
-    if len({json.dumps(v) for v in layouts.values()}) > 1:
-        counts = {p: len(v) for p, v in layouts.items()}
-        label = (settings[0].get("label_index") if settings else None)
-        if len(set(counts.values())) > 1:
-            parts.append("the number of fields per sample ("
-                         + ", ".join(f"rank {p}: {c}" for p, c in counts.items()) + ")")
-        else:
-            for i in range(next(iter(counts.values()))):
-                fields = {p: v[i] for p, v in layouts.items()}
-                if len({json.dumps(f) for f in fields.values()}) > 1:
-                    name = " (the labels)" if i == label else ""
-                    parts.append(f"the layout of field {i}{name} (" + ", ".join(
-                        f"rank {p}: {_layout_text([f])}" for p, f in fields.items()) + ")")
-    if len(set(table[:, _ROUND].tolist())) > 1:
-        parts.append("the round, i.e. the steps taken since the buffers were created or "
-                     "restored from a checkpoint (" + values(lambda p: int(table[p, _ROUND]))
-                     + ")")
-    if not parts:   # the hashes differ but the notes were cut: say what is known
-        parts.append("their settings (" + values(lambda p: json.dumps(settings[p])) + ")")
-    return ("global sampling: the processes disagree on " + "; ".join(parts)
-            + ". Every process must build its RehearsalBuffer with the same sampling, "
-            "num_representatives, policy and label_index, and feed samples of the same layout "
-            "(shape and dtype of every field).")
-
-
-def _stop_message(rank: int, round_no: int, table: np.ndarray, notes, stopped) -> tuple:
-    reasons = {}
-    for p in stopped:
-        note = (notes[p].get("note") if notes else None) or (
-            "failed" if table[p, _KIND] == FAILED else "closed its buffer")
-        reasons[p] = note
-    text = "; ".join(f"rank {p} {reasons[p]} (after {int(table[p, _STEPS])} steps)"
-                     for p in stopped)
-    return (f"global sampling stopped on rank {rank} in round {round_no} (after "
-            f"{int(table[rank, _STEPS])} steps here): {text}"), reasons
-
-
-def _settings_payload(settings: dict, layout) -> dict:
-    return {"settings": settings, "layout": layout}
-
-
-def exchange_status(t: Transport, row: np.ndarray, *, settings: dict, layout, note,
-                    what: str, notes_what: str):
-    """The first message of every collective call: the status table, and the
-    notes when a row asks for them or the rows disagree. Raises on every
-    process alike: :class:`CollectiveMismatchError` when the processes are in
-    different calls, :class:`MismatchError` when they disagree on settings,
-    layout or round. Returns ``(table, notes)``."""
-    table = _status(t, row, what)
-    notes = None
-    mismatch = _disagree(table)
-    if mismatch or table[:, _NOTE].any():
-        payload = _settings_payload(settings, layout)
-        payload["note"] = note
-        notes = _notes(t, payload, notes_what)
-    _check_calls(t.rank, table, notes)
-    if mismatch:
-        raise MismatchError(_mismatch_message(table, notes))
-    return table, notes
-
-
-def handshake(comm, settings: dict, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
-    """Checks once, at construction, that every process of ``comm`` has the
-    same ``settings``; used by buffers that sample locally on a multi-process
-    communicator, so that a process that samples globally does not wait for
-    one that never exchanges. Raises :class:`MismatchError` on every process."""
-    with make_transport(comm, timeout=timeout, purpose="building a RehearsalBuffer") as t:
-        row = np.zeros(_COLUMNS, dtype=np.int64)
-        row[_KIND], row[_SETTINGS] = HELLO, _hash(settings)
-        exchange_status(t, row, settings=settings, layout=None, note=None,
-                        what="the other processes to build their buffers",
-                        notes_what="the settings of the others")
-
-
-def announce(t: Transport, kind: int, what: str) -> None:
-    """The first message of a collective call (``kind``: :data:`SAVE` or
-    :data:`LOAD`) over a transport of its own (buffers that sample locally):
-    raises :class:`CollectiveMismatchError` on every process when the others
-    are in another call (building a buffer, another checkpoint call)."""
-    settings = {"call": _CALL[kind]}
-    row = np.zeros(_COLUMNS, dtype=np.int64)
-    row[_KIND], row[_SETTINGS], row[_STEPS] = kind, _hash(settings), -1    # (steps unknown)
-    exchange_status(t, row, settings=settings, layout=None, note=None,
-                    what=f"the other processes to join {what} (every process must call it at "
-                    "the same point)",
-                    notes_what=f"the notes of {what}")
-
-
-# ------------------------------------------------------------------ rounds
-class _Round:
-    """One round: what this process says, and what comes back."""
-
-    def __init__(self, kind: int, *, size: int = 0, event=None, note: str | None = None,
-                 slots: np.ndarray | None = None):
-        self.kind = kind
-        self.size = size            # how many samples this process offers to the draws
-        self.slots = slots          # which slots they are (None: 0 .. size-1)
-        self.event = event          # GPU event: the step's writes are queued before it
-        self.note = note            # why this process stops (FAILED, CLOSED)
-        self.number = -1            # set when submitted: the same on every process
-        self.steps = 0
-        self.done = threading.Event()
-        self.result: Representatives | None = None
-        self.exception: BaseException | None = None
-        self.reported = False       # the caller has seen the result
-
-
-_live: "weakref.WeakSet[GlobalSampler]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_at_exit() -> None:
-    """A process that exits with a buffer open tells the others, so that they
-    raise instead of waiting for its next step."""
-    exc = getattr(sys, "last_value", None)     # set by an uncaught exception
-    reason = (f"exited with an uncaught exception ({describe_exception(exc)})" if exc
-              is not None else "exited without closing its buffer")
-    for sampler in list(_live):
-        try:
-            sampler.close(reason=reason, at_exit=True)
-        except BaseException:      # never let cleanup hide the exit status
-            pass
 
 
 class GlobalSampler:
@@ -350,46 +107,43 @@ class GlobalSampler:
     module documentation).
 
     Args:
-        buffer: the :class:`~dali_rehearsal.RehearsalBuffer` (its public
-            state: ``size``, ``num_representatives``, ``policy``,
-            ``label_index``, ``spec``, ``store``, ``backend``).
-        comm: an mpi4py communicator or a torch.distributed process group.
+        view: the shard this process serves
+            (:class:`~dali_rehearsal.representatives.StoreView`).
+        transport: the :class:`~.transport.Transport` over the processes
+            (made by :func:`~dali_rehearsal.exchange.make_sampler`; the
+            sampler owns it from now on and closes it).
         rng: this process's own random stream (``buffer.sample``).
         seed: this process's seed; the shared draws use rank 0's.
-        cuda_aware: GPU storage only: pass device memory to the transport
-            (True), stage it through pinned host memory (False), or decide
-            from what the library supports (None).
-        timeout: seconds any wait for the other processes may take before
-            :class:`RemoteError` (None: no limit).
+        settings: the buffer's settings every process must share besides
+            the sampler's own (``policy``, ``label_index``).
     """
 
     is_global = True
 
-    def __init__(self, buffer, comm, rng: np.random.Generator, *, seed: int | None = None,
-                 cuda_aware: bool | None = None, timeout: float | None = DEFAULT_TIMEOUT):
-        self._buffer = buffer
+    def __init__(self, view: StoreView, transport: Transport, rng: np.random.Generator, *,
+                 seed: int | None = None, settings: dict | None = None):
+        self._view = view
         self.rng = rng
-        backend = self._backend = buffer.backend
-        wants_device = (None if cuda_aware is None else bool(cuda_aware)) if backend.is_gpu \
-            else False
-        self.transport = make_transport(comm, timeout=timeout, device_buffers=wants_device)
+        backend = self._backend = view.backend
+        self._shared_settings = dict(settings or {})
+        self._ident = None
+        self.transport = transport
         self.timeout = self.transport.timeout
         self.rank, self.world_size = self.transport.rank, self.transport.size
-        self._seed = _seed_of(seed)            # this process's proposal; rank 0's is used
+        self._seed = seed_of(seed)            # this process's proposal; rank 0's is used
         self._lock = threading.Lock()
         # Held by a collective call (save, load) from its first message to its
         # last: no round is submitted meanwhile. Taken before _lock.
         self._calls = threading.RLock()
         self._next_round = 0
         self._steps = 0
-        self._pending: _Round | None = None
-        self._last: _Round | None = None
+        self._pending: Round | None = None
+        self._last: Round | None = None
         self._stopped: BaseException | None = None   # why the protocol ended (first cause)
         self._broken = False                  # a collective may still be pending
         self._aborted = False
         self._closed = False
         self._stream = backend.new_stream()
-        self._rows: dict = {}
         self.stats = {"rounds": 0, "round_seconds": 0.0, "bytes_sent": 0, "bytes_received": 0}
         try:
             self._hello()
@@ -398,44 +152,50 @@ class GlobalSampler:
             self.transport.close(broken=True)
             raise
         self.staged = backend.is_gpu and not self.transport.device_buffers
-        self._threaded = self.transport.threaded
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = None
-        if self._threaded:
-            self._thread = threading.Thread(target=self._serve_forever, daemon=True,
-                                            name=f"dali-rehearsal-exchange-{self.rank}")
-            self._thread.start()
-        else:
+        self._mover = RowMover(view, self.transport, self._stream, staged=self.staged)
+        self._progress = Progress(self._run, threaded=self.transport.threaded,
+                                  name=f"dali-rehearsal-exchange-{self.rank}",
+                                  setup=backend.use_device, rank=self.rank)
+        if not self._progress.threaded:
             log.warning("MPI is not initialised with MPI_THREAD_MULTIPLE: the global exchange "
                         "runs synchronously, not overlapped with training")
-        _live.add(self)
+        register(self)
         if self.rank == 0:
             log.info("global sampling over %d processes (%s, %s transfers, %s, timeout %s)",
                      self.world_size, self.transport.name,
                      "staged host" if self.staged else
                      ("device" if backend.is_gpu else "host"),
-                     "progress thread" if self._threaded else "synchronous",
+                     "progress thread" if self._progress.threaded else "synchronous",
                      "none" if self.timeout is None else f"{self.timeout:g} s")
 
     # ------------------------------------------------------------ settings
     def _settings(self) -> dict:
-        b = self._buffer
-        return {"sampling": "global", "num_representatives": int(b.num_representatives),
-                "policy": b.policy.name, "label_index": int(b.label_index),
-                **self.transport.agreement()}
+        return {"sampling": "global",
+                "num_representatives": int(self._view.num_representatives),
+                **self._shared_settings, **self.transport.agreement()}
 
     def _layout(self):
-        spec = self._buffer.spec
+        spec = self._view.spec
         if spec is None:
             return None
         return [[list(f.shape), np.dtype(f.dtype).str] for f in spec]
 
+    def _identity(self) -> tuple:
+        """``(settings, layout, their hashes)``, computed again only when the
+        sample layout changes (the settings never do)."""
+        spec = self._view.spec
+        if self._ident is None or self._ident[0] is not spec:
+            settings, layout = self._settings(), self._layout()
+            self._ident = (spec, settings, layout, stable_hash(settings),
+                           0 if layout is None else stable_hash(layout))
+        return self._ident[1:]
+
     def _hello(self) -> None:
-        rnd = _Round(HELLO)
+        rnd = Round(HELLO)
         rnd.number = self._next_round
         table, _ = self._status_round(rnd, "the other processes to build their buffers")
         #: The seed of the shared draws: rank 0's.
-        self.shared_seed = int(table[0, _SEED])
+        self.shared_seed = int(table[0, SEED])
 
     # ------------------------------------------------------------ protocol
     @property
@@ -458,10 +218,10 @@ class GlobalSampler:
                 raise RuntimeError("internal: a round is already open")
             # What this process offers to the round's draws, as of now: nothing
             # is inserted until the round ends (finish, settle).
-            slots = self._buffer.replayable_slots()
-            size = self._buffer.size if slots is None else len(slots)
-            self._pending = self._submit(_Round(ACTIVE if active else IDLE, size=size,
-                                                event=event, slots=slots))
+            slots = self._view.replayable_slots()
+            size = self._view.size if slots is None else len(slots)
+            self._pending = self._submit(Round(ACTIVE if active else IDLE, size=size,
+                                               event=event, slots=slots))
 
     def finish(self) -> Representatives | None:
         """Waits for the open round; None when some process ended its epoch."""
@@ -497,7 +257,7 @@ class GlobalSampler:
             self._pending = None
             if self._stopped is None:
                 reason = describe_exception(exc)
-                self._submit(_Round(FAILED, size=self._buffer.size,
+                self._submit(Round(FAILED, size=self._view.size,
                                     note=f"failed ({reason})" if reason else "failed"))
 
     def close(self, *, reason: str | None = None, at_exit: bool = False) -> None:
@@ -521,10 +281,10 @@ class GlobalSampler:
                     handling = describe_exception(exc)
                     reason = (f"closed its buffer while handling {handling}" if handling
                               else "closed its buffer")
-                last = self._submit(_Round(CLOSED, size=self._buffer.size, note=reason))
+                last = self._submit(Round(CLOSED, size=self._view.size, note=reason))
             else:
                 last = self._last            # e.g. the failure round of abort(): let it out
-        _live.discard(self)
+        unregister(self)
         try:
             if last is not None:
                 self._wait(last)
@@ -543,11 +303,7 @@ class GlobalSampler:
                 break
 
     def _shutdown(self) -> None:
-        alive = False
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=10.0)
-            alive = self._thread.is_alive()
+        alive = self._progress.stop()
         self.transport.close(broken=self._broken or alive)
 
     def _stopped_error(self) -> RemoteError:
@@ -585,7 +341,7 @@ class GlobalSampler:
                 if self._aborted:
                     raise RemoteError(f"global sampling stopped on rank {self.rank}: a step of "
                                       "this process failed", ranks=[self.rank])
-            rnd = _Round(kind, size=self._buffer.size)
+            rnd = Round(kind, size=self._view.size)
             rnd.number, rnd.steps = self.resume_round, self._steps
             channel = Channel(self.transport, what)
             try:
@@ -639,33 +395,18 @@ class GlobalSampler:
         self._next_round = round_no
 
     # ------------------------------------------------------------- threads
-    def _submit(self, rnd: _Round) -> _Round:
+    def _submit(self, rnd: Round) -> Round:
         """Queues ``rnd`` (the lock is held)."""
         rnd.number, self._next_round = self._next_round, self._next_round + 1
         rnd.steps = self._steps
         self._last = rnd
-        if self._threaded:
-            self._queue.put(rnd)
-        else:
-            self._run(rnd)
+        self._progress.submit(rnd)
         return rnd
 
-    def _wait(self, rnd: _Round) -> None:
-        # Every wait of the progress thread is bounded by the timeout, so the
-        # round ends; only a dead thread could leave it pending.
-        while not rnd.done.wait(0.5):
-            if self._thread is not None and not self._thread.is_alive():
-                raise RemoteError(f"rank {self.rank}: the exchange thread has stopped")
+    def _wait(self, rnd: Round) -> None:
+        self._progress.wait(rnd)
 
-    def _serve_forever(self) -> None:
-        self._backend.use_device()
-        while True:
-            rnd = self._queue.get()
-            if rnd is None:
-                return
-            self._run(rnd)
-
-    def _run(self, rnd: _Round) -> None:
+    def _run(self, rnd: Round) -> None:
         t0 = time.perf_counter()
         try:
             if self._stopped is not None:
@@ -687,29 +428,28 @@ class GlobalSampler:
             rnd.done.set()
 
     # --------------------------------------------------------------- round
-    def _status_round(self, rnd: _Round, what: str):
+    def _status_round(self, rnd: Round, what: str):
         """Steps 1 and 2: the status table, and the notes when needed.
         Returns ``(table, notes)``; raises on a mismatch or a stop."""
-        settings, layout = self._settings(), self._layout()
-        row = np.zeros(_COLUMNS, dtype=np.int64)
-        row[_KIND], row[_SIZE] = rnd.kind, rnd.size
-        row[_SETTINGS] = _hash(settings)
-        row[_LAYOUT] = 0 if layout is None else _hash(layout)
-        row[_ROUND], row[_STEPS], row[_SEED] = rnd.number, rnd.steps, self._seed
-        row[_NOTE] = int(bool(rnd.note))
+        settings, layout, settings_hash, layout_hash = self._identity()
+        row = np.zeros(COLUMNS, dtype=np.int64)
+        row[KIND], row[SIZE] = rnd.kind, rnd.size
+        row[SETTINGS], row[LAYOUT] = settings_hash, layout_hash
+        row[ROUND], row[STEPS], row[SEED] = rnd.number, rnd.steps, self._seed
+        row[NOTE] = int(bool(rnd.note))
         return exchange_status(self.transport, row, settings=settings, layout=layout,
                                note=rnd.note, what=what,
                                notes_what=f"the notes of round {rnd.number}")
 
-    def _round(self, rnd: _Round) -> Representatives | None:
+    def _round(self, rnd: Round) -> Representatives | None:
         if rnd.event is not None:
             self._backend.wait_event(self._stream, rnd.event)
         table, notes = self._status_round(rnd, f"the status of round {rnd.number}")
-        kinds = table[:, _KIND]
-        stopped = [p for p in range(self.world_size) if kinds[p] in _STOPPING]
+        kinds = table[:, KIND]
+        stopped = [p for p in range(self.world_size) if kinds[p] in STOPPING]
         if stopped:
             # The last round on every process.
-            message, reasons = _stop_message(self.rank, rnd.number, table, notes, stopped)
+            message, reasons = stop_message(self.rank, rnd.number, table, notes, stopped)
             error = RemoteError(message, ranks=stopped, reasons=reasons)
             self._stopped = error
             others_failed = [p for p in stopped if p != self.rank and kinds[p] == FAILED]
@@ -720,104 +460,54 @@ class GlobalSampler:
             return None
         return self._serve(rnd, table)
 
-    def _serve(self, rnd: _Round, table: np.ndarray) -> Representatives:
-        sizes = table[:, _SIZE]
+    def _serve(self, rnd: Round, table: np.ndarray) -> Representatives:
+        sizes = table[:, SIZE]
         total = int(sizes.sum())
-        k = min(int(self._buffer.num_representatives), total)
+        k = min(int(self._view.num_representatives), total)
         # A process that has not seen a batch yet cannot receive rows (its
         # layout is unknown): no process draws in such a round.
-        if k == 0 or not table[:, _LAYOUT].all():
+        if k == 0 or not table[:, LAYOUT].all():
             return Representatives(0, rows=None, origin=np.empty((0, 2), np.int64))
-        seed = int(table[0, _SEED])
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        wanted, serve_counts = [], np.zeros(self.world_size, dtype=np.int64)
-        for p in range(self.world_size):
-            picks = _draw(seed, rnd.number, p, total, k)
-            owners = np.searchsorted(starts, picks, side="right") - 1
-            if p == self.rank:
-                slots = (picks - starts[owners]).astype(np.int64)
-                origin = np.stack([owners.astype(np.int64), slots], axis=1)
-                request_counts = np.bincount(owners, minlength=self.world_size).astype(np.int64)
-            served = picks[owners == self.rank] - starts[self.rank]
-            if rnd.slots is not None:       # task-aware replay: the offered slots
-                served = rnd.slots[served]
-            wanted.append(served)
-            serve_counts[p] = len(served)
-        wanted = np.concatenate(wanted).astype(np.int64)
-        rows, ready = self._move_rows(rnd, wanted, serve_counts, request_counts, k)
-        if rnd.slots is not None:
-            # The draws index what each owner offered: the owners say which slots.
-            origin[:, 1] = self._exchange_slots(rnd, wanted, serve_counts, request_counts, k)
+        me = self.rank
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        # Every process's draws (the same everywhere): which of them are mine to serve.
+        picks = draws(int(table[0, SEED]), rnd.number, self.world_size, total, k)
+        mine = picks[me]
+        owners = np.searchsorted(starts, mine, side="right") - 1
+        slots = mine - starts[owners]
+        origin = np.stack([owners, slots], axis=1)
+        request = np.bincount(owners, minlength=self.world_size)
+        lo, hi = starts[me], starts[me] + sizes[me]
+        hits = (picks >= lo) & (picks < hi)
+        hits[me] = False
+        serve = [(int(p), picks[p][hits[p]] - lo) for p in np.flatnonzero(hits.any(axis=1))]
+        own = slots[owners == me]
+        offered = rnd.slots                 # task-aware replay: the slots offered, else None
+        if offered is not None:             # the draws index what each owner offered
+            serve = [(p, offered[i]) for p, i in serve]
+            own = offered[own]
+        rows, ready = self._mover.move(f"the samples of round {rnd.number}", rnd.number, serve,
+                                       request, own)
+        row_nbytes = self._mover.row_nbytes
+        self.stats["bytes_sent"] += int(hits.sum()) * row_nbytes
+        self.stats["bytes_received"] += int(k - request[me]) * row_nbytes
+        if offered is not None:
+            origin[:, 1] = self._slots_of(rnd, serve, owners, own)
         return Representatives(k, rows=rows, origin=origin, ready=ready)
 
-    def _exchange_slots(self, rnd, wanted, serve_counts, request_counts, k) -> np.ndarray:
-        """The slots of this process's ``k`` representatives, from their owners."""
-        recv = np.empty(k, np.int64)
-        t = self.transport
-        send = np.ascontiguousarray(wanted, dtype=np.int64)
-        handles = t.ialltoallv(send.view(np.uint8), serve_counts * 8, recv.view(np.uint8),
-                               request_counts * 8)
-        t.wait(handles, f"the slots of round {rnd.number}", transfer=True)
-        return recv
-
-    def _move_rows(self, rnd, wanted, serve_counts, request_counts, k):
-        """Serves the ``wanted`` slots and receives ``k`` rows: all fields in
-        flight at once, one all-to-all each."""
-        buffer, be, t = self._buffer, self._backend, self.transport
-        spec = buffer.spec
-        n = len(wanted)
-        send = self._device_rows("send", int(buffer.num_representatives) * self.world_size)
-        recv = self._device_rows("recv", int(buffer.num_representatives))
-        buffer.store.gather(wanted, send, 0, self._stream)
-        transfers = []
-        for i, f in enumerate(spec):
-            if self.staged:
-                host_send = self._host_rows("send", i, n, f)
-                if n:
-                    be.to_host(send[i][:n], self._stream, out=host_send)     # blocks
-                transfers.append((host_send, self._host_rows("recv", i, k, f)))
-            else:
-                transfers.append((send[i][:n], recv[i][:k]))
-        # The transport does not order itself after our stream: everything queued
-        # on it (the wait for the step's event, the gathers, the previous round's
-        # uploads) completes before the transport touches this memory.
-        be.synchronize(self._stream)
-        handles = []
-        for (s, r), f in zip(transfers, spec):
-            handles += t.ialltoallv(_bytes(s), serve_counts * f.nbytes, _bytes(r),
-                                    request_counts * f.nbytes)
-        t.wait(handles, f"the samples of round {rnd.number}", transfer=True)
-        self.stats["bytes_sent"] += int(n * buffer.store.row_nbytes)
-        self.stats["bytes_received"] += int(k * buffer.store.row_nbytes)
-        ready = None
-        if self.staged:
-            for (_, host_recv), dev in zip(transfers, recv):
-                be.from_host(dev[:k], host_recv, self._stream)
-            ready = be.record_event(self._stream)
-        return [r[:k] for r in recv], ready
-
-    def _device_rows(self, key: str, n: int) -> list:
-        rows = self._rows.get(key)
-        if rows is None or len(rows[0]) < n:
-            rows = self._buffer.store.empty_rows(max(n, 1))
-            self._rows[key] = rows
-        return rows
-
-    def _host_rows(self, key: str, i: int, n: int, spec):
-        full = self._rows.get((key, i))
-        cap = int(self._buffer.num_representatives) * (self.world_size if key == "send" else 1)
-        if full is None or len(full) < max(n, cap):
-            full = self._backend.empty_pinned((max(n, cap, 1),) + tuple(spec.shape), spec.dtype)
-            self._rows[(key, i)] = full
-        return full[:n]
-
-
-def _draw(seed: int, round_no: int, rank: int, total: int, k: int) -> np.ndarray:
-    """Rank ``rank``'s draws in round ``round_no``: ``k`` distinct global
-    indices, uniform over ``[0, total)``, in increasing order (grouped by owner)."""
-    return draw_distinct(np.random.default_rng([seed, round_no, rank]), total, k)
-
-
-def _bytes(a):
-    """A flat uint8 view of a C-contiguous NumPy or CuPy array."""
-    return a.reshape(-1).view(np.uint8)
+    def _slots_of(self, rnd: Round, serve: list, owners: np.ndarray, own: np.ndarray):
+        """Task-aware replay: the slots of this process's representatives, in
+        output order, from their owners (one message of int64 slots per peer,
+        after the round's rows, with the round's tag)."""
+        me, t = self.rank, self.transport
+        out = np.empty(len(owners), np.int64)
+        out[owners == me] = own
+        sends = {p: np.ascontiguousarray(idx, np.int64).view(np.uint8) for p, idx in serve}
+        recvs = {int(p): np.empty(int((owners == p).sum()), np.int64)
+                 for p in np.unique(owners) if p != me}
+        if sends or recvs:
+            t.wait(t.iexchange(sends, {p: r.view(np.uint8) for p, r in recvs.items()},
+                               rnd.number), f"the slots of round {rnd.number}", transfer=True)
+        for p, r in recvs.items():
+            out[owners == p] = r
+        return out

@@ -47,6 +47,27 @@ def _backend_name(group) -> str:
         return ""
 
 
+class _CompletedByWait:
+    """A gloo point-to-point request, whose ``is_completed()`` stays False
+    until ``wait()`` is called: testing it waits for it (the GIL released;
+    bounded by the group's timeout, the transport's). Every request of an
+    exchange is posted before any is tested, so this waits only for peers
+    the status exchange has shown to be there."""
+
+    def __init__(self, work):
+        self._work = work
+        self._done = False
+
+    def is_completed(self) -> bool:
+        if not self._done:
+            self._work.wait()        # raises the request's error, if any
+            self._done = True
+        return True
+
+    def wait(self) -> None:
+        self.is_completed()
+
+
 class TorchTransport(Transport):
     """Collectives over new process groups spanning the ranks of ``group``."""
 
@@ -111,6 +132,12 @@ class TorchTransport(Transport):
             # NCCL's own watchdog acts on its timeout: give the round protocol's
             # timeout the first word.
             self._data = self._new_group("nccl", min(2 * self._pg_timeout, _LONGEST))
+            # NCCL sets up a group's communicator on its first call, which every
+            # member must make: the rounds' point-to-point batches involve only
+            # some of them.
+            ready = self._torch.zeros(1, device=self._torch.device("cuda"))
+            self.wait([self._dist.all_reduce(ready, group=self._data, async_op=True)],
+                      "the other processes to set up their NCCL exchange group")
 
     # ---------------------------------------------------- collectives
     def _tensor(self, a):
@@ -125,12 +152,31 @@ class TorchTransport(Transport):
             self._dist.all_gather_into_tensor
         return [gather(out, self._torch.from_numpy(send), group=self._control, async_op=True)]
 
-    def _ialltoallv(self, send, send_counts, recv, recv_counts):
-        return [self._dist.all_to_all_single(
-            self._tensor(recv), self._tensor(send),
-            output_split_sizes=[int(c) for c in recv_counts],
-            input_split_sizes=[int(c) for c in send_counts],
-            group=self._data, async_op=True)]
+    def _isend(self, data, peer, tag):
+        return [self._p2p(self._dist.isend(self._tensor(data), dst=self._ranks[peer],
+                                           group=self._data, tag=tag))]
+
+    def _irecv(self, data, peer, tag):
+        return [self._p2p(self._dist.irecv(self._tensor(data), src=self._ranks[peer],
+                                           group=self._data, tag=tag))]
+
+    def _start_exchange(self, sends, recvs, tag):
+        if not self.device_buffers:
+            return super()._start_exchange(sends, recvs, tag)
+        # NCCL: point-to-point requests posted one by one are serialised per peer
+        # (a receive posted before a send would wait for the peer's send, queued
+        # behind the peer's own receive); started together they cannot deadlock.
+        P2POp, dist = self._dist.P2POp, self._dist
+        ops = [P2POp(dist.irecv, self._tensor(recvs[p]), self._ranks[p], self._data, tag)
+               for p in sorted(recvs)]
+        ops += [P2POp(dist.isend, self._tensor(sends[p]), self._ranks[p], self._data, tag)
+                for p in sorted(sends)]
+        return list(dist.batch_isend_irecv(ops)) if ops else []
+
+    def _p2p(self, work):
+        # gloo reports a point-to-point request complete only through wait():
+        # its is_completed() stays False. NCCL's polls (a CUDA event).
+        return work if self.device_buffers else _CompletedByWait(work)
 
     def test(self, handles) -> bool:
         if not all(w.is_completed() for w in handles):

@@ -7,14 +7,17 @@ private copy of it (a duplicate communicator, a new process group), so that
 its messages never interleave with the training's own collectives (DDP's
 all-reduce, the user's MPI calls).
 
-It offers two kinds of collectives, all of them over every process of the
-communicator, called in the same order everywhere:
+It offers, written once here over three primitives of the library
+(``_iallgather``, ``_isend``, ``_irecv``, plus ``test``):
 
-- non-blocking ones that return a handle (:meth:`Transport.iallgather`,
-  :meth:`Transport.ialltoallv`), completed by polling :meth:`Transport.test`:
-  the round protocol (:mod:`.rounds`) uses them from its progress thread;
-- blocking ones (:meth:`Transport.barrier`, :meth:`Transport.allgather_bytes`)
-  for small metadata, built on the former.
+- a non-blocking collective over every process of the communicator, called
+  in the same order everywhere (:meth:`Transport.iallgather`), and
+  non-blocking point-to-point messages with only the processes named
+  (:meth:`Transport.iexchange`); both return a handle completed by polling
+  :meth:`Transport.test`: the round protocol (:mod:`.rounds`) uses them
+  from its progress thread;
+- blocking collectives (:meth:`Transport.barrier`,
+  :meth:`Transport.allgather_bytes`) for small metadata, built on the former.
 
 Every wait is bounded by the transport's ``timeout``: when the other
 processes do not answer in time, :class:`~.errors.RemoteError` is raised
@@ -32,8 +35,7 @@ import numpy as np
 
 from .errors import RemoteError
 
-__all__ = ["Transport", "make_transport", "DEFAULT_TIMEOUT", "is_torch_group",
-           "is_mpi_comm", "check_timeout"]
+__all__ = ["Transport", "DEFAULT_TIMEOUT", "is_torch_group", "is_mpi_comm", "check_timeout"]
 
 #: Seconds a process waits for the others in one collective before it raises
 #: :class:`RemoteError` (the same as NCCL's default in PyTorch).
@@ -69,7 +71,7 @@ class Transport:
     size: int
     #: Short name for logs and benchmarks: "mpi", "torch-gloo", "torch-nccl".
     name: str = "transport"
-    #: Whether :meth:`ialltoallv` takes device (CuPy) arrays directly
+    #: Whether :meth:`iexchange` takes device (CuPy) arrays directly
     #: (CUDA-aware MPI, NCCL); otherwise GPU rows are staged through host memory.
     device_buffers: bool = False
     #: Whether collectives may be posted from a background (progress) thread.
@@ -91,33 +93,51 @@ class Transport:
         c["bytes_received"] += int(send.nbytes) * peers
         return self._iallgather(send, recv)
 
-    def ialltoallv(self, send, send_counts: np.ndarray, recv, recv_counts: np.ndarray):
-        """Starts an all-to-all of bytes: ``send`` and ``recv`` are flat uint8
-        arrays (host arrays, or device arrays when :attr:`device_buffers`);
-        ``send_counts[p]`` bytes go to process ``p`` (consecutive, in rank
-        order) and ``recv_counts[p]`` come from it. Returns a handle."""
+    def iexchange(self, sends: dict, recvs: dict, tag: int):
+        """Starts point-to-point messages with the processes named, and no
+        others: ``sends[p]`` (a flat uint8 array) goes to process ``p``,
+        ``recvs[p]`` (a flat uint8 array of exactly the size ``p`` sends) is
+        filled from it. Host arrays, or device arrays when
+        :attr:`device_buffers`. ``tag`` tells apart the exchanges that may
+        be in flight together (the round number). Returns a handle."""
+        if self.rank in sends or self.rank in recvs:
+            raise ValueError("internal: a process exchanges no message with itself")
         c = self._counts()
-        out = np.array(send_counts, dtype=np.int64, copy=True)
-        inc = np.array(recv_counts, dtype=np.int64, copy=True)
-        out[self.rank] = inc[self.rank] = 0          # a process's rows to itself stay local
-        c["collectives"] += 1
-        c["alltoalls"] += 1
-        c["messages_sent"] += int((out > 0).sum())
-        c["bytes_sent"] += int(out.sum())
-        c["bytes_received"] += int(inc.sum())
-        return self._ialltoallv(send, send_counts, recv, recv_counts)
+        c["exchanges"] += 1
+        c["messages_sent"] += len(sends)
+        c["bytes_sent"] += sum(int(b.nbytes) for b in sends.values())
+        c["bytes_received"] += sum(int(b.nbytes) for b in recvs.values())
+        return self._start_exchange(sends, recvs, int(tag) % self.TAGS)
+
+    def _start_exchange(self, sends: dict, recvs: dict, tag: int) -> list:
+        """Posts the receives, then the sends, one request each (subclasses
+        whose library needs them started together override this)."""
+        handles = []
+        for p in sorted(recvs):          # receives posted first: no unexpected messages
+            handles += self._irecv(recvs[p], p, tag)
+        for p in sorted(sends):
+            handles += self._isend(sends[p], p, tag)
+        return handles
 
     def _iallgather(self, send, recv):
         """:meth:`iallgather` of the communication library (subclasses)."""
         raise NotImplementedError
 
-    def _ialltoallv(self, send, send_counts, recv, recv_counts):
-        """:meth:`ialltoallv` of the communication library (subclasses)."""
+    def _isend(self, data, peer: int, tag: int) -> list:
+        """Starts sending ``data`` to ``peer`` (subclasses); returns handles."""
         raise NotImplementedError
+
+    def _irecv(self, data, peer: int, tag: int) -> list:
+        """Starts receiving into ``data`` from ``peer`` (subclasses); returns handles."""
+        raise NotImplementedError
+
+    #: Tags of :meth:`iexchange` wrap around at this value (MPI guarantees
+    #: at least 32767); exchanges of one transport complete in order.
+    TAGS = 32768
 
     # ------------------------------------------------------------ counts
     #: What :meth:`stats` counts, per process, since the transport was made.
-    COUNTS = ("collectives", "allgathers", "alltoalls", "messages_sent", "bytes_sent",
+    COUNTS = ("collectives", "allgathers", "exchanges", "messages_sent", "bytes_sent",
               "bytes_received")
 
     def _counts(self) -> dict:
@@ -129,10 +149,10 @@ class Transport:
     def stats(self) -> dict:
         """Exact counts of what this process started, since the transport
         was made (a copy: a snapshot). ``collectives``: non-blocking
-        collectives started (``allgathers`` + ``alltoalls``; the blocking ones
-        are built on them); ``messages_sent``: one per peer a collective
-        gives a non-empty payload to (an allgather: every other process; an
-        all-to-all: the processes it sends rows to); ``bytes_sent`` and
+        collectives started (all ``allgathers``; the blocking ones are built
+        on them); ``exchanges``: :meth:`iexchange` calls (point-to-point);
+        ``messages_sent``: one per peer given a payload (an allgather: every
+        other process; an exchange: each process it sends to); ``bytes_sent`` and
         ``bytes_received``: the payload bytes to and from other processes
         (rows a process draws from its own shard stay local and count
         nothing). The counts are logical: what the protocol asks the
@@ -140,7 +160,7 @@ class Transport:
         return dict(self._counts())
 
     def test(self, handles) -> bool:
-        """True once every collective of ``handles`` (a list of handles) has
+        """True once every operation of ``handles`` (a list of handles) has
         completed; raises when one has failed."""
         raise NotImplementedError
 
@@ -262,40 +282,3 @@ def is_torch_group(comm) -> bool:
         return False
     import torch.distributed as dist
     return isinstance(comm, dist.ProcessGroup)
-
-
-def make_transport(comm, *, timeout: float | None = DEFAULT_TIMEOUT,
-                   device_buffers: bool | None = False, purpose: str | None = None) -> Transport:
-    """The transport for ``comm``: an mpi4py communicator (the
-    :class:`~.mpi.MPITransport`) or a ``torch.distributed`` process group
-    such as ``dist.group.WORLD`` (the :class:`~.torch.TorchTransport`).
-
-    Creating one is a collective call over ``comm``. ``device_buffers``:
-    whether the sample data may travel as device arrays (``None``: when the
-    library supports it, CUDA-aware MPI or an NCCL group). ``purpose`` (for
-    example ``"save()"``) names, in a timeout's message, the call the other
-    processes did not join.
-    """
-    timeout = check_timeout(timeout)
-    if is_mpi_comm(comm):
-        from .mpi import MPITransport
-        return MPITransport(comm, timeout=timeout, device_buffers=device_buffers,
-                            purpose=purpose)
-    if is_torch_group(comm):
-        from .torch import TorchTransport
-        return TorchTransport(comm, timeout=timeout, device_buffers=device_buffers,
-                              purpose=purpose)
-    raise TypeError("comm must be an mpi4py communicator (MPI.COMM_WORLD) or a "
-                    "torch.distributed process group (torch.distributed.group.WORLD), got "
-                    f"{type(comm).__module__}.{type(comm).__name__}")
-
-
-def world_of(comm) -> tuple[int, int]:
-    """``(rank, size)`` of an mpi4py communicator or a torch process group."""
-    if is_mpi_comm(comm):
-        return int(comm.Get_rank()), int(comm.Get_size())
-    if is_torch_group(comm):
-        return int(comm.rank()), int(comm.size())
-    raise TypeError("comm must be an mpi4py communicator (MPI.COMM_WORLD) or a "
-                    "torch.distributed process group (torch.distributed.group.WORLD), got "
-                    f"{type(comm).__module__}.{type(comm).__name__}")

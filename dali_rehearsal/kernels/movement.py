@@ -38,7 +38,7 @@ import threading
 
 import numpy as np
 
-from . import get_kernel, kernel_name, word_type_for
+from .compile import get_kernel, kernel_name, word_type_for
 
 _BLOCK_X = 256
 _MAX_GRID_X = 1024

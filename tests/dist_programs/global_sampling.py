@@ -156,15 +156,19 @@ def pairing():
 
 
 def uniform():
-    """Draw counts over (rank, slot), shards of very different fill levels."""
-    capacity = 4 * (RANK + 1) ** 2                     # 4, 16, 36, 64 slots
+    """Draw counts over (rank, slot), shards of very different fill levels;
+    every representative checked for its label and extras."""
+    capacity = 4 * (RANK + 1) ** 2                     # 4, 16, 36, 64 ... slots
     buf = dr.RehearsalBuffer(capacity=capacity, num_representatives=5, device=DEVICE,
                              seed=11, comm=COMM, policy="reservoir", timeout=TIMEOUT)
-    steps, warm = 1200, 150
+    steps, warm = (1200, 150) if SIZE <= 4 else (900, 250)
     drawn = []                                         # (owner, slot) of every draw of mine
+    stats = new_stats()
     for step in range(steps):
-        images, labels, _ = ident_batch(step % 1000, 1)
-        buf.mix(images, labels)
+        batch = ident_batch(step % 1000, 1)
+        out = buf.mix(*batch)
+        if step < 1000:                                # (ids name steps below 1000)
+            check(out, step, batch, stats)
         if step >= warm:                               # all shards are full by then
             drawn.append(buf.last_origin.copy())
     buf.close()
@@ -172,7 +176,7 @@ def uniform():
     counts = [np.zeros(4 * (p + 1) ** 2, dtype=np.int64) for p in range(SIZE)]
     for owner, slot in drawn.tolist():
         counts[owner][slot] += 1
-    return {"counts": [c.tolist() for c in counts], "steps": steps - warm}
+    return dict(stats, counts=[c.tolist() for c in counts], steps=steps - warm)
 
 
 def reproducible(seed=None):

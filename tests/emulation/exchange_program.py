@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 
 import dali_rehearsal as dr  # noqa: E402
 from dali_rehearsal.exchange import GlobalSampler  # noqa: E402
-from dali_rehearsal.sampling import Representatives  # noqa: E402
+from dali_rehearsal.representatives import Representatives  # noqa: E402
 from emulation import runtime  # noqa: E402
 import utils  # noqa: E402
 
@@ -121,12 +121,12 @@ def kind_of(array) -> str:
 def spy_on_transport(buffer):
     """Records what kind of memory the GPU buffer's exchange gives its transport."""
     transport = buffer.sampler.transport
-    ialltoallv = transport.ialltoallv
+    iexchange = transport.iexchange
 
-    def spy(send, send_counts, recv, recv_counts):
-        KINDS.update((kind_of(send), kind_of(recv)))
-        return ialltoallv(send, send_counts, recv, recv_counts)
-    transport.ialltoallv = spy
+    def spy(sends, recvs, tag):
+        KINDS.update(kind_of(a) for a in (*sends.values(), *recvs.values()))
+        return iexchange(sends, recvs, tag)
+    transport.iexchange = spy
 
 
 def buffers():
