@@ -59,7 +59,7 @@ sys.path.insert(0, str(_HERE))
 import _bench  # noqa: E402
 
 #: The counts ``exchange_stats()`` gives (reported per step and process).
-COUNTED = ("rounds", "collectives", "allgathers", "alltoalls", "messages_sent", "bytes_sent",
+COUNTED = ("rounds", "collectives", "allgathers", "exchanges", "messages_sent", "bytes_sent",
            "bytes_received")
 VARIANTS = ("global", "local")
 KINDS = ("step", "tight")
@@ -289,10 +289,10 @@ def print_table(result: dict) -> None:
         rows.append([f"{f['launcher']} {f['processes']}", ps["messages_sent"]["mean"],
                      ps["bytes_sent"]["mean"], ps["bytes_received"]["mean"],
                      ps["collectives"]["mean"], ps["allgathers"]["mean"],
-                     ps["alltoalls"]["mean"], ps["rounds"]["mean"]])
+                     ps["exchanges"]["mean"], ps["rounds"]["mean"]])
     print("\nper step and process, exact counts from exchange_stats() (mean over processes):")
     print(_bench.table(rows, ["launch N", "messages", "bytes sent", "bytes recv",
-                              "collectives", "allgathers", "alltoalls", "rounds"]))
+                              "collectives", "allgathers", "exchanges", "rounds"]))
     rows = []
     for f in result["summary"]:
         g, loc, t = f["mix_ms_global_step"], f["mix_ms_local_step"], f["tight_round_ms"]
