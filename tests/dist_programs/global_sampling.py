@@ -158,7 +158,7 @@ def pairing():
 def uniform():
     """Draw counts over (rank, slot), shards of very different fill levels;
     every representative checked for its label and extras."""
-    capacity = 4 * (RANK + 1) ** 2                     # 4, 16, 36, 64 ... slots
+    capacity = 4 * (RANK % 4 + 1) ** 2                 # 4, 16, 36, 64, 4, 16 ... slots
     buf = dr.RehearsalBuffer(capacity=capacity, num_representatives=5, device=DEVICE,
                              seed=11, comm=COMM, policy="reservoir", timeout=TIMEOUT)
     steps, warm = (1200, 150) if SIZE <= 4 else (900, 250)
@@ -173,7 +173,7 @@ def uniform():
             drawn.append(buf.last_origin.copy())
     buf.close()
     drawn = np.concatenate(drawn)
-    counts = [np.zeros(4 * (p + 1) ** 2, dtype=np.int64) for p in range(SIZE)]
+    counts = [np.zeros(4 * (p % 4 + 1) ** 2, dtype=np.int64) for p in range(SIZE)]
     for owner, slot in drawn.tolist():
         counts[owner][slot] += 1
     return dict(stats, counts=[c.tolist() for c in counts], steps=steps - warm)
