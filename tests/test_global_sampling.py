@@ -306,11 +306,12 @@ def test_a_failure_stops_every_rank_of_four(transport, kind, tmp_path):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("n", [8, 16])
-@pytest.mark.parametrize("kind", ["raise_in_mix", "exit"])
+@pytest.mark.parametrize("kind", ["raise_in_mix", "exit", "close_early", "one_fewer"])
 def test_a_failure_stops_every_rank_of_many(n, kind, tmp_path):
     """The sparse exchange at 8 and 16 processes (oversubscribed): a rank
-    that fails stops every other rank, though most rounds exchange rows
-    between a few pairs only."""
+    that fails, exits, closes early or runs one step fewer stops every
+    other rank at the same step, though most rounds exchange rows between a
+    few pairs only."""
     results, done = run("mpi", n, f"fail-{kind}", tmp_path, timeout=120, expect_ok=False,
                         bound=BOUND * (n // 4 + 1))
     assert set(results) == set(range(n)), output(done)
