@@ -545,3 +545,43 @@ def test_the_launchers_environment_says_how_many_processes(monkeypatch):
     assert env.launched_processes() == (4, "OMPI_COMM_WORLD_SIZE")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert env.launched_processes() == (2, "WORLD_SIZE")
+
+
+class _LibraryTimesOut:
+    """A transport whose library gives up on its own at ``after`` seconds
+    (gloo's group timeout is the transport's, 2 s here: both limits can fire
+    together, a polling pause apart)."""
+
+    def __init__(self, after, words):
+        from dali_rehearsal.exchange.alone import AloneTransport
+        self.transport = AloneTransport()
+        self.transport.timeout = 2.0
+        self.transport.test = self.test
+        self.after, self.words = after, words
+        self.start = None
+
+    def test(self, handles):
+        import time
+        if self.start is None:
+            self.start = time.monotonic()
+        if time.monotonic() - self.start >= self.after:
+            raise RuntimeError(self.words)
+        return False
+
+
+@pytest.mark.parametrize("after, words, expected", [
+    (1.5, "[gloo] Timed out waiting 2000ms for send operation to complete", "within 2 s while"),
+    (0.2, "[gloo] Timed out waiting 200ms for send operation to complete",
+     "transport failed while waiting"),
+    (1.5, "Connection closed by peer", "transport failed while waiting"),
+], ids=["library-timeout-at-the-limit", "library-timeout-well-before", "other-failure"])
+def test_a_library_timeout_at_the_limit_reads_as_the_limit(after, words, expected):
+    """One cause, one wording: the library's timeout firing with the
+    transport's reads as the transport's timeout (the library's text kept);
+    any other failure, or one well before the limit, as a failure."""
+    from dali_rehearsal.exchange.errors import RemoteError
+    fake = _LibraryTimesOut(after, words)
+    with pytest.raises(RemoteError, match=expected) as raised:
+        fake.transport.wait([object()], "the other processes to join save()")
+    assert words in str(raised.value)
+    assert raised.value.broken

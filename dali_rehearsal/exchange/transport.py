@@ -223,6 +223,16 @@ class Transport:
             except RemoteError:
                 raise
             except Exception as e:   # the library reports a broken connection, a dead peer
+                if (limit is not None and "time" in str(e).lower()
+                        and time.monotonic() - start >= limit - 1.0):
+                    # the library's own limit (gloo's group timeout is the transport's)
+                    # fired with this one: one wording for one cause
+                    raise RemoteError(
+                        f"rank {self.rank}: no answer from the other processes within "
+                        f"{limit:g} s while waiting for {what}: a process was killed, hangs, "
+                        "or is far slower than this one (RehearsalBuffer(timeout=...) sets "
+                        f"this limit; {self.name}: {type(e).__name__}: {e})",
+                        broken=True) from e
                 raise RemoteError(f"rank {self.rank}: the {self.name} transport failed while "
                                   f"waiting for {what}: {type(e).__name__}: {e}",
                                   broken=True) from e
