@@ -61,6 +61,15 @@ class RehearsalBuffer:
             rows alone. Tell the buffer where a task ends with
             :meth:`end_task`. Default False: draws from everything stored,
             the current task's samples included (online experience replay).
+        feedback: per-sample fields the training loop writes back after its
+            forward pass, for Dark Experience Replay's logits: a dict ``name
+            -> (shape, dtype)`` (a bare shape means float32), e.g.
+            ``{"logits": ((10,), "float32")}``. Every delivered batch then
+            has, after the source's fields, one field per name (the stored
+            values; zeros for fresh rows and samples never written),
+            ``written`` (uint8, 1 where a value was written back) and
+            ``ticket`` (int64 ``(rank, slot, generation)``); pass the tickets
+            and the values to :meth:`update`. See :mod:`dali_rehearsal.feedback`.
 
     Threads: one buffer may be used from several threads. Its operations
     (``mix``, ``add``, ``sample``, ``state_dict``, ``load_state_dict``,
@@ -77,7 +86,8 @@ class RehearsalBuffer:
                  policy: str = "class_balanced", device: str | None = None,
                  label_index: int = 1, seed: int | None = None, comm=None,
                  sampling: str = "global", cuda_aware: bool | None = None,
-                 timeout: float | None = 600.0, task_aware: bool = False):
+                 timeout: float | None = 600.0, task_aware: bool = False,
+                 feedback: dict | None = None):
         self.capacity = check_int(capacity, "capacity", 1)
         self.num_representatives = check_int(num_representatives, "num_representatives", 0)
         self.label_index = check_int(label_index, "label_index", 0)
@@ -94,7 +104,7 @@ class RehearsalBuffer:
                               label_index=self.label_index, seed=self.seed, policy=policy,
                               device=device, comm=comm, sampling=sampling,
                               cuda_aware=cuda_aware, timeout=timeout,
-                              task_aware=task_aware)
+                              task_aware=task_aware, feedback=feedback)
         self.rank = self._core.rank
         self.world_size = self._core.world_size
 
@@ -152,6 +162,47 @@ class RehearsalBuffer:
         if self._core.sampler.is_global:
             return self._core.sampler.exchange_stats()
         return dict.fromkeys(("rounds",) + Transport.COUNTS, 0)
+
+    @property
+    def feedback_fields(self) -> tuple[str, ...]:
+        """Names of the feedback fields (``feedback=``), in output order."""
+        return self._core.feedback.names
+
+    def feedback_stats(self) -> dict:
+        """What became of the tickets given to :meth:`update` so far, as
+        exact counts (a new dict each call): ``applied`` (written into the
+        sample they name), ``stale`` (the slot holds another sample now:
+        dropped), ``not_stored`` (a fresh row the policy did not keep),
+        ``sent`` (for another process's samples, handed to the exchange),
+        ``received`` (from other processes, checked here like the others),
+        and ``undelivered`` (still waiting to be sent when the buffer was
+        closed)."""
+        with self.lock:
+            stats = dict(self._core.feedback.stats)
+            mail = getattr(self._core.sampler, "mail", None)
+            stats["undelivered"] = mail.stats["undelivered"] if mail is not None else 0
+            return stats
+
+    def update(self, tickets, *, stream=None, **values) -> None:
+        """Writes per-sample values back into the stored samples the
+        ``tickets`` name: ``buffer.update(tickets, logits=outputs)``.
+
+        ``tickets``: the ``ticket`` rows of a delivered batch (any subset, in
+        any order; NumPy, CuPy or torch). ``values``: one array per feedback
+        field given (``(n, *shape)``, cast to the field's dtype; torch tensors
+        are detached); fields not given keep their values. A ticket whose
+        slot holds another sample by now is dropped and counted
+        (:meth:`feedback_stats`), never applied to the wrong sample. With
+        global sampling, tickets of other processes' samples reach their
+        owners with the next rounds that draw from them, with no collective
+        of their own. On the GPU the write is one kernel queued on
+        ``stream`` (default: the current stream), ordered after every read
+        and write of the store queued before.
+        """
+        stream = self._stream(stream)
+        with self.lock:
+            self._check_open("update()")
+            self._core.update(tickets, values, stream)
 
     @property
     def device(self) -> str:

@@ -38,15 +38,18 @@ class StoreView:
     store.
     """
 
-    __slots__ = ("_store", "_policy", "num_representatives", "task_aware")
+    __slots__ = ("_store", "_policy", "num_representatives", "task_aware", "feedback_specs")
 
-    def __init__(self, store, policy, num_representatives: int, *, task_aware: bool = False):
+    def __init__(self, store, policy, num_representatives: int, *, task_aware: bool = False,
+                 feedback_specs: tuple = ()):
         self._store = store
         self._policy = policy
         #: Representatives per step (``r``).
         self.num_representatives = int(num_representatives)
         #: Whether representatives come only from earlier tasks' samples.
         self.task_aware = bool(task_aware)
+        #: Layouts of the feedback fields (:mod:`dali_rehearsal.feedback`), or ().
+        self.feedback_specs = tuple(feedback_specs)
 
     @property
     def backend(self):
@@ -134,6 +137,10 @@ class Sampler(Protocol):
     """What the step needs from a sampler.
 
     ``settle()`` waits until nothing reads the store in the background;
+    ``post_feedback(owner, rows, values)`` queues feedback for another
+    process's samples (rows of (rank, slot, generation, field mask), one
+    host array per feedback field) and ``take_feedback()`` returns what
+    other processes sent for this shard's, as ``(rows, values)`` pairs;
     ``abort()`` is called when this process's step fails.
     """
 
@@ -150,6 +157,10 @@ class Sampler(Protocol):
     def finish(self) -> Representatives | None: ...
 
     def settle(self) -> None: ...
+
+    def post_feedback(self, owner: int, rows: np.ndarray, values: list) -> None: ...
+
+    def take_feedback(self) -> list: ...
 
     def abort(self) -> None: ...
 

@@ -37,6 +37,7 @@ import numpy as np
 from ._backend import Backend, get_backend, on_device, to_host
 from .checks import check_int
 from .exchange import make_sampler, world_of
+from .feedback import Feedback
 from .policies import make_policy
 from .representatives import Representatives, StoreView
 from .storage import SampleStore, spec_of
@@ -65,7 +66,8 @@ class StepCore:
 
     def __init__(self, *, capacity: int, num_representatives: int, label_index: int,
                  seed: int | None, policy: str, device: str | None, comm, sampling: str,
-                 cuda_aware: bool | None, timeout: float | None, task_aware: bool = False):
+                 cuda_aware: bool | None, timeout: float | None, task_aware: bool = False,
+                 feedback: dict | None = None):
         self.capacity = capacity
         self.num_representatives = num_representatives
         self.label_index = label_index
@@ -81,6 +83,9 @@ class StepCore:
         self.device = self.backend.device
         self.store = SampleStore(self.backend, capacity)
         rank, world_size = world_of(comm)
+        #: Feedback fields written back by ticket (:mod:`.feedback`), stored after
+        #: the source's fields.
+        self.feedback = Feedback(feedback, capacity=capacity, rank=rank)
         reachable = capacity * (world_size if sampling == "global" else 1)
         if num_representatives > reachable:
             raise ValueError(
@@ -94,7 +99,7 @@ class StepCore:
         self.policy = make_policy(policy, capacity, np.random.default_rng(policy_seq))
         # What the sampler sees of the shard: read-only, never this object.
         self.view = StoreView(self.store, self.policy, num_representatives,
-                              task_aware=self.task_aware)
+                              task_aware=self.task_aware, feedback_specs=self.feedback.specs)
         self.sampler = make_sampler(self.view, comm=comm, sampling=sampling, seed=seed,
                                     rng=np.random.default_rng(sample_seq),
                                     settings={"policy": self.policy.name,
@@ -123,6 +128,13 @@ class StepCore:
     def spec(self):
         """Per-field shape and dtype, fixed by the first batch (None before it)."""
         return self.store.spec
+
+    @property
+    def num_source_fields(self) -> int | None:
+        """Fields a batch brings (the stored fields less the feedback ones;
+        None before the first batch)."""
+        spec = self.store.spec
+        return None if spec is None else len(spec) - self.feedback.num_extra
 
     @property
     def allocated(self) -> bool:
@@ -210,7 +222,7 @@ class StepCore:
         with self.lock:     # another thread's first batch may fix the layout
             arrays, labels = self._check_batch(fields, stream)
             if not self.store.allocated:
-                self.store.allocate(spec_of(arrays))
+                self.store.allocate(spec_of(arrays) + self.feedback.extra_spec)
                 log.log(self.log_level, "rehearsal buffer: %d samples x %s on %s (%.1f MiB)",
                         self.capacity, [f.describe() for f in self.spec], self.device,
                         self.store.nbytes / 2**20)
@@ -223,9 +235,13 @@ class StepCore:
         if li >= n_fields:
             raise ValueError(f"label_index={li} but the batch has only {n_fields} fields")
         spec = self.store.spec
+        if spec is not None:
+            spec = spec[:self.num_source_fields]
         if spec is not None and n_fields != len(spec):
-            raise ValueError(f"the buffer holds {len(spec)} fields per sample, "
-                             f"this batch has {n_fields}")
+            raise ValueError(f"the buffer holds {len(spec)} fields per sample"
+                             + (f" from the source (and {self.feedback.num_extra} of feedback)"
+                                if self.feedback.enabled else "")
+                             + f", this batch has {n_fields}")
         label_field = fields[li]
         host_labels = None if on_device(label_field) else to_host(label_field)
         asarray = self.backend.asarray
@@ -299,8 +315,12 @@ class StepCore:
             reps.write_into(self.view, out, fresh_count, stream)
             self.last_reps = reps
             batch_index, slots = self.policy.offer(labels[:fresh_count])
+            if self.feedback.enabled:
+                self._stamp(out, fresh_count, batch_index, slots, stream)
             self.store.scatter(out, batch_index, slots, stream)
             self.mark_written(stream)
+            if self.feedback.enabled:
+                self._apply_received(stream)
             if self.sampler.is_global and next_active is not None:
                 self.sampler.start(active=next_active, event=self._last_write[1])
             return fresh_count + reps.count
@@ -327,6 +347,114 @@ class StepCore:
             self.commit(out, b, labels, reps, stream=stream)
             return tuple(out)
 
+    # --------------------------------------------------------------- feedback
+    def _stamp(self, out, count: int, batch_index, slots, stream) -> None:
+        """Fresh rows ``0..count-1`` of ``out``: zero feedback, flag 0, and
+        their tickets (new generations for the slots they are written to)."""
+        fb, be = self.feedback, self.backend
+        first = len(out) - fb.num_extra
+        for field, spec in zip(out[first:], fb.specs):
+            be.from_host(field[:count], np.zeros((count,) + spec.shape, spec.dtype), stream)
+        be.from_host(out[-2][:count], np.zeros(count, np.uint8), stream)
+        be.from_host(out[-1][:count], fb.fresh_tickets(count, np.asarray(batch_index),
+                                                       np.asarray(slots)), stream)
+
+    def _value(self, value, spec, n: int, name: str, stream):
+        """A written-back value as a ``(n, *shape)`` array of the field's dtype
+        on the buffer's device."""
+        if hasattr(value, "detach"):          # a torch tensor, perhaps with a graph
+            value = value.detach()
+        a = self.backend.asarray(value, stream)
+        if tuple(a.shape) != (n,) + spec.shape:
+            raise ValueError(f"update(): {name} must have shape {(n,) + spec.shape} (one row "
+                             f"per ticket), got {tuple(a.shape)}")
+        if a.dtype.kind not in "biufc":
+            raise TypeError(f"update(): {name} has dtype {a.dtype}, not a number")
+        if a.dtype != spec.dtype:
+            with self.backend.stream_context(stream):
+                a = a.astype(spec.dtype)
+        return a
+
+    def _write_back(self, tickets: np.ndarray, positions: np.ndarray, arrays: list,
+                    names: list, stream) -> None:
+        """Writes ``arrays[f][positions[k]]`` into the slots of this process's
+        ``tickets[k]`` still holding their sample, and sets their flags: one
+        scatter on ``stream``, ordered after every access to the store."""
+        fb = self.feedback
+        keep, slots = fb.check(tickets)
+        if len(slots) == 0:
+            return
+        first = len(self.store.spec) - fb.num_extra
+        fields = [first + fb.names.index(n) for n in names] + [len(self.store.spec) - 2]
+        ones = self.backend.asarray(np.ones(len(arrays[0]), np.uint8), stream)
+        self.wait_for_writes(stream)
+        self.sampler.settle()        # a round reading the store in the background
+        self.store.scatter(list(arrays) + [ones], positions[keep], slots, stream,
+                           fields=fields)
+        self.mark_written(stream)
+
+    def _apply_received(self, stream) -> None:
+        """Writes back what other processes sent for this shard's samples."""
+        for rows, values in self.sampler.take_feedback():
+            self.feedback.stats["received"] += len(rows)
+            for mask in np.unique(rows[:, 3]):
+                sel = np.flatnonzero(rows[:, 3] == mask)
+                names = [n for i, n in enumerate(self.feedback.names) if mask >> i & 1]
+                arrays = [self.backend.asarray(values[self.feedback.names.index(n)], stream)
+                          for n in names]
+                self._write_back(rows[sel, :3], sel, arrays, names, stream)
+
+    def update(self, tickets, values: dict, stream=None) -> None:
+        """Writes per-sample ``values`` (feedback field name -> rows, one per
+        ticket) back into the samples the ``tickets`` name (see
+        :mod:`.feedback`). Tickets of other processes go to their owners with
+        the next rounds of global sampling."""
+        fb = self.feedback
+        with self.lock:
+            if not fb.enabled:
+                raise RuntimeError("update() needs a buffer built with feedback fields, e.g. "
+                                   "RehearsalBuffer(..., feedback={'logits': ((10,), "
+                                   "'float32')})")
+            if not self.store.allocated:
+                raise RuntimeError("update(): the buffer has delivered no ticket yet")
+            if hasattr(tickets, "detach"):
+                tickets = tickets.detach()
+            host = fb.check_tickets(self.backend.to_host(tickets, stream)
+                                    if on_device(tickets) else to_host(tickets),
+                                    self.world_size)
+            n = len(host)
+            names = fb.check_values(values, n)
+            specs = dict(zip(fb.names, fb.specs))
+            arrays = [self._value(values[name], specs[name], n, name, stream) for name in names]
+            if n == 0:
+                return
+            mine = host[:, 0] == self.rank
+            if not mine.all():
+                if not self.sampler.is_global:
+                    raise ValueError("update(): tickets of other processes, but this buffer "
+                                     "samples locally: its rows all come from this process")
+                self._post_remote(host, ~mine, arrays, names, stream)
+            if mine.any():
+                positions = np.flatnonzero(mine)
+                self._write_back(host[positions], positions, arrays, names, stream)
+            self._apply_received(stream)
+
+    def _post_remote(self, tickets: np.ndarray, remote: np.ndarray, arrays: list,
+                     names: list, stream) -> None:
+        """Queues the rows of other processes' tickets for their owners."""
+        fb = self.feedback
+        mask = sum(1 << fb.names.index(n) for n in names)
+        hosts = {n: self.backend.to_host(a, stream) for n, a in zip(names, arrays)}
+        for owner in np.unique(tickets[remote, 0]):
+            sel = np.flatnonzero(remote & (tickets[:, 0] == owner))
+            rows = np.empty((len(sel), 4), np.int64)
+            rows[:, :3] = tickets[sel]
+            rows[:, 3] = mask
+            values = [hosts[n][sel] if n in hosts else np.zeros((len(sel),) + s.shape, s.dtype)
+                      for n, s in zip(fb.names, fb.specs)]
+            self.sampler.post_feedback(int(owner), rows, values)
+            fb.stats["sent"] += len(sel)
+
     # ------------------------------------------------ outside the step sequence
     def insert(self, fields, stream=None) -> None:
         """Offers a batch to the policy without drawing representatives."""
@@ -337,6 +465,11 @@ class StepCore:
             # reading the store in the background: let it finish first.
             self.sampler.settle()
             batch_index, slots = self.policy.offer(labels)
+            if self.feedback.enabled:
+                rows = self.store.empty_rows(len(labels))
+                self.store.copy(arrays, rows, 0, stream)
+                self._stamp(rows, len(labels), batch_index, slots, stream)
+                arrays = rows
             self.store.scatter(arrays, batch_index, slots, stream)
             self.mark_written(stream)
 

@@ -124,22 +124,25 @@ class SampleStore:
         for src, dst in zip(self.fields, out):
             gather_rows_host(src, slots, dst, offset)
 
-    def scatter(self, rows, batch_index, slots, stream=None) -> None:
+    def scatter(self, rows, batch_index, slots, stream=None, *, fields=None) -> None:
         """Writes ``rows[f][batch_index[k]]`` into slot ``slots[k]``, every
-        field (one launch on the GPU). Host int64 indices; slots distinct."""
+        field (one launch on the GPU), or the store's fields ``fields`` (their
+        indices, one per array of ``rows``). Host int64 indices; slots distinct."""
         if len(slots) == 0:
             return
         batch_index, slots = _host(batch_index), _host(slots)
+        dsts = self.fields if fields is None else [self.fields[i] for i in fields]
         if self.backend.is_gpu:
-            scatter_fields(rows, batch_index, self.fields, slots, stream=stream)
+            scatter_fields(rows, batch_index, dsts, slots, stream=stream)
             return
         _check_slots(slots, self.capacity)
-        for src, dst in zip(rows, self.fields):
+        for src, dst in zip(rows, dsts):
             scatter_rows_host(src, batch_index, dst, slots)
 
     def copy(self, rows, out, offset: int = 0, stream=None) -> None:
         """``out[f][offset:offset + len] = rows[f]``, every field (one launch
-        on the GPU)."""
+        on the GPU); ``out`` may hold more fields (the feedback ones), left as they are."""
+        out = out[:len(rows)]
         if self.backend.is_gpu:
             copy_fields(rows, out, dst_offset=offset, stream=stream)
             return

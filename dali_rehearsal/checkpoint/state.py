@@ -107,6 +107,15 @@ def apply(core, prepared: Prepared) -> None:
             store.reset()
             raise
     core.policy.load_state_dict(prepared.policy_state)
+    if prepared.spec is not None and core.feedback.enabled:
+        # every stored sample gets a new generation: no ticket handed out
+        # before this load can name it
+        stream = core.backend.current_stream()
+        saved = prepared.fields[-1][:core.policy.size, 2]
+        tickets = core.feedback.restamp(core.policy.size, int(saved.max()) if len(saved) else 0)
+        if len(tickets):
+            core.backend.from_host(core.store.fields[-1][:len(tickets)], tickets, stream)
+            core.mark_written(stream)
 
 
 def load_state_dict(core, state) -> None:

@@ -36,11 +36,27 @@ _SAMPLE_MAX_BYTES = 2**40
 
 
 def settings_of(core) -> dict:
-    return {"capacity": int(core.capacity),
-            "num_representatives": int(core.num_representatives),
-            "policy": core.policy.name, "label_index": int(core.label_index),
-            "sampling": core.sampling, "rank": int(core.rank),
-            "world_size": int(core.world_size)}
+    settings = {"capacity": int(core.capacity),
+                "num_representatives": int(core.num_representatives),
+                "policy": core.policy.name, "label_index": int(core.label_index),
+                "sampling": core.sampling, "rank": int(core.rank),
+                "world_size": int(core.world_size)}
+    if core.feedback.enabled:       # absent: no feedback fields (and older checkpoints)
+        settings["feedback"] = core.feedback.declaration()
+    return settings
+
+
+def _check_feedback(value) -> list:
+    """A saved feedback declaration: ``[[name, shape, dtype], ...]``."""
+    ok = isinstance(value, list) and value and all(
+        isinstance(d, list) and len(d) == 3 and isinstance(d[0], str)
+        and isinstance(d[1], list) and all(isinstance(n, int) and not isinstance(n, bool)
+                                           and 0 < n < 2**31 for n in d[1])
+        and isinstance(d[2], str) and len(d[2]) < 16 for d in value)
+    if not ok:
+        raise CheckpointError(f"settings: feedback must be a list of [name, shape, dtype], "
+                              f"got {str(value)[:200]}")
+    return [[d[0], list(d[1]), d[2]] for d in value]
 
 
 def plain(value, where: str):
@@ -95,8 +111,10 @@ class Checked:
 
 
 def check_settings(settings) -> dict:
-    if not isinstance(settings, dict) or set(settings) != set(SETTINGS):
-        raise CheckpointError(f"settings must be a dict with the keys {list(SETTINGS)}")
+    if not isinstance(settings, dict) or set(settings) - {"feedback"} != set(SETTINGS):
+        raise CheckpointError(f"settings must be a dict with the keys {list(SETTINGS)} "
+                              "(and feedback)")
+    feedback = _check_feedback(settings["feedback"]) if "feedback" in settings else None
     for key in SETTINGS:
         value = settings[key]
         if key in ("policy", "sampling"):
@@ -108,7 +126,11 @@ def check_settings(settings) -> dict:
     if settings["capacity"] < 1 or settings["world_size"] < 1 \
             or settings["rank"] >= settings["world_size"]:
         raise CheckpointError(f"settings out of range: {settings}")
-    return {k: (v if isinstance(v, str) else int(v)) for k, v in settings.items()}
+    checked = {k: (v if isinstance(v, str) else int(v)) for k, v in settings.items()
+               if k != "feedback"}
+    if feedback is not None:
+        checked["feedback"] = feedback
+    return checked
 
 
 def _count(shape) -> int:
@@ -310,7 +332,13 @@ def check_sampler_state(sampler, state) -> dict:
 
 
 def compare_settings(core, saved: dict, keys) -> None:
+    """Raises when ``saved`` differs from the buffer's settings in ``keys``
+    or in its feedback fields (always compared: they are stored fields)."""
     mine = settings_of(core)
+    if saved.get("feedback") != mine.get("feedback"):
+        raise CheckpointError(
+            f"the saved buffer has feedback fields {saved.get('feedback') or 'none'}, this one "
+            f"{mine.get('feedback') or 'none'}: build the buffer with the saved feedback=")
     for key in keys:
         if saved[key] != mine[key]:
             hint = {"num_representatives": "; num_representatives is not overridable: build "

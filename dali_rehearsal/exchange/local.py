@@ -47,6 +47,15 @@ class LocalSampler:
     def settle(self) -> None:
         """Nothing runs in the background here: the store may be written."""
 
+    def post_feedback(self, owner: int, rows, values) -> None:
+        """Local sampling delivers only this process's samples: no ticket
+        names another process (the step refuses such tickets first)."""
+        raise RuntimeError("internal: feedback for another process with local sampling")
+
+    def take_feedback(self) -> list:
+        """Feedback other processes sent (never any with local sampling)."""
+        return []
+
     def abort(self) -> None:
         """Called when a step fails; nothing to tell other processes here."""
         self._active = None

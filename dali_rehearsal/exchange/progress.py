@@ -30,8 +30,9 @@ class Round:
     """One round: what this process says, and what comes back."""
 
     def __init__(self, kind: int, *, size: int = 0, event=None, note: str | None = None,
-                 slots=None):
+                 slots=None, feedback: bool = False):
         self.kind = kind
+        self.feedback = feedback    # this process has feedback for others (see .mail)
         self.size = size            # how many samples this process offers to the draws
         self.slots = slots          # which slots they are (None: 0 .. size-1)
         self.event = event          # GPU event: the step's writes are queued before it

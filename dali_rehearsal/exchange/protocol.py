@@ -19,6 +19,7 @@ from ..representatives import draw_distinct
 
 __all__ = ["ACTIVE", "IDLE", "FAILED", "CLOSED", "HELLO", "SAVE", "LOAD", "STOPPING",
            "CALL_OF", "KIND", "SIZE", "SETTINGS", "LAYOUT", "ROUND", "STEPS", "SEED", "NOTE",
+           "NOTE_FLAG", "FEEDBACK_FLAG",
            "COLUMNS", "NOTE_BYTES", "stable_hash", "seed_of", "draws"]
 
 # What a process says in a round (and in the first message of other collectives).
@@ -31,6 +32,9 @@ CALL_OF = {ACTIVE: "step", IDLE: "step", FAILED: "step", CLOSED: "step", HELLO: 
            SAVE: "save", LOAD: "load"}
 # Columns of the status row.
 KIND, SIZE, SETTINGS, LAYOUT, ROUND, STEPS, SEED, NOTE = range(8)
+#: Bits of the NOTE column: the process sends a note; it has feedback for
+#: other processes' samples (:mod:`.mail`).
+NOTE_FLAG, FEEDBACK_FLAG = 1, 2
 COLUMNS = 8
 #: Bytes of the note each process sends when a round needs notes.
 NOTE_BYTES = 4096

@@ -89,9 +89,10 @@ import numpy as np
 from ..representatives import Representatives, StoreView
 from .collective import Channel
 from .errors import MismatchError, RemoteError
+from .mail import Mail
 from .messages import describe_exception, stop_message
 from .progress import Progress, Round, register, unregister
-from .protocol import (ACTIVE, CLOSED, COLUMNS, FAILED, HELLO, IDLE, KIND, LAYOUT, NOTE, ROUND,
+from .protocol import (FEEDBACK_FLAG, NOTE_FLAG, ACTIVE, CLOSED, COLUMNS, FAILED, HELLO, IDLE, KIND, LAYOUT, NOTE, ROUND,
                        SEED, SETTINGS, SIZE, STEPS, STOPPING, draws, seed_of, stable_hash)
 from .staging import RowMover
 from .status import exchange_status
@@ -153,6 +154,8 @@ class GlobalSampler:
             raise
         self.staged = backend.is_gpu and not self.transport.device_buffers
         self._mover = RowMover(view, self.transport, self._stream, staged=self.staged)
+        #: Feedback for other processes' samples (see :mod:`.mail`).
+        self.mail = Mail(view.feedback_specs, view.num_representatives)
         self._progress = Progress(self._run, threaded=self.transport.threaded,
                                   name=f"dali-rehearsal-exchange-{self.rank}",
                                   setup=backend.use_device, rank=self.rank)
@@ -221,7 +224,8 @@ class GlobalSampler:
             slots = self._view.replayable_slots()
             size = self._view.size if slots is None else len(slots)
             self._pending = self._submit(Round(ACTIVE if active else IDLE, size=size,
-                                               event=event, slots=slots))
+                                               event=event, slots=slots,
+                                               feedback=self.mail.waiting))
 
     def finish(self) -> Representatives | None:
         """Waits for the open round; None when some process ended its epoch."""
@@ -244,6 +248,15 @@ class GlobalSampler:
             rnd = self._pending
         if rnd is not None:
             self._wait(rnd)
+
+    def post_feedback(self, owner: int, rows: np.ndarray, values: list) -> None:
+        """Queues feedback for ``owner``'s samples: it leaves with the next
+        round that draws from ``owner`` (see :mod:`.mail`)."""
+        self.mail.post(owner, rows, values)
+
+    def take_feedback(self) -> list:
+        """Feedback other processes sent for this shard's samples."""
+        return self.mail.take()
 
     def abort(self) -> None:
         """This process's step failed (called while the exception is being
@@ -290,6 +303,7 @@ class GlobalSampler:
                 self._wait(last)
         finally:
             self._shutdown()
+            self.mail.drop()
         if at_exit:
             return
         for rnd in (pending, last):
@@ -436,7 +450,7 @@ class GlobalSampler:
         row[KIND], row[SIZE] = rnd.kind, rnd.size
         row[SETTINGS], row[LAYOUT] = settings_hash, layout_hash
         row[ROUND], row[STEPS], row[SEED] = rnd.number, rnd.steps, self._seed
-        row[NOTE] = int(bool(rnd.note))
+        row[NOTE] = (NOTE_FLAG if rnd.note else 0) | (FEEDBACK_FLAG if rnd.feedback else 0)
         return exchange_status(self.transport, row, settings=settings, layout=layout,
                                note=rnd.note, what=what,
                                notes_what=f"the notes of round {rnd.number}")
@@ -493,6 +507,11 @@ class GlobalSampler:
         self.stats["bytes_received"] += int(k - request[me]) * row_nbytes
         if offered is not None:
             origin[:, 1] = self._slots_of(rnd, serve, owners, own)
+        flags = table[:, NOTE] & FEEDBACK_FLAG
+        self.mail.route(self.transport, rnd.number,
+                        owners=[q for q in np.flatnonzero(request) if q != me] if flags[me] else [],
+                        senders=[p for p, _ in serve if flags[p]],
+                        what=f"the feedback of round {rnd.number}")
         return Representatives(k, rows=rows, origin=origin, ready=ready)
 
     def _slots_of(self, rnd: Round, serve: list, owners: np.ndarray, own: np.ndarray):

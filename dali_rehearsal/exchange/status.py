@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import CollectiveMismatchError, MismatchError
 from .messages import calls_message, mismatch_message
-from .protocol import (CALL_OF, COLUMNS, HELLO, KIND, LAYOUT, NOTE, NOTE_BYTES, ROUND, SETTINGS,
+from .protocol import (NOTE_FLAG, CALL_OF, COLUMNS, HELLO, KIND, LAYOUT, NOTE, NOTE_BYTES, ROUND, SETTINGS,
                        STEPS, stable_hash)
 from .transport import Transport
 
@@ -87,7 +87,7 @@ def exchange_status(t: Transport, row: np.ndarray, *, settings: dict, layout, no
     table = status_table(t, row, what)
     notes = None
     mismatch = disagree(table)
-    if mismatch or table[:, NOTE].any():
+    if mismatch or (table[:, NOTE] & NOTE_FLAG).any():
         payload = settings_payload(settings, layout)
         payload["note"] = note
         notes = notes_of(t, payload, notes_what)

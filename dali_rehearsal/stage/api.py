@@ -156,7 +156,10 @@ def rehearsal(source, *, buffer: RehearsalBuffer, reader_name: str | None = None
             batch's own fresh rows, flagged 2.
 
     Returns:
-        The outputs of ``source`` (plus the flag), ``b`` fresh samples then up
+        The outputs of ``source``, then, for a buffer with ``feedback=``, one
+        output per feedback field, ``written`` and ``ticket`` (see
+        :class:`~dali_rehearsal.RehearsalBuffer`; filler rows carry their
+        fresh row's ticket), then the flag: ``b`` fresh samples then up
         to ``r`` representatives, on the buffer's device, with the source's
         layouts.
     """
@@ -215,10 +218,15 @@ def rehearsal(source, *, buffer: RehearsalBuffer, reader_name: str | None = None
     # What the source declares about its outputs, declared again downstream.
     dtypes = [types.NO_TYPE if t is None else t for t in source.output_dtype()]
     ndims = list(source.output_ndim())
+    # the feedback fields, their written flags and the tickets (dali_rehearsal.feedback)
+    extra = buffer.core.feedback.extra_spec
+    dtypes += [types.to_dali_type(f.dtype) for f in extra]
+    ndims += [len(f.shape) for f in extra]
     if replay_flag:
         dtypes.append(types.UINT8)
         ndims.append(0)         # one scalar per row
-    kwargs = dict(source=_Callback(mixer), num_outputs=num_outputs + int(replay_flag), batch=True,
+    kwargs = dict(source=_Callback(mixer), num_outputs=num_outputs + len(extra) + int(replay_flag),
+                  batch=True,
                   device=buffer.device)
     if any(t != types.NO_TYPE for t in dtypes):
         kwargs["dtype"] = dtypes

@@ -366,7 +366,10 @@ class Mixer:
         if self.static_batch and rows < self.out_batch_size:
             rows = self._fill_static(out, flags, fresh, rows)
         self.steps += 1
-        self.handover.set_layouts(self.source.layouts)
+        layouts = self.source.layouts
+        if layouts is not None:         # the feedback fields (if any) have none
+            layouts = list(layouts) + [""] * self.core.feedback.num_extra
+        self.handover.set_layouts(layouts)
         return self.handover.publish(out, flags, rows, with_flag=self.replay_flag)
 
     def _fill_static(self, out, flags, fresh: int, rows: int) -> int:

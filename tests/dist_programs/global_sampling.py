@@ -689,7 +689,38 @@ def task_aware_uniform():
     return {"counts": [c.tolist() for c in counts], "steps": steps}
 
 
-SCENARIOS = {f.__name__: f for f in (collectives, pairing, uniform, reproducible, seed_per_rank,
+def feedback():
+    """Feedback written back for representatives only, by whichever rank drew
+    them (``logits = (id, the writer's rank)``): remote tickets reach their
+    owners with the rounds. Every delivered row flagged as written carries
+    its own sample's value; some were written by another rank; slots
+    overwritten meanwhile drop their tickets (counted), never misapplied."""
+    buf = dr.RehearsalBuffer(capacity=12, num_representatives=5, device=DEVICE, seed=4,
+                             comm=COMM, policy="reservoir", timeout=TIMEOUT,
+                             feedback={"logits": ((2,), "float64")})
+    stats = new_stats()
+    stats.update(written=0, wrong_value=0, written_remotely=0, fresh_flagged=0)
+    for step in range(40):
+        batch = ident_batch(step, 3)
+        out = buf.mix(*batch)
+        reps = check(out[:3], step, batch, stats)
+        logits, written, tickets = (to_host(a) for a in out[3:])
+        ids = to_host(out[0])[:, 0]
+        b = len(batch[0])
+        stats["fresh_flagged"] += int(written[:b].sum())
+        w = written[b:] == 1
+        stats["written"] += int(w.sum())
+        stats["wrong_value"] += int((logits[b:][w, 0] != reps[w]).sum())
+        stats["written_remotely"] += int((logits[b:][w, 1] != reps[w] // 1_000_000).sum())
+        values = np.stack([ids[b:], np.full(len(reps), RANK)], axis=1).astype(np.float64)
+        buf.update(tickets[b:], logits=values)
+    stats["feedback"] = buf.feedback_stats()
+    buf.close()
+    stats["after_close"] = buf.feedback_stats()
+    return stats
+
+
+SCENARIOS = {f.__name__: f for f in (feedback, collectives, pairing, uniform, reproducible, seed_per_rank,
                                      exchange_counts,
                                      uneven, epoch_starts, stage_failure, add_during_round, use_after_close,
                                      close_from_another_thread, task_aware,
