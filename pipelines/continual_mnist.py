@@ -12,6 +12,12 @@ epochs and fresh batch size ``b``:
                  (online experience replay: the current task's samples are replayed too).
 ``task-aware``   the same, with ``task_aware=True`` and ``buffer.end_task()`` after each task:
                  representatives only from earlier tasks; task 1 trains on ``b`` rows a step.
+``der``          Dark Experience Replay: the buffer keeps each sample's logits, written back by
+                 ticket after the forward pass that first trained on it (``feedback=``,
+                 ``buffer.update``); the loss is cross-entropy on the fresh rows plus
+                 ``alpha`` x the mean squared error between the representatives' logits now
+                 and their stored logits (representatives never written back are left out).
+``derpp``        DER++: DER plus ``beta`` x cross-entropy on the representatives' labels.
 ``scratch``      upper bound: after each task, re-initialise the model and retrain it on all
                  the data seen so far (``stream.cumulative(t)``).
 
@@ -45,10 +51,15 @@ import time
 
 import numpy as np
 
-MODES = ("incremental", "rehearsal", "task-aware", "scratch")
+MODES = ("incremental", "rehearsal", "task-aware", "der", "derpp", "scratch")
 #: The modes that train through the rehearsal stage: online experience replay
-#: (the current task replayed too), and task-aware replay (earlier tasks only).
-REHEARSAL_MODES = ("rehearsal", "task-aware")
+#: (the current task replayed too), task-aware replay (earlier tasks only),
+#: Dark Experience Replay and DER++ (stored logits).
+REHEARSAL_MODES = ("rehearsal", "task-aware", "der", "derpp")
+#: The modes whose buffer keeps logits (``feedback=``) written back by ticket.
+DER_MODES = ("der", "derpp")
+#: ``--methods`` names (as continual-learning papers name them) and their modes.
+METHODS = {"er": "rehearsal", "er-task": "task-aware", "der": "der", "derpp": "derpp"}
 MNIST_MEAN = 0.1307 * 255
 MNIST_STD = 0.3081 * 255
 NUM_CLASSES = 10
@@ -82,6 +93,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
     p.add_argument("--modes", default=",".join(MODES),
                    help="comma-separated subset of " + ",".join(MODES))
+    p.add_argument("--methods", default=None,
+                   help="comma-separated rehearsal methods to compare with incremental and "
+                        "scratch: er (mode rehearsal), er-task (task-aware), der, derpp; "
+                        "replaces --modes (default: every mode)")
+    p.add_argument("--der-alpha", type=float, default=1.0,
+                   help="der, derpp: weight of the logit-matching term (the DER paper's value "
+                        "for sequential MNIST with a buffer of 500)")
+    p.add_argument("--der-beta", type=float, default=0.5,
+                   help="derpp: weight of the representatives' cross-entropy (the DER paper's "
+                        "value for sequential MNIST with a buffer of 500)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per task (every mode)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="b: fresh samples per step, all ranks together (each rank b / N)")
@@ -141,6 +162,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.run_name = _bench.run_name(p, args)       # before anything is changed
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.methods is not None:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = [m for m in methods if m not in METHODS]
+        if bad or not methods:
+            p.error(f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
+        modes = ["incremental", "scratch"] + [METHODS[m] for m in methods]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         p.error(f"--modes: unknown {bad}; choose from {','.join(MODES)}")
@@ -312,16 +339,20 @@ def _normalize(images):
 
 
 def build_mixing(source, buffer, *, batch_size, seed, num_threads, gpu, prepare_ahead=2):
-    """The mixing pipeline (batch b + r): rehearsal stage -> normalisation."""
+    """The mixing pipeline (batch b + r): rehearsal stage -> normalisation.
+    With a buffer that keeps logits (DER) it also returns them, their
+    written flags, the tickets and the replay flag (0 fresh, 1 replayed)."""
     import dali_rehearsal as dr
     from nvidia.dali import pipeline_def
 
     _, device_id = _dali_setup(gpu)
+    der = bool(buffer.feedback_fields)
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
     def mixing():
-        images, labels = dr.fn.rehearsal(source, buffer=buffer, prepare_ahead=prepare_ahead)
-        return _normalize(images), labels
+        images, labels, *rest = dr.fn.rehearsal(source, buffer=buffer, replay_flag=der,
+                                                prepare_ahead=prepare_ahead)
+        return (_normalize(images), labels, *rest)
 
     return mixing()
 
@@ -333,14 +364,19 @@ def direct_iterator(pipe):
                                last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
 
 
-def mixing_iterator(pipe):
+#: What the mixing pipeline of a DER mode returns (see build_mixing).
+DER_OUTPUTS = ["images", "labels", "logits", "written", "ticket", "flag"]
+
+
+def mixing_iterator(pipe, der: bool = False):
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
     # No reader in the mixing pipeline: the rehearsal stage ends the epoch.
     # auto_reset=False: with auto_reset, DALI would start the epoch after the
     # task's last one at once (prefetching it), and the stage would insert
     # the first batches of an epoch that is never trained on into the buffer,
     # as many as the timing allows; reset by hand before each epoch instead.
-    return DALIGenericIterator(pipe, ["images", "labels"], auto_reset=False)
+    return DALIGenericIterator(pipe, DER_OUTPUTS if der else ["images", "labels"],
+                               auto_reset=False)
 
 
 def load_test_set(test_root, *, num_threads, gpu, device):
@@ -380,7 +416,30 @@ class Trainer:
         trained = self.dist.wrap(model, self.device)
         return model, trained, torch.optim.Adam(trained.parameters(), lr=self.args.lr)
 
-    def run_epochs(self, it, trained, opt, pbar, *, manual_reset: bool = False) -> int:
+    def loss(self, outputs, y, data, mode: str, buffer):
+        """The step's summed loss. DER modes: cross-entropy on the fresh rows,
+        ``alpha`` x the squared error to the stored logits of the
+        representatives that have them (mean over the classes, as
+        ``F.mse_loss``), DER++ also ``beta`` x cross-entropy on the
+        representatives; the fresh rows' logits are written back by ticket."""
+        import torch.nn.functional as F
+        if mode not in DER_MODES:
+            return F.cross_entropy(outputs, y, reduction="sum")
+        fresh = data["flag"].reshape(-1).to(outputs.device) == 0
+        replayed = ~fresh
+        loss = F.cross_entropy(outputs[fresh], y[fresh], reduction="sum")
+        stored = replayed & (data["written"].reshape(-1).to(outputs.device) == 1)
+        if stored.any():
+            target = data["logits"].to(outputs.device)[stored]
+            loss = loss + self.args.der_alpha * ((outputs[stored] - target) ** 2).mean(1).sum()
+        if mode == "derpp" and replayed.any():
+            loss = loss + self.args.der_beta * F.cross_entropy(outputs[replayed], y[replayed],
+                                                              reduction="sum")
+        buffer.update(data["ticket"][fresh.cpu()], logits=outputs[fresh])
+        return loss
+
+    def run_epochs(self, it, trained, opt, pbar, *, manual_reset: bool = False,
+                   mode: str = "incremental", buffer=None) -> int:
         """Trains ``args.epochs`` epochs from a DALI iterator; returns the
         samples used on this rank. ``manual_reset``: the iterator was made
         with ``auto_reset=False`` and is reset before each epoch but the
@@ -426,7 +485,7 @@ class Trainer:
                             x = data[0]["images"].to(self.device, non_blocking=True)
                             y = data[0]["labels"].reshape(-1).long().to(self.device,
                                                                         non_blocking=True)
-                            loss = F.cross_entropy(trained(x), y, reduction="sum")
+                            loss = self.loss(trained(x), y, data[0], mode, buffer)
                             (loss * (self.dist.size / total)).backward()
                             if pbar is not None:
                                 pbar.set_postfix(loss=f"{loss.item() / n:.3f}", refresh=False)
@@ -468,12 +527,13 @@ class Trainer:
                             gpu=self.gpu, normalize=normalize)
 
 
-def make_buffer(args, dist: Dist, gpu: bool, *, task_aware: bool = False):
+def make_buffer(args, dist: Dist, gpu: bool, *, task_aware: bool = False, der: bool = False):
     import dali_rehearsal as dr
 
     kwargs = dict(capacity=args.capacity, num_representatives=args.representatives,
                   policy=args.policy, device="gpu" if gpu else "cpu", seed=args.seed,
-                  task_aware=task_aware)
+                  task_aware=task_aware,
+                  feedback={"logits": ((NUM_CLASSES,), "float32")} if der else None)
     if not dist.enabled:
         return dr.RehearsalBuffer(**kwargs)
     return dr.RehearsalBuffer(**kwargs, comm=dist.comm, sampling=args.sampling)
@@ -500,7 +560,8 @@ def evaluate(model, test, stream, t: int) -> tuple[float, list[float]]:
 def run_mode(mode: str, stream, trainer: Trainer, test) -> dict:
     args, dist = trainer.args, trainer.dist
     model, trained, opt = trainer.new_model()
-    buffer = (make_buffer(args, dist, trainer.gpu, task_aware=mode == "task-aware")
+    buffer = (make_buffer(args, dist, trainer.gpu, task_aware=mode == "task-aware",
+                          der=mode in DER_MODES)
               if mode in REHEARSAL_MODES else None)
     from dali_rehearsal import profiling
     out = {"accuracy": [], "task_accuracy": [], "task_time_s": [], "task_samples": [],
@@ -526,12 +587,13 @@ def run_mode(mode: str, stream, trainer: Trainer, test) -> dict:
                                     batch_size=args.batch_size + args.representatives,
                                     seed=seed, num_threads=trainer.mixing_threads,
                                     gpu=trainer.gpu, prepare_ahead=args.prepare_ahead)
-                it = mixing_iterator(pipe)
+                it = mixing_iterator(pipe, der=mode in DER_MODES)
             else:
                 source = pipe = trainer.new_source(data, seed, normalize=True)
                 it = direct_iterator(pipe)
             task_samples = trainer.run_epochs(it, trained, opt, pbar,
-                                              manual_reset=mode in REHEARSAL_MODES)
+                                              manual_reset=mode in REHEARSAL_MODES,
+                                              mode=mode, buffer=buffer)
             out["samples"] += task_samples
             out["task_samples"].append(dist.sum(task_samples))
             elapsed = dist.max(time.perf_counter() - start)
@@ -561,6 +623,8 @@ def run_mode(mode: str, stream, trainer: Trainer, test) -> dict:
                              "sampling": buffer.sampling if dist.enabled else "local",
                              "exchange": getattr(getattr(buffer.sampler, "transport", None),
                                                  "name", None)}
+            if mode in DER_MODES:
+                out["buffer"]["feedback"] = buffer.feedback_stats()
             buffer.close()
     out["samples"] = dist.sum(out["samples"])
     out["train_time_s"] = round(sum(out["task_time_s"]), 3)

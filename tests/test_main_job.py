@@ -21,7 +21,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "pipelines" / "continual_mnist.py"
-MODES = ("incremental", "rehearsal", "task-aware", "scratch")
+MODES = ("incremental", "rehearsal", "task-aware", "der", "derpp", "scratch")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # 100 digits per class (80 train, 20 test), 5 tasks of 2 classes. Chosen so that
@@ -104,10 +104,22 @@ def test_rehearsal_beats_incremental(tmp_path, cache, capsys):
     assert data["gap_closure"] == pytest.approx((reh - inc) / (scr - inc), abs=1e-3)
     tas = modes["task-aware"]["final_accuracy"]
     assert tas - inc >= 0.25, f"task-aware {tas} vs incremental {inc}"
-    assert data["gap_closure_by_mode"] == {
-        "rehearsal": data["gap_closure"],
-        "task-aware": pytest.approx((tas - inc) / (scr - inc), abs=1e-3)}
-    assert "gap closure (task-aware - incremental)" in printed
+    closures = {"rehearsal": data["gap_closure"]}
+    for mode in ("task-aware", "der", "derpp"):
+        final = modes[mode]["final_accuracy"]
+        assert final - inc >= 0.25, f"{mode} {final} vs incremental {inc}"
+        closures[mode] = pytest.approx((final - inc) / (scr - inc), abs=1e-3)
+        assert f"gap closure ({mode} - incremental)" in printed
+    assert data["gap_closure_by_mode"] == closures
+    # DER and DER++: the fresh rows' logits were written back by ticket, and
+    # what the stage, working ahead, had overwritten meanwhile was dropped
+    for mode in ("der", "derpp"):
+        fb = modes[mode]["buffer"]["feedback"]
+        assert fb["applied"] > 150, fb           # half the capacity (300)
+        assert fb["sent"] == fb["received"] == fb["undelivered"] == 0, fb
+        assert fb["applied"] + fb["stale"] + fb["not_stored"] == \
+            modes["incremental"]["samples"], fb
+        assert modes[mode]["samples"] == modes["rehearsal"]["samples"]
 
     png = (out / "accuracy.png").read_bytes()
     assert len(png) > 1000 and png.startswith(PNG_SIGNATURE)
@@ -175,7 +187,14 @@ def test_options_are_checked():
     args = script.parse_args(["--modes", "scratch,incremental"])
     assert args.modes == ["incremental", "scratch"]
     assert (args.batch_size, args.epochs, args.per_class) == (32, 3, 500)
-    for bad in (["--modes", "replay"], ["--per-class", "0"], ["--batch-size", "0"],
+    # methods by the names papers use, beside the two bounds; DER's weights stated
+    args = script.parse_args(["--methods", "derpp,er"])
+    assert args.modes == ["incremental", "rehearsal", "derpp", "scratch"]
+    assert (args.der_alpha, args.der_beta) == (1.0, 0.5)
+    assert script.parse_args(["--methods", "er-task"]).modes == \
+        ["incremental", "task-aware", "scratch"]
+    for bad in (["--modes", "replay"], ["--methods", "icarl"], ["--methods", ""],
+                ["--per-class", "0"], ["--batch-size", "0"],
                 ["--policy", "fifo"], ["--prepare-ahead", "-1"], ["--benchmark", "-1"]):
         with pytest.raises(SystemExit):
             script.parse_args(bad)
@@ -218,7 +237,7 @@ def _have_mpi() -> bool:
 # 48 training digits per class: 96 per task, 48 per rank; odd batches leave
 # a partial last step; 3 epochs. No --no-progress: bars must stay off when the
 # output is not a terminal.
-TWO_RANKS = ["--modes", "rehearsal", "--per-class", "60", "--epochs", "3", "--batch-size", "10",
+TWO_RANKS = ["--modes", "rehearsal,derpp", "--per-class", "60", "--epochs", "3", "--batch-size", "10",
              "--representatives", "6", "--capacity", "40", "--device", "cpu"]
 
 
@@ -279,7 +298,11 @@ def test_mpiexec_and_torchrun_give_the_same_figures(tmp_path):
     folders = sorted(p.name for p in (tmp_path / "outputs").iterdir())
     assert len(folders) == 2 and folders[0].endswith("-2proc-mpiexec") \
         and folders[1].endswith("-2proc-torchrun"), folders
-    a, b = mpi["modes"]["rehearsal"], torch["modes"]["rehearsal"]
-    assert a["accuracy"] == b["accuracy"]
-    assert a["task_accuracy"] == b["task_accuracy"]
-    assert a["samples"] == b["samples"]
+    for mode in ("rehearsal", "derpp"):
+        a, b = mpi["modes"][mode], torch["modes"][mode]
+        assert a["accuracy"] == b["accuracy"], mode
+        assert a["task_accuracy"] == b["task_accuracy"], mode
+        assert a["samples"] == b["samples"], mode
+        if mode == "derpp":
+            assert a["buffer"]["feedback"] == b["buffer"]["feedback"]
+            assert a["buffer"]["feedback"]["applied"] > 0
