@@ -17,11 +17,13 @@ order), so a missing ordering gives stale or never-written rows (the byte
   against the NumPy backend with the same seed; checkpoint directories
   moving between the CPU and the GPU (and redistributed);
 * teeth: with an ordering removed (the buffer's write event, its host
-  waits, the staging ring's slot wait) the same checks fail.
+  waits, the staging ring's slot wait) the same checks fail;
+* feedback: ``update`` on the loop's stream vs NumPy, device tickets, teeth for its orderings.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -444,3 +446,138 @@ def test_bench_kernels_gpu_path_runs_on_the_emulation(emulated_gpu):
     assert len(captured) == len(bench.OPS)
     assert by_op["step_fields"] == (56 + 7 + 56) * (48 + 8)
     emulated_gpu.cuda.get_current_stream().synchronize()
+
+
+# ------------------------------------------------------------------ feedback
+
+FEEDBACK = {"logits": ((3,), "float32")}
+
+
+FB_BATCH = 7
+
+
+def _fb_batch(step, b=FB_BATCH):
+    """Rows that name themselves (as in tests/test_feedback.py): an image row
+    repeats its id; label id % 5."""
+    ids = step * 100 + np.arange(b, dtype=np.int64)
+    return np.repeat(ids[:, None], 2, axis=1), ids % 5
+
+
+def _fb_value(ids):
+    """The logits written back for samples ``ids``."""
+    ids = np.asarray(ids, np.float32)
+    return np.stack([ids, -ids, ids / 4], axis=1)
+
+
+def check_feedback(cp, policy="reservoir", steps=10):
+    """DER's loop with the stage one step ahead: batches mixed on a
+    non-blocking stream S, step k+1 queued before the loop writes step k's
+    values back with ``update(stream=U)``, U another non-blocking stream that
+    waits only for its own batch (an event after that batch's mix). The
+    write-back must wait for the store accesses queued on S before it (step
+    k+1's gather and scatter) and later steps on S for the write-back. The
+    loop reads its batches on U (reading them on S would run the step queued
+    ahead first); tickets go back as the delivered device array and as a host
+    copy, on alternate steps. Compared with the NumPy backend making the same
+    calls: every delivered row, a later step read on S, ``stored()`` and
+    ``feedback_stats()``."""
+    kwargs = dict(capacity=20, num_representatives=5, seed=4, policy=policy, feedback=FEEDBACK)
+    cpu = RehearsalBuffer(device="cpu", **kwargs)
+    gpu = RehearsalBuffer(device="gpu", **kwargs)
+    stage, loop = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+
+    def deliver(step):
+        expected = cpu.mix(*_fb_batch(step))
+        out = gpu.mix(*_fb_batch(step), stream=stage)
+        return expected, out, stage.record()
+
+    ahead = deliver(0)
+    written_reps = 0
+    for step in range(steps):
+        expected, out, ready = ahead
+        if step + 1 < steps:
+            ahead = deliver(step + 1)        # the stage works one step ahead
+        loop.wait_event(ready)
+        got = [gpu.backend.to_host(x, loop) for x in out]
+        for x, y in zip(got, expected):
+            np.testing.assert_array_equal(x, y)
+        values = _fb_value(got[0][:, 0])
+        written_reps += int(got[-2][FB_BATCH:].sum())
+        cpu.update(expected[-1], logits=values)
+        with loop:
+            logits = cp.asarray(values)
+        tickets = out[-1] if step % 2 == 0 else got[-1]
+        gpu.update(tickets, logits=logits, stream=loop)
+    later = gpu.mix(*_fb_batch(steps), stream=stage)
+    for x, y in zip(later, cpu.mix(*_fb_batch(steps))):
+        np.testing.assert_array_equal(gpu.backend.to_host(x, stage), y)
+    for x, y in zip(gpu.stored(), cpu.stored()):
+        np.testing.assert_array_equal(to_host(x), y)
+    stats = gpu.feedback_stats()
+    assert stats == cpu.feedback_stats()
+    assert written_reps > 0 and stats["applied"] > 0 and stats["stale"] > 0, stats
+
+
+@pytest.mark.parametrize("policy", ["reservoir", "class_balanced"])
+def test_feedback_write_back_is_ordered_between_streams(emulated_gpu, policy):
+    check_feedback(emulated_gpu, policy)
+
+
+def _off_during_update(monkeypatch, name):
+    """``StepCore.<name>`` does nothing while ``StepCore.update`` runs."""
+    original, update = getattr(StepCore, name), StepCore.update
+    inside = []
+
+    def flagged_update(self, *args, **kwargs):
+        inside.append(True)
+        try:
+            return update(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    def patched(self, *args, **kwargs):
+        if not inside:
+            return original(self, *args, **kwargs)
+    monkeypatch.setattr(StepCore, "update", flagged_update)
+    monkeypatch.setattr(StepCore, name, patched)
+
+
+@pytest.mark.parametrize("policy", ["reservoir", "class_balanced"])
+def test_teeth_feedback_write_back_not_waiting_for_earlier_accesses(emulated_gpu, monkeypatch,
+                                                                   policy):
+    """The write-back's wait put back out: it lands before the step queued
+    ahead of it on the stage's stream, whose representatives then show
+    values the NumPy backend writes only later."""
+    _off_during_update(monkeypatch, "wait_for_writes")
+    with pytest.raises(AssertionError):
+        check_feedback(emulated_gpu, policy)
+
+
+@pytest.mark.parametrize("policy", ["reservoir", "class_balanced"])
+def test_teeth_feedback_later_steps_not_waiting_for_the_write_back(emulated_gpu, monkeypatch,
+                                                                  policy):
+    """No event after the write-back: the later step on the stage's stream
+    and ``stored()`` do not wait for the loop's stream, and miss values."""
+    _off_during_update(monkeypatch, "mark_written")
+    with pytest.raises(AssertionError):
+        check_feedback(emulated_gpu, policy)
+
+
+def test_feedback_update_takes_device_tickets_without_torch(emulated_gpu, monkeypatch):
+    """``update`` with the delivered ticket array itself (a CuPy array, read
+    on the update's stream) and CuPy values, torch not importable: the values
+    land in the samples the tickets name, flagged written."""
+    monkeypatch.setitem(sys.modules, "torch", None)      # `import torch` raises
+    cp = emulated_gpu
+    s = cp.cuda.Stream(non_blocking=True)
+    buf = RehearsalBuffer(capacity=10, num_representatives=3, device="gpu", seed=0,
+                          policy="reservoir", feedback=FEEDBACK)
+    out = buf.mix(*_fb_batch(0, 4), stream=s)
+    with s:
+        logits = cp.asarray(_fb_value(np.arange(4)))
+    buf.update(out[-1], logits=logits, stream=s)
+    assert buf.feedback_stats()["applied"] == 4
+    images, _, stored, written, tickets = (to_host(x) for x in buf.stored())
+    assert written.tolist() == [1] * 4
+    np.testing.assert_array_equal(stored, _fb_value(images[:, 0]))
+    np.testing.assert_array_equal(tickets, buf.backend.to_host(out[-1], s))
