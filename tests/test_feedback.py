@@ -15,7 +15,7 @@ import pytest
 
 import dali_rehearsal as dr
 from test_global_sampling import TRANSPORTS, run
-from utils import to_host
+from utils import ident_batch, to_host
 
 FEEDBACK = {"logits": ((3,), "float32")}
 
@@ -290,3 +290,30 @@ def test_feedback_for_other_ranks_samples_reaches_their_owners(transport, tmp_pa
         peer = results[1 - rank]
         assert r["feedback"]["sent"] == (peer["feedback"]["received"]
                                          + r["after_close"]["undelivered"]), (r, peer)
+
+
+@pytest.mark.mpi
+def test_an_elastic_load_on_another_number_of_processes_keeps_the_logits(tmp_path):
+    """Two ranks write logits back (their own samples' and, through the
+    rounds, the other rank's) and save a directory; one process loads it:
+    every sample flagged written keeps its own value, and gets a ticket of
+    this process (rank 0, its new slot, a generation above every saved one)."""
+    results, _ = run("mpi", 2, "feedback_save", tmp_path)
+    assert all(r["feedback"]["applied"] > 0 for r in results.values())
+    buf = dr.RehearsalBuffer(capacity=24, num_representatives=5, device="cpu", seed=5,
+                             policy="reservoir", feedback={"logits": ((2,), "float64")})
+    buf.load(tmp_path / "ckpt", resize=True)
+    images, labels, extras, logits, written, tickets = buf.stored()
+    ids = images[:, 0]
+    assert len(ids) == 24 and set(ids // 1_000_000) == {0, 1}   # both ranks' samples
+    assert (labels == ids % 7).all()
+    w = written == 1
+    assert w.sum() > 12
+    np.testing.assert_array_equal(logits[w, 0], ids[w])
+    assert (logits[~w] == 0).all()
+    assert (tickets[:, 0] == 0).all() and (tickets[:, 1] == np.arange(24)).all()
+    assert len(set(tickets[:, 2].tolist())) == 24 and tickets[:, 2].min() > 0
+    out = [to_host(a) for a in buf.mix(*ident_batch(5, 100, 3))]     # and it goes on
+    ids, logits, written = out[0][:, 0], out[3], out[4]
+    assert len(ids) == 8 and (written[:3] == 0).all()
+    np.testing.assert_array_equal(logits[written == 1, 0], ids[written == 1])

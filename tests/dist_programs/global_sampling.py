@@ -689,6 +689,24 @@ def task_aware_uniform():
     return {"counts": [c.tolist() for c in counts], "steps": steps}
 
 
+def feedback_save():
+    """A checkpoint directory of buffers with feedback (logits = (id, writer),
+    written back for every row), for an elastic load on another number of
+    processes."""
+    buf = dr.RehearsalBuffer(capacity=12, num_representatives=5, device=DEVICE, seed=5,
+                             comm=COMM, policy="reservoir", timeout=TIMEOUT,
+                             feedback={"logits": ((2,), "float64")})
+    for step in range(15):
+        out = buf.mix(*ident_batch(step, 3))
+        ids = to_host(out[0])[:, 0]
+        values = np.stack([ids, np.full(len(ids), RANK)], axis=1).astype(np.float64)
+        buf.update(to_host(out[-1]), logits=values)
+    buf.save(os.path.join(OUT_DIR, "ckpt"))
+    stats = buf.feedback_stats()
+    buf.close()
+    return {"feedback": stats, "size": buf.size}
+
+
 def feedback():
     """Feedback written back for representatives only, by whichever rank drew
     them (``logits = (id, the writer's rank)``): remote tickets reach their
@@ -720,7 +738,7 @@ def feedback():
     return stats
 
 
-SCENARIOS = {f.__name__: f for f in (feedback, collectives, pairing, uniform, reproducible, seed_per_rank,
+SCENARIOS = {f.__name__: f for f in (feedback, feedback_save, collectives, pairing, uniform, reproducible, seed_per_rank,
                                      exchange_counts,
                                      uneven, epoch_starts, stage_failure, add_during_round, use_after_close,
                                      close_from_another_thread, task_aware,
