@@ -43,14 +43,14 @@ def classes(mnist):
     return by_class, label_of
 
 
-def _mixing(files, labels, buffer, prepare_ahead=2):
+def _mixing(files, labels, buffer, prepare_ahead=2, prefetch=1):
     @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=1)
     def decode():
         jpegs, y = fn.readers.file(files=files, labels=labels, name="Reader")
         return fn.decoders.image(jpegs, device="cpu", output_type=types.GRAY), y - 1
 
     @pipeline_def(batch_size=B + R, num_threads=1, device_id=None, seed=2,
-                  prefetch_queue_depth=1)
+                  prefetch_queue_depth=prefetch)
     def train(src):
         return tuple(dr.fn.rehearsal(src, buffer=buffer, replay_flag=True,
                                      prepare_ahead=prepare_ahead))
@@ -225,3 +225,38 @@ def test_a_source_error_at_an_epoch_start_keeps_its_place(classes):
     events, _ = seen[0]
     assert sum(e != "end" and not isinstance(e, list) for e in events) == 3   # once per epoch
     assert seen[2] == seen[0]
+
+
+@pytest.mark.parametrize("prefetch, ahead, steps", [(2, 2, 3), (1, 2, 2), (3, 1, 3), (2, 0, 0)])
+def test_between_epochs_the_worker_takes_what_dali_asks_for_at_reset(classes, prefetch, ahead,
+                                                                    steps):
+    """DALI's reset asks the stage for ``prefetch`` batches at once and the
+    first ``next()`` for one more: between epochs the worker takes the fresh
+    rows of that many steps (at most ``prepare_ahead + 2``, what the ring
+    allows), the buffer untouched; the next epoch is the one it would be
+    without a worker."""
+    by_class, _ = classes
+    files = by_class[1][:4 * B]
+    runs = {}
+    for a in (ahead, 0):
+        buffer = dr.RehearsalBuffer(capacity=40, num_representatives=R, device="cpu", seed=0)
+        pipe = _mixing(files, [2] * len(files), buffer, prepare_ahead=a, prefetch=prefetch)
+        stage = dr.stage_of(pipe)
+        events = []
+        for epoch in range(2):
+            while True:
+                try:
+                    events.append([o.as_array().tobytes() for o in pipe.run()])
+                except StopIteration:
+                    break
+            seen = buffer.num_seen
+            deadline = time.monotonic() + 30
+            while len(stage._filled) < (steps if a else 0) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)                 # and no more than that
+            assert len(stage._filled) == (steps if a else 0), (epoch, len(stage._filled))
+            assert buffer.num_seen == seen          # the buffer untouched between epochs
+            pipe.reset()
+        runs[a] = (events, buffer.num_seen)
+        buffer.close()
+    assert runs[ahead] == runs[0]

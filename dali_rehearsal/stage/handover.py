@@ -44,6 +44,12 @@ which does not wait for a non-blocking stream), and its copy path
   ``k``. The stage starts writing step ``k + d + p + 2`` into step ``k``'s
   slot only after the callback took step ``k + d + 1`` from its queue: one
   step later than needed, a margin.
+- Between epochs the worker also takes the fresh rows of the next epoch's
+  first ``F`` steps before DALI asks for them (``F = min(d + 1, p + 2)``, see
+  :mod:`.worker`). The callback has by then been called for the step after
+  the epoch's last step ``L``, so DALI has finished every step up to
+  ``L + 1 - d``; step ``L + F`` reuses the slot of step ``L + F - d - p - 2
+  <= L - d``: a finished step.
 
 **Metadata.** DALI operators downstream may depend on the layout of their
 inputs (DALI conditionals require both branches to agree, and several

@@ -59,6 +59,12 @@ class Mixer:
                  replay_flag: bool = False, ring_depth: int = 4, prepare_ahead: int = 2,
                  static_batch: bool = False):
         self.prepare_ahead = prepare_ahead     # checked by rehearsal()
+        # DALI's reset asks the stage for ``d`` batches at once (the mixing
+        # pipeline's prefetch depth) and the first next() for one more: the
+        # steps whose fresh rows the worker takes between epochs. At most
+        # ``prepare_ahead + 2``: the ring (``d + prepare_ahead + 2`` slots) then
+        # reuses only slots of steps DALI has finished (see handover.py).
+        self.fill_steps = min(int(ring_depth) - 2 + 1, prepare_ahead + 2)
         self.core = core
         self.last_batch_policy = policy_name(last_batch_policy)
         self.replay_flag = bool(replay_flag)

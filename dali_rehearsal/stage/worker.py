@@ -13,8 +13,10 @@ handed over at once. The worker builds a step, then waits for room to hand it
 over: it is at most ``prepare_ahead + 1`` steps ahead of the callback (what
 the output ring is sized for, see :mod:`.handover`). It never works ahead
 across an epoch end: after handing over the end of an epoch it only takes the
-fresh rows of the next epoch's first ``prepare_ahead`` steps from the source
-(the slow part of a step; the buffer is left untouched), then waits until
+fresh rows of the next epoch's first steps from the source (the slow part of
+a step; the buffer is left untouched): as many as DALI asks for at once when
+it resets (the mixing pipeline's prefetch depth, plus one for the first
+``next()``), at most ``prepare_ahead + 2``; then it waits until
 DALI asks for the next epoch's first batch (after the iterator's reset) to
 complete those steps. So
 the buffer receives exactly the samples of the epochs the training loop
@@ -166,7 +168,7 @@ def _work(ref, channel: _Channel, backend) -> None:
                 if mixer is None:
                     return
                 # the next epoch's first fresh rows, the buffer untouched
-                mixer.fill_ahead(mixer.prepare_ahead)
+                mixer.fill_ahead(mixer.fill_steps)
                 del mixer
                 if not channel.wait_asked():
                     return
