@@ -174,13 +174,19 @@ class RehearsalBuffer:
         sample they name), ``stale`` (the slot holds another sample now:
         dropped), ``not_stored`` (a fresh row the policy did not keep),
         ``sent`` (for another process's samples, handed to the exchange),
-        ``received`` (from other processes, checked here like the others),
-        and ``undelivered`` (still waiting to be sent when the buffer was
-        closed)."""
+        ``received`` (from other processes: checked on arrival like the
+        others), ``undelivered`` (still waiting to be sent when the buffer
+        was closed), ``dropped`` (received or written back but still
+        waiting for their step when the buffer was closed) and ``waiting``
+        (values waiting for their step now: see
+        :mod:`dali_rehearsal.feedback`)."""
         with self.lock:
-            stats = dict(self._core.feedback.stats)
+            fb = self._core.feedback
+            stats = dict(fb.stats)
+            stats["waiting"] = sum(len(p.tickets) for p in fb.pending)
             mail = getattr(self._core.sampler, "mail", None)
-            stats["undelivered"] = mail.stats["undelivered"] if mail is not None else 0
+            for key in ("received", "undelivered", "dropped"):
+                stats[key] += mail.stats[key] if mail is not None else 0
             return stats
 
     def update(self, tickets, *, stream=None, **values) -> None:
@@ -402,6 +408,7 @@ class RehearsalBuffer:
         self._closed = True
         self._core.stop_writer()    # without the lock: its worker may be finishing a step
         with self.lock:
+            self._core.feedback.drop()      # values still waiting for their step
             self._core.sampler.close()
 
     def __enter__(self):

@@ -23,6 +23,22 @@ slot still holds that generation; the others (the slot was overwritten since:
 the stage works ahead, another process replaced it) are dropped and counted,
 never applied to another sample.
 
+**When a value becomes visible.** A generation also says at which write of
+the store (a step's insert, an ``add``) its ticket was issued: its high bits
+(``generation >> GEN_SHIFT``). The DALI stage builds steps ahead of the
+training loop (DALI's prefetch depth ``d``, the stage's ``prepare_ahead``
+``p``), so when the loop writes back the values of step ``u`` the buffer may
+already have built steps up to ``u + d + p + 1``, and whether their
+representatives saw the values would depend on timing. The values therefore
+wait (:attr:`Feedback.pending`) and are written into the store at the end of
+step ``u + H``, with ``H = d + p + 2`` (:attr:`Feedback.horizon`, set by the
+stage; 0 with ``mix``), a step that can only be built after the loop has asked
+for step ``u + 1``: representatives drawn for steps ``u + H + 1`` on see them,
+earlier ones never, whatever the timing, as long as the loop writes a step's
+values back before it asks for the next batch. Values for older tickets (a
+representative's) are written at once, and values from other processes when
+they arrive: which later steps see those depends on timing.
+
 This module holds the bookkeeping (declarations, generations, counts); the
 step object (:mod:`.step`) moves the rows, and the exchange
 (:mod:`.exchange.rounds`) carries other processes' tickets to their owners.
@@ -37,12 +53,15 @@ import numpy as np
 
 from .storage import FieldSpec
 
-__all__ = ["Feedback", "parse_feedback", "WRITTEN", "TICKET", "TICKET_WIDTH"]
+__all__ = ["Feedback", "Pending", "parse_feedback", "WRITTEN", "TICKET", "TICKET_WIDTH",
+           "GEN_SHIFT"]
 
 #: Names of the two fields that follow the feedback fields.
 WRITTEN, TICKET = "written", "ticket"
 #: Values per ticket: rank, slot, generation.
 TICKET_WIDTH = 3
+#: ``generation >> GEN_SHIFT`` is the write of the store that issued the ticket.
+GEN_SHIFT = 20
 _RESERVED = {WRITTEN, TICKET, "tickets", "stream"}
 _VALUE_KINDS = "biufc"
 
@@ -97,6 +116,33 @@ def parse_feedback(declared) -> tuple[tuple[str, ...], tuple[FieldSpec, ...]]:
     return tuple(names), tuple(specs)
 
 
+class Pending:
+    """Written-back values waiting for their step: rows ``positions`` of
+    ``arrays`` (one per field of ``names``, on the buffer's device, ready after
+    ``event``) for ``tickets``, issued at the writes ``issue``."""
+
+    __slots__ = ("issue", "tickets", "positions", "arrays", "names", "event")
+
+    def __init__(self, tickets, positions, arrays, names, event=None):
+        self.tickets, self.positions = tickets, positions
+        self.issue = tickets[:, 2] >> GEN_SHIFT
+        self.arrays, self.names, self.event = arrays, names, event
+
+    def split(self, limit: int | None):
+        """(rows due by write ``limit`` (None: all), the rest or None)."""
+        if limit is None:
+            return self, None
+        due = self.issue <= limit
+        if due.all():
+            return self, None
+        if not due.any():
+            return None, self
+        return (Pending(self.tickets[due], self.positions[due], self.arrays, self.names,
+                        self.event),
+                Pending(self.tickets[~due], self.positions[~due], self.arrays, self.names,
+                        self.event))
+
+
 class Feedback:
     """The feedback fields of one shard and the generation of each slot.
 
@@ -112,9 +158,15 @@ class Feedback:
         self.rank = int(rank)
         #: Generation of each slot's sample (0: never written).
         self.generation = np.zeros(self.capacity, np.int64)
-        self._next = 1
+        #: The writes of the store so far (the issue of the last tickets).
+        self.step = 0
+        #: Writes a written-back value waits before it is applied (module doc).
+        self.horizon = 0
+        #: Values waiting for their write (:class:`Pending`).
+        self.pending: list[Pending] = []
         #: What became of the tickets given to :meth:`check` and of remote ones.
-        self.stats = {"applied": 0, "stale": 0, "not_stored": 0, "sent": 0, "received": 0}
+        self.stats = {"applied": 0, "stale": 0, "not_stored": 0, "sent": 0, "received": 0,
+                      "undelivered": 0, "dropped": 0}
 
     @property
     def extra_spec(self) -> tuple[FieldSpec, ...]:
@@ -141,9 +193,10 @@ class Feedback:
         tickets[:, 1] = -1
         tickets[:, 2] = 0
         n = len(slots)
+        self.step += 1
         if n:
-            gens = np.arange(self._next, self._next + n, dtype=np.int64)
-            self._next += n
+            gens = (self.step << GEN_SHIFT) + np.arange(n, dtype=np.int64)
+            self.step = int(gens[-1] >> GEN_SHIFT)      # a batch of over 2**20 rows
             self.generation[slots] = gens
             tickets[batch_index, 1] = slots
             tickets[batch_index, 2] = gens
@@ -155,7 +208,8 @@ class Feedback:
         none of its tickets names a loaded sample): the tickets of every
         stored sample; every slot beyond is forgotten."""
         self.generation[:] = 0
-        self._next = max(self._next, int(after) + 1)
+        self.step = max(self.step, int(after) >> GEN_SHIFT)
+        self.pending = []
         return self.fresh_tickets(size, np.arange(size, dtype=np.int64),
                                   np.arange(size, dtype=np.int64))
 
@@ -178,20 +232,47 @@ class Feedback:
     def check(self, tickets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Of this process's ``tickets`` (rows of (rank, slot, generation)),
         the rows whose slot still holds the ticket's sample, and their slots
-        (one row per slot: the last one given wins). Counts the others."""
+        (one row per slot: the last one given wins, the others count as
+        applied and overwritten). Counts them all."""
         slots = tickets[:, 1]
-        stored = slots >= 0
-        current = np.zeros(len(tickets), bool)
-        current[stored] = self.generation[slots[stored]] == tickets[stored, 2]
-        current &= tickets[:, 2] > 0
-        self.stats["not_stored"] += int((~stored).sum())
-        self.stats["stale"] += int((stored & ~current).sum())
+        current = self.generation[slots] == tickets[:, 2]
+        self.stats["stale"] += int((~current).sum())
         rows = np.flatnonzero(current)
-        # one write per slot, the last row wins (a FILL copy repeats a ticket)
+        self.stats["applied"] += len(rows)
+        # one write per slot, the last row wins (a FILL copy repeats a ticket; a
+        # sample drawn in two rounds comes back twice)
         _, last = np.unique(slots[rows][::-1], return_index=True)
         rows = np.sort(rows[::-1][last])
-        self.stats["applied"] += len(rows)
         return rows, slots[rows]
+
+    def stored(self, tickets: np.ndarray) -> np.ndarray:
+        """Which ``tickets`` name a stored sample (a fresh row the policy did
+        not keep has slot -1); counts the others."""
+        stored = (tickets[:, 1] >= 0) & (tickets[:, 2] > 0)
+        self.stats["not_stored"] += int((~stored).sum())
+        return stored
+
+    def due(self, limit: int | None) -> list[Pending]:
+        """Takes the waiting values due by write ``limit`` (None: all)."""
+        due, keep = [], []
+        for p in self.pending:
+            now, later = p.split(limit)
+            if now is not None:
+                due.append(now)
+            if later is not None:
+                keep.append(later)
+        self.pending = keep
+        return due
+
+    def drop(self) -> None:
+        """Forgets the waiting values (the buffer closes), counting them."""
+        self.stats["dropped"] += sum(len(p.tickets) for p in self.pending)
+        self.pending = []
+
+    @property
+    def limit(self) -> int:
+        """The last write whose tickets' values are due now."""
+        return self.step - self.horizon
 
     def check_values(self, values: dict, n: int) -> list[str]:
         """The names given, in declaration order; raises on an unknown name."""

@@ -37,7 +37,7 @@ import numpy as np
 from ._backend import Backend, get_backend, on_device, to_host
 from .checks import check_int
 from .exchange import make_sampler, world_of
-from .feedback import Feedback
+from .feedback import Feedback, Pending
 from .policies import make_policy
 from .representatives import Representatives, StoreView
 from .storage import SampleStore, spec_of
@@ -209,6 +209,8 @@ class StepCore:
         with self.lock:
             if self.sampler.started:
                 self.sampler.finish()
+            if self.feedback.enabled:
+                self._apply_due(self.backend.current_stream(), None)
             self.policy.end_task()
 
     # ------------------------------------------------------------ admission
@@ -320,7 +322,8 @@ class StepCore:
             self.store.scatter(out, batch_index, slots, stream)
             self.mark_written(stream)
             if self.feedback.enabled:
-                self._apply_received(stream)
+                # before the next step's round reads the store (feedback.py)
+                self._apply_due(stream, self.feedback.limit)
             if self.sampler.is_global and next_active is not None:
                 self.sampler.start(active=next_active, event=self._last_write[1])
             return fresh_count + reps.count
@@ -370,20 +373,22 @@ class StepCore:
                              f"per ticket), got {tuple(a.shape)}")
         if a.dtype.kind not in "biufc":
             raise TypeError(f"update(): {name} has dtype {a.dtype}, not a number")
-        if a.dtype != spec.dtype:
-            with self.backend.stream_context(stream):
-                a = a.astype(spec.dtype)
-        return a
+        with self.backend.stream_context(stream):
+            # a copy of its own: the value may wait for its step (feedback.py), and
+            # the caller's memory (a torch tensor's) may change meanwhile
+            return a.astype(spec.dtype, copy=True)
 
-    def _write_back(self, tickets: np.ndarray, positions: np.ndarray, arrays: list,
-                    names: list, stream) -> None:
-        """Writes ``arrays[f][positions[k]]`` into the slots of this process's
-        ``tickets[k]`` still holding their sample, and sets their flags: one
-        scatter on ``stream``, ordered after every access to the store."""
+    def _write_back(self, pending: Pending, stream) -> None:
+        """Writes the values of ``pending`` into the slots of its tickets
+        still holding their sample, and sets their flags: one scatter on
+        ``stream``, ordered after every access to the store and after the
+        values were made."""
         fb = self.feedback
-        keep, slots = fb.check(tickets)
+        keep, slots = fb.check(pending.tickets)
         if len(slots) == 0:
             return
+        arrays, names, positions = pending.arrays, pending.names, pending.positions
+        self.backend.wait_event(stream, pending.event)
         first = len(self.store.spec) - fb.num_extra
         fields = [first + fb.names.index(n) for n in names] + [len(self.store.spec) - 2]
         ones = self.backend.asarray(np.ones(len(arrays[0]), np.uint8), stream)
@@ -393,16 +398,25 @@ class StepCore:
                            fields=fields)
         self.mark_written(stream)
 
-    def _apply_received(self, stream) -> None:
-        """Writes back what other processes sent for this shard's samples."""
+    def _apply_due(self, stream, limit: int | None) -> None:
+        """Writes back the values due by write ``limit`` (None: all), those
+        other processes sent included (see :mod:`.feedback`)."""
+        fb = self.feedback
         for rows, values in self.sampler.take_feedback():
-            self.feedback.stats["received"] += len(rows)
             for mask in np.unique(rows[:, 3]):
                 sel = np.flatnonzero(rows[:, 3] == mask)
-                names = [n for i, n in enumerate(self.feedback.names) if mask >> i & 1]
-                arrays = [self.backend.asarray(values[self.feedback.names.index(n)], stream)
+                names = [n for i, n in enumerate(fb.names) if mask >> i & 1]
+                arrays = [self.backend.asarray(values[fb.names.index(n)], stream)
                           for n in names]
-                self._write_back(rows[sel, :3], sel, arrays, names, stream)
+                fb.pending.append(Pending(rows[sel, :3], sel, arrays, names))
+        for pending in fb.due(limit):
+            self._write_back(pending, stream)
+
+    def apply_feedback(self, stream=None) -> None:
+        """Writes every waiting value back now (a checkpoint, a task's end)."""
+        with self.lock:
+            if self.feedback.enabled:
+                self._apply_due(stream, None)
 
     def update(self, tickets, values: dict, stream=None) -> None:
         """Writes per-sample ``values`` (feedback field name -> rows, one per
@@ -429,15 +443,17 @@ class StepCore:
             if n == 0:
                 return
             mine = host[:, 0] == self.rank
-            if not mine.all():
-                if not self.sampler.is_global:
-                    raise ValueError("update(): tickets of other processes, but this buffer "
-                                     "samples locally: its rows all come from this process")
-                self._post_remote(host, ~mine, arrays, names, stream)
-            if mine.any():
-                positions = np.flatnonzero(mine)
-                self._write_back(host[positions], positions, arrays, names, stream)
-            self._apply_received(stream)
+            if not mine.all() and not self.sampler.is_global:
+                raise ValueError("update(): tickets of other processes, but this buffer "
+                                 "samples locally: its rows all come from this process")
+            stored = fb.stored(host)
+            if (stored & ~mine).any():
+                self._post_remote(host, stored & ~mine, arrays, names, stream)
+            if (stored & mine).any():
+                positions = np.flatnonzero(stored & mine)
+                fb.pending.append(Pending(host[positions], positions, arrays, names,
+                                          self.backend.record_event(stream)))
+            self._apply_due(stream, fb.limit)
 
     def _post_remote(self, tickets: np.ndarray, remote: np.ndarray, arrays: list,
                      names: list, stream) -> None:

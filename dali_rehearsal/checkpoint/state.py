@@ -30,7 +30,9 @@ _TORCH_DTYPES = {"bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", 
 
 
 def capture(core) -> dict:
-    """The buffer's state with NumPy arrays (host copies of the samples)."""
+    """The buffer's state with NumPy arrays (host copies of the samples);
+    written-back values still waiting for their step are written first."""
+    core.apply_feedback(core.backend.current_stream())
     core.wait_for_writes()
     spec = core.spec
     policy_state = core.policy.state_dict()

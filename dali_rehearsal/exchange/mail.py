@@ -14,8 +14,10 @@ A message has a fixed size, known to both sides: a count, then up to
 ``num_representatives`` rows of ``(rank, slot, generation, field mask)``
 (int64), then the same number of rows of each feedback field. Feedback
 beyond that, or for a process not drawn from in this round, waits for a
-later round that draws from it. Feedback still waiting when the buffer is
-saved or closed is dropped (:attr:`Mail.stats` ``undelivered``).
+later round that draws from it. When the buffer closes, feedback still
+waiting to be sent is dropped and counted (:attr:`Mail.stats`
+``undelivered``), and so is feedback that arrived but was not taken yet
+(``dropped``).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class Mail:
         self._lock = threading.Lock()
         self._outbox: dict[int, list] = {}
         self._inbox: list = []
-        self.stats = {"messages": 0, "undelivered": 0}
+        self.stats = {"messages": 0, "received": 0, "undelivered": 0, "dropped": 0}
 
     @property
     def waiting(self) -> bool:
@@ -65,10 +67,13 @@ class Mail:
         return out
 
     def drop(self) -> None:
-        """Forgets what waits to be sent (save, close), counting it."""
+        """Forgets what waits to be sent and what arrived but was not taken
+        (the buffer closes), counting both."""
         with self._lock:
             self.stats["undelivered"] += sum(len(r) for q in self._outbox.values() for r, _ in q)
+            self.stats["dropped"] += sum(len(r) for r, _ in self._inbox)
             self._outbox.clear()
+            self._inbox.clear()
 
     # -------------------------------------------------------------- messages
     def _regions(self, buf: np.ndarray):
@@ -122,3 +127,4 @@ class Mail:
         if got:
             with self._lock:
                 self._inbox.extend(got)
+                self.stats["received"] += sum(len(r) for r, _ in got)

@@ -106,6 +106,9 @@ class Mixer:
         self._ahead_error: tuple[_Step | None, BaseException] | None = None
         self._worker: Worker | None = None
         core.attach_writer(self.stop)
+        # Written-back values wait until no step built ahead can depend on
+        # their timing: DALI's prefetch depth + prepare_ahead + 2 (feedback.py).
+        core.feedback.horizon = int(ring_depth) + prepare_ahead
 
     @property
     def stream(self):
