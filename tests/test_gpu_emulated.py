@@ -469,7 +469,7 @@ def _fb_value(ids):
     return np.stack([ids, -ids, ids / 4], axis=1)
 
 
-def check_feedback(cp, policy="reservoir", steps=10):
+def check_feedback(cp, policy="reservoir", steps=10, horizon=0):
     """DER's loop with the stage one step ahead: batches mixed on a
     non-blocking stream S, step k+1 queued before the loop writes step k's
     values back with ``update(stream=U)``, U another non-blocking stream that
@@ -480,10 +480,13 @@ def check_feedback(cp, policy="reservoir", steps=10):
     ahead first); tickets go back as the delivered device array and as a host
     copy, on alternate steps. Compared with the NumPy backend making the same
     calls: every delivered row, a later step read on S, ``stored()`` and
-    ``feedback_stats()``."""
+    ``feedback_stats()``. ``horizon``: the writes a value waits (a stage
+    sets it): the write-back then runs in a later step's commit, on S, and
+    must wait for the values made on U; the batches are then read on S."""
     kwargs = dict(capacity=20, num_representatives=5, seed=4, policy=policy, feedback=FEEDBACK)
     cpu = RehearsalBuffer(device="cpu", **kwargs)
     gpu = RehearsalBuffer(device="gpu", **kwargs)
+    cpu.core.feedback.horizon = gpu.core.feedback.horizon = horizon
     stage, loop = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
 
     def deliver(step):
@@ -498,7 +501,9 @@ def check_feedback(cp, policy="reservoir", steps=10):
         if step + 1 < steps:
             ahead = deliver(step + 1)        # the stage works one step ahead
         loop.wait_event(ready)
-        got = [gpu.backend.to_host(x, loop) for x in out]
+        # with a horizon, read on S: it runs the later commit's write-back, which
+        # must itself wait for the values queued on U
+        got = [gpu.backend.to_host(x, stage if horizon else loop) for x in out]
         for x, y in zip(got, expected):
             np.testing.assert_array_equal(x, y)
         values = _fb_value(got[0][:, 0])
@@ -516,6 +521,7 @@ def check_feedback(cp, policy="reservoir", steps=10):
     stats = gpu.feedback_stats()
     assert stats == cpu.feedback_stats()
     assert written_reps > 0 and stats["applied"] > 0 and stats["stale"] > 0, stats
+    assert stats["waiting"] > 0 if horizon else stats["waiting"] == 0
 
 
 @pytest.mark.parametrize("policy", ["reservoir", "class_balanced"])
@@ -581,3 +587,24 @@ def test_feedback_update_takes_device_tickets_without_torch(emulated_gpu, monkey
     assert written.tolist() == [1] * 4
     np.testing.assert_array_equal(stored, _fb_value(images[:, 0]))
     np.testing.assert_array_equal(tickets, buf.backend.to_host(out[-1], s))
+
+
+@pytest.mark.parametrize("policy", ["reservoir", "class_balanced"])
+def test_feedback_written_back_in_a_later_step_is_ordered(emulated_gpu, policy):
+    """Values that wait for their step (a stage's horizon, here 2 writes) are
+    written into the store by a later step's commit on the stage's stream."""
+    check_feedback(emulated_gpu, policy, steps=12, horizon=2)
+
+
+def test_teeth_feedback_written_back_later_without_the_values_event(emulated_gpu,
+                                                                   monkeypatch):
+    """The write-back in a later step's commit not waiting for the event after
+    the values were made on the loop's stream: it reads them unwritten."""
+    from dali_rehearsal import feedback
+    init = feedback.Pending.__init__
+
+    def without_event(self, tickets, positions, arrays, names, event=None):
+        init(self, tickets, positions, arrays, names, None)
+    monkeypatch.setattr(feedback.Pending, "__init__", without_event)
+    with pytest.raises(AssertionError):
+        check_feedback(emulated_gpu, "reservoir", steps=12, horizon=2)
