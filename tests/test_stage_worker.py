@@ -241,7 +241,7 @@ def test_between_epochs_the_worker_takes_what_dali_asks_for_at_reset(classes, pr
     for a in (ahead, 0):
         buffer = dr.RehearsalBuffer(capacity=40, num_representatives=R, device="cpu", seed=0)
         pipe = _mixing(files, [2] * len(files), buffer, prepare_ahead=a, prefetch=prefetch)
-        stage = dr.stage_of(pipe)
+        stage = dr.stage.stage_of(pipe)
         events = []
         for epoch in range(2):
             while True:
