@@ -608,3 +608,49 @@ def test_teeth_feedback_written_back_later_without_the_values_event(emulated_gpu
     monkeypatch.setattr(feedback.Pending, "__init__", without_event)
     with pytest.raises(AssertionError):
         check_feedback(emulated_gpu, "reservoir", steps=12, horizon=2)
+
+
+def test_feedback_checkpoints_move_between_the_cpu_and_the_gpu(emulated_gpu, tmp_path):
+    """A GPU buffer with written-back logits saved as a state dict and as a
+    directory (its last writes still queued on a non-blocking stream) loads
+    into a CPU buffer and into another GPU buffer: the same samples, logits,
+    flags and new tickets; both go on as the CPU reference does, and a
+    ticket handed out before the load names nothing."""
+    cp = emulated_gpu
+    kwargs = dict(capacity=20, num_representatives=5, seed=4, policy="reservoir",
+                  feedback=FEEDBACK)
+    ref = RehearsalBuffer(device="cpu", **kwargs)
+    gpu = RehearsalBuffer(device="gpu", **kwargs)
+    stage = cp.cuda.Stream(non_blocking=True)
+    for step in range(8):
+        expected = ref.mix(*_fb_batch(step))
+        out = gpu.mix(*_fb_batch(step), stream=stage)
+        ref.update(expected[-1][:FB_BATCH], logits=_fb_value(expected[0][:FB_BATCH, 0]))
+        gpu.update(out[-1][:FB_BATCH], logits=_fb_value(expected[0][:FB_BATCH, 0]),
+                   stream=stage)
+    old_tickets = to_host(gpu.backend.to_host(out[-1], stage))
+    state = gpu.state_dict()
+    gpu.save(tmp_path / "gpu")
+    loaded = {"cpu": RehearsalBuffer(device="cpu", **kwargs),
+              "gpu": RehearsalBuffer(device="gpu", **kwargs),
+              "ref": RehearsalBuffer(device="cpu", **kwargs)}
+    loaded["cpu"].load(tmp_path / "gpu")
+    loaded["gpu"].load_state_dict(state)
+    loaded["ref"].load_state_dict(ref.state_dict())
+    images, _, logits, written, _ = (to_host(f) for f in loaded["ref"].stored())
+    assert written.sum() > 5
+    np.testing.assert_array_equal(logits[written == 1], _fb_value(images[written == 1, 0]))
+    later = cp.cuda.Stream(non_blocking=True)
+    for name, buf in loaded.items():
+        for x, y in zip(buf.stored(), loaded["ref"].stored()):
+            np.testing.assert_array_equal(to_host(x), y)
+        s = later if name == "gpu" else None
+        buf.update(old_tickets, logits=np.full((len(old_tickets), 3), 9, np.float32),
+                   stream=s)
+        assert buf.feedback_stats()["applied"] == 0, name
+    for step in range(8, 12):
+        expected = loaded["ref"].mix(*_fb_batch(step))
+        for name in ("cpu", "gpu"):
+            got = loaded[name].mix(*_fb_batch(step), stream=later if name == "gpu" else None)
+            for x, y in zip(got, expected):
+                np.testing.assert_array_equal(loaded[name].backend.to_host(x, later), y)
