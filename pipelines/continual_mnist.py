@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
     p.add_argument("--modes", default=",".join(MODES),
                    help="comma-separated subset of " + ",".join(MODES))
-    p.add_argument("--methods", default=None,
+    p.add_argument("--methods", "--method", default=None,
                    help="comma-separated rehearsal methods to compare with incremental and "
                         "scratch: er (mode rehearsal), er-task (task-aware), der, derpp; "
                         "replaces --modes (default: every mode)")

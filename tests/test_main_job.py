@@ -191,7 +191,7 @@ def test_options_are_checked():
     args = script.parse_args(["--methods", "derpp,er"])
     assert args.modes == ["incremental", "rehearsal", "derpp", "scratch"]
     assert (args.der_alpha, args.der_beta) == (1.0, 0.5)
-    assert script.parse_args(["--methods", "er-task"]).modes == \
+    assert script.parse_args(["--method", "er-task"]).modes == \
         ["incremental", "task-aware", "scratch"]
     for bad in (["--modes", "replay"], ["--methods", "icarl"], ["--methods", ""],
                 ["--per-class", "0"], ["--batch-size", "0"],
