@@ -152,16 +152,24 @@ class TorchTransport(Transport):
             self._dist.all_gather_into_tensor
         return [gather(out, self._torch.from_numpy(send), group=self._control, async_op=True)]
 
+    def _group_for(self, data):
+        # host messages (task-aware slots, feedback) go over gloo even when the
+        # samples go over NCCL, which moves device memory only
+        return self._control if isinstance(data, np.ndarray) else self._data
+
     def _isend(self, data, peer, tag):
+        group = self._group_for(data)
         return [self._p2p(self._dist.isend(self._tensor(data), dst=self._ranks[peer],
-                                           group=self._data, tag=tag))]
+                                           group=group, tag=tag), group)]
 
     def _irecv(self, data, peer, tag):
+        group = self._group_for(data)
         return [self._p2p(self._dist.irecv(self._tensor(data), src=self._ranks[peer],
-                                           group=self._data, tag=tag))]
+                                           group=group, tag=tag), group)]
 
     def _start_exchange(self, sends, recvs, tag):
-        if not self.device_buffers:
+        host = all(isinstance(a, np.ndarray) for a in (*sends.values(), *recvs.values()))
+        if not self.device_buffers or host:
             return super()._start_exchange(sends, recvs, tag)
         # NCCL: point-to-point requests posted one by one are serialised per peer
         # (a receive posted before a send would wait for the peer's send, queued
@@ -173,10 +181,11 @@ class TorchTransport(Transport):
                 for p in sorted(sends)]
         return list(dist.batch_isend_irecv(ops)) if ops else []
 
-    def _p2p(self, work):
+    def _p2p(self, work, group=None):
         # gloo reports a point-to-point request complete only through wait():
         # its is_completed() stays False. NCCL's polls (a CUDA event).
-        return work if self.device_buffers else _CompletedByWait(work)
+        nccl = self.device_buffers and group is not self._control
+        return work if nccl else _CompletedByWait(work)
 
     def test(self, handles) -> bool:
         if not all(w.is_completed() for w in handles):
