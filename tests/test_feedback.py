@@ -55,10 +55,11 @@ def _check_rows(out, b):
     return ids, written, tickets
 
 
-def test_written_back_logits_come_back_with_their_samples():
+def test_written_back_logits_come_back_with_their_samples(xp, device):
     """DER's loop: the fresh rows' logits written back after each step; every
-    representative brings its own, flagged written."""
-    buf = _buffer()
+    representative brings its own, flagged written. NumPy, and CuPy on a GPU
+    (tickets and values given as device arrays)."""
+    buf = _buffer(device=device)
     assert buf.feedback_fields == ("logits",)
     seen_written = 0
     for step in range(30):
@@ -66,18 +67,18 @@ def test_written_back_logits_come_back_with_their_samples():
         ids, written, tickets = _check_rows(out, 4)
         assert (tickets[:, 0] == 0).all()
         seen_written += int(written[4:].sum())
-        buf.update(tickets[:4], logits=_value(ids[:4]))
+        buf.update(out[-1][:4], logits=xp.asarray(_value(ids[:4])))
     assert seen_written > 60            # nearly every representative was written
     stats = buf.feedback_stats()
     assert stats["applied"] + stats["not_stored"] == 30 * 4
     assert stats["stale"] == 0         # mix is not ahead of the loop: nothing overwritten
-    images, _, logits, written, tickets = buf.stored()
+    images, _, logits, written, tickets = (to_host(a) for a in buf.stored())
     np.testing.assert_array_equal(logits[written == 1], _value(images[written == 1, 0]))
     assert (tickets[:, 1] == np.arange(buf.size)).all()
 
 
-def test_a_ticket_whose_slot_was_overwritten_is_dropped_and_counted():
-    buf = _buffer(capacity=4, num_representatives=2)
+def test_a_ticket_whose_slot_was_overwritten_is_dropped_and_counted(device):
+    buf = _buffer(capacity=4, num_representatives=2, device=device)
     out = buf.mix(*_batch(0))
     ids, _, first = _check_rows(out, 4)
     for step in range(1, 6):            # every slot is overwritten (reservoir, 24 offers)
@@ -87,7 +88,7 @@ def test_a_ticket_whose_slot_was_overwritten_is_dropped_and_counted():
     replaced = int(sum(g != buf.core.feedback.generation[s] for _, s, g in first))
     assert stats["stale"] == replaced and stats["applied"] == 4 - replaced
     # no stored sample carries another's value
-    images, _, logits, written, _ = buf.stored()
+    images, _, logits, written, _ = (to_host(a) for a in buf.stored())
     np.testing.assert_array_equal(logits[written == 1], _value(images[written == 1, 0]))
 
 
