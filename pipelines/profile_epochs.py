@@ -87,6 +87,10 @@ def parse_args(argv=None):
                         "pipeline and the source keep DALI's default, 2)")
     p.add_argument("--prepare-ahead", type=int, default=2,
                    help="dr.fn.rehearsal(prepare_ahead=...)")
+    p.add_argument("--continuous", action="store_true",
+                   help="the stage with continuous_epochs=True (static batches, DROP; the "
+                        "iterator counts the epoch with size=dr.epoch_size(pipe)); the plain "
+                        "pipeline with DROP too")
     p.add_argument("--breakdown", action="store_true",
                    help="also print dali_rehearsal.profiling's per-step breakdown of each "
                         "variant (all segments together)")
@@ -146,7 +150,11 @@ def build(args, root):
                   prefetch_queue_depth=args.mixing_prefetch)
     def mixing(src, buffer):
         images, labels = dr.fn.rehearsal(src, buffer=buffer, reader_name="Reader",
-                                          prepare_ahead=args.prepare_ahead)
+                                          prepare_ahead=args.prepare_ahead,
+                                          static_batch=args.continuous,
+                                          last_batch_policy="DROP" if args.continuous
+                                          else "PARTIAL",
+                                          continuous_epochs=args.continuous)
         return augment(images), labels
 
     return plain, source, mixing
@@ -204,11 +212,15 @@ def main(argv=None) -> dict:
     buffer = dr.RehearsalBuffer(capacity=max(args.representatives, args.images * 3 // 10),
                                 num_representatives=args.representatives, policy="reservoir",
                                 device="cpu", seed=args.seed)
+    policy = LastBatchPolicy.DROP if args.continuous else LastBatchPolicy.PARTIAL
+    mixing_pipe = mixing(source(), buffer)
     iters = {
         "plain": DALIGenericIterator(plain(), ["images", "labels"], reader_name="Reader",
-                                     last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True),
-        "rehearsal": DALIGenericIterator(mixing(source(), buffer), ["images", "labels"],
-                                         auto_reset=True),
+                                     last_batch_policy=policy, auto_reset=True),
+        # continuous epochs: the iterator counts the epoch (the stage does not end it)
+        "rehearsal": DALIGenericIterator(mixing_pipe, ["images", "labels"], auto_reset=True,
+                                         **({"size": dr.epoch_size(mixing_pipe)}
+                                            if args.continuous else {})),
     }
     fresh_of = {"plain": lambda x: x.shape[0],
                 "rehearsal": lambda x: min(x.shape[0], b)}   # the fresh rows come first

@@ -260,3 +260,74 @@ def test_between_epochs_the_worker_takes_what_dali_asks_for_at_reset(classes, pr
         runs[a] = (events, buffer.num_seen)
         buffer.close()
     assert runs[ahead] == runs[0]
+
+
+def _static_mixing(files, labels, buffer, *, continuous, prefetch=2, ahead=2):
+    @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=1)
+    def decode():
+        jpegs, y = fn.readers.file(files=files, labels=labels, name="Reader",
+                                   random_shuffle=True, seed=3)
+        return fn.decoders.image(jpegs, device="cpu", output_type=types.GRAY), y
+
+    @pipeline_def(batch_size=B + R, num_threads=1, device_id=None, seed=2,
+                  prefetch_queue_depth=prefetch)
+    def train(src):
+        return tuple(dr.fn.rehearsal(src, buffer=buffer, replay_flag=True, prepare_ahead=ahead,
+                                     static_batch=True, last_batch_policy="DROP",
+                                     continuous_epochs=continuous))
+
+    pipe = train(decode())
+    pipe.build()
+    return pipe
+
+
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_continuous_epochs_deliver_the_same_batches_counted_by_the_iterator(classes, ahead):
+    """With continuous_epochs the stage never ends the mixing pipeline's
+    epoch; DALI's iterator counts it (size=epoch_size(pipe)). Epoch after
+    epoch it delivers exactly the batches the stage delivers when it ends
+    each epoch itself, the same number of steps, and its reset does not wait
+    for DALI to prepare batches again."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    by_class, _ = classes
+    files = by_class[1][:9] + by_class[0][:10]        # 19 files, batches of 6: 3 steps (DROP)
+    labels = [1] * 9 + [0] * 10
+    epochs = {}
+    for continuous in (False, True):
+        buffer = dr.RehearsalBuffer(capacity=40, num_representatives=R, device="cpu", seed=0)
+        pipe = _static_mixing(files, labels, buffer, continuous=continuous, ahead=ahead)
+        kwargs = {"size": dr.epoch_size(pipe)} if continuous else {}
+        it = DALIGenericIterator(pipe, ["images", "labels", "flags"], auto_reset=True, **kwargs)
+        seen = []
+        for epoch in range(3):
+            batches = [tuple(d[0][k].numpy().tobytes() for k in ("images", "labels", "flags"))
+                       for d in it]
+            assert len(batches) == dr.steps_per_epoch(pipe, epoch) == 3
+            seen.append(batches)
+        epochs[continuous] = seen
+        buffer.close()
+    assert epochs[True] == epochs[False]
+
+
+def test_continuous_epochs_need_static_batches_and_a_bool(classes):
+    by_class, _ = classes
+    buffer = dr.RehearsalBuffer(capacity=40, num_representatives=R, device="cpu", seed=0)
+
+    @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=1)
+    def decode():
+        jpegs, y = fn.readers.file(files=by_class[1][:12], labels=[1] * 12, name="Reader")
+        return fn.decoders.image(jpegs, device="cpu", output_type=types.GRAY), y
+
+    @pipeline_def(batch_size=B + R, num_threads=1, device_id=None)
+    def dynamic(src):
+        return tuple(dr.fn.rehearsal(src, buffer=buffer, continuous_epochs=True))
+
+    @pipeline_def(batch_size=B + R, num_threads=1, device_id=None)
+    def not_a_bool(src):
+        return tuple(dr.fn.rehearsal(src, buffer=buffer, static_batch=True,
+                                     last_batch_policy="DROP", continuous_epochs="yes"))
+
+    with pytest.raises(ValueError, match="needs static_batch=True"):
+        dynamic(decode())
+    with pytest.raises(TypeError, match="continuous_epochs must be True or False"):
+        not_a_bool(decode())

@@ -120,7 +120,8 @@ def _check_devices(pipe, source, buffer: RehearsalBuffer) -> None:
 
 def rehearsal(source, *, buffer: RehearsalBuffer, reader_name: str | None = None,
               last_batch_policy=LastBatchPolicy.PARTIAL, replay_flag: bool = False,
-              prepare_ahead: int = 2, static_batch: bool = False):
+              prepare_ahead: int = 2, static_batch: bool = False,
+              continuous_epochs: bool = False):
     """Mixes representatives into the batches of ``source``, inside a pipeline.
 
     Call it in the definition of the *mixing* pipeline, whose batch size must
@@ -154,6 +155,18 @@ def rehearsal(source, *, buffer: RehearsalBuffer, reader_name: str | None = None
             pipeline of batch size ``b + r``). While the buffer holds fewer
             than ``r`` samples, the missing representatives are copies of the
             batch's own fresh rows, flagged 2.
+        continuous_epochs: the stage does not end the mixing pipeline's
+            epochs: it goes on into the next epoch, and the DALI iterator
+            counts the steps (``DALIGenericIterator(pipe, ...,
+            size=dr.epoch_size(pipe))``). DALI then keeps preparing batches
+            across an epoch's end, as it does for a pipeline with a reader,
+            instead of asking for its prefetch depth at once after the reset:
+            an epoch starts as fast as any step. Needs ``static_batch=True``,
+            a source with a reader, and, with global sampling, the same steps
+            per epoch on every process. The buffer then also receives, when
+            the loop stops after an epoch, the first steps of the next epoch
+            it prepared (``prefetch_queue_depth + prepare_ahead + 1`` at
+            most, the same in every run).
 
     Returns:
         The outputs of ``source``, then, for a buffer with ``feedback=``, one
@@ -190,6 +203,12 @@ def rehearsal(source, *, buffer: RehearsalBuffer, reader_name: str | None = None
         raise ValueError(
             f"the mixing pipeline's batch size ({pipe.max_batch_size}) must be at least the "
             f"source's batch size ({b}) + num_representatives ({r}) = {b + r}")
+    if not isinstance(continuous_epochs, bool):
+        raise TypeError(f"continuous_epochs must be True or False, got {continuous_epochs!r}")
+    if continuous_epochs and not static_batch:
+        raise ValueError("continuous_epochs=True needs static_batch=True: the DALI iterator "
+                         "counts the epoch's samples (size=dr.epoch_size(pipe)), which needs "
+                         "full batches")
     if static_batch:
         if policy == "PARTIAL":
             raise ValueError("static_batch=True needs last_batch_policy=FILL or DROP (PARTIAL "
@@ -213,7 +232,7 @@ def rehearsal(source, *, buffer: RehearsalBuffer, reader_name: str | None = None
     mixer = Mixer(source, buffer.core, out_batch_size=pipe.max_batch_size, reader_name=reader_name,
                   last_batch_policy=policy, replay_flag=replay_flag,
                   ring_depth=int(depth) + 2, prepare_ahead=prepare_ahead,
-                  static_batch=static_batch)
+                  static_batch=static_batch, continuous_epochs=bool(continuous_epochs))
     _stages.setdefault(pipe, []).append(mixer)
     # What the source declares about its outputs, declared again downstream.
     dtypes = [types.NO_TYPE if t is None else t for t in source.output_dtype()]

@@ -57,7 +57,7 @@ class Mixer:
     def __init__(self, source, core: StepCore, *, out_batch_size: int,
                  reader_name: str | None = None, last_batch_policy=LastBatchPolicy.PARTIAL,
                  replay_flag: bool = False, ring_depth: int = 4, prepare_ahead: int = 2,
-                 static_batch: bool = False):
+                 static_batch: bool = False, continuous_epochs: bool = False):
         self.prepare_ahead = prepare_ahead     # checked by rehearsal()
         # DALI's reset asks the stage for ``d`` batches at once (the mixing
         # pipeline's prefetch depth) and the first next() for one more: the
@@ -69,6 +69,7 @@ class Mixer:
         self.last_batch_policy = policy_name(last_batch_policy)
         self.replay_flag = bool(replay_flag)
         self.static_batch = bool(static_batch)
+        self.continuous = bool(continuous_epochs)     # epochs end without StopIteration
         self.out_batch_size = int(out_batch_size)
         self.fresh_batch_size = int(source.max_batch_size)
         self.stopped = False
@@ -88,6 +89,9 @@ class Mixer:
         self.reader_name = reader_name
         self.plan = (EpochPlan(readers[reader_name], self.fresh_batch_size,
                                self.last_batch_policy) if reader_name else None)
+        if self.continuous and self.plan is None:
+            raise ValueError("continuous_epochs=True needs a source pipeline with a reader: its "
+                             "epochs are known in advance, so the iterator can count them")
         if self.plan is not None and self.plan.steps(0) == 0:
             r = self.plan.reader
             raise ValueError(
@@ -198,6 +202,8 @@ class Mixer:
         self.steps = 0
 
     def _end_epoch(self, *, synced: bool = False) -> None:
+        """Ends the epoch: StopIteration, or with continuous epochs a return
+        (the caller goes on with the next epoch's first step)."""
         if not synced:
             # every process ends the epoch at the same step (global sampling)
             self.core.begin(active=False)
@@ -206,7 +212,9 @@ class Mixer:
         self._epoch_steps = None
         self._source_ended = False
         self._open_next_epoch()
-        raise StopIteration
+        if not self.continuous:
+            raise StopIteration
+        self._start_epoch()
 
     def _open_next_epoch(self) -> None:
         """Opens the round for the next epoch's first step at once, so that
@@ -258,6 +266,11 @@ class Mixer:
         with self.core.lock:
             with _prof.phase("exchange"):
                 reps = self.core.begin(active=True)
+            if reps is None and self.continuous:
+                raise RuntimeError(
+                    "continuous_epochs=True: another process ended its epoch at another step; "
+                    "every process needs the same steps per epoch (equal shards, "
+                    "last_batch_policy=DROP or a padded reader)")
             if reps is None:
                 # another process ended its epoch: this step's fresh rows open the next one
                 log.log(self.core.log_level, "epoch %d ends early on rank %d (another rank "
@@ -266,6 +279,8 @@ class Mixer:
                 self._end_epoch(synced=True)
             if step.fresh + reps.count == 0:
                 # nothing to deliver (an empty buffer): DALI cannot pass an empty batch
+                if self.continuous:     # a reader's step always has fresh rows
+                    raise RuntimeError("internal: an empty step with continuous epochs")
                 self._end_epoch()
             self._step = None
             rows = self._insert(step, reps)
