@@ -92,8 +92,9 @@ from .errors import MismatchError, RemoteError
 from .mail import Mail
 from .messages import describe_exception, stop_message
 from .progress import Progress, Round, register, unregister
-from .protocol import (FEEDBACK_FLAG, NOTE_FLAG, ACTIVE, CLOSED, COLUMNS, FAILED, HELLO, IDLE, KIND, LAYOUT, NOTE, ROUND,
-                       SEED, SETTINGS, SIZE, STEPS, STOPPING, draws, seed_of, stable_hash)
+from .protocol import (ACTIVE, CLOSED, COLUMNS, FAILED, FEEDBACK_FLAG, HELLO, IDLE, KIND, LAYOUT,
+                       NOTE, NOTE_FLAG, ROUND, SEED, SETTINGS, SIZE, STEPS, STOPPING, draws,
+                       seed_of, stable_hash)
 from .staging import RowMover
 from .status import exchange_status
 from .transport import Transport

@@ -64,7 +64,8 @@ class Mixer:
         # steps whose fresh rows the worker takes between epochs. At most
         # ``prepare_ahead + 2``: the ring (``d + prepare_ahead + 2`` slots) then
         # reuses only slots of steps DALI has finished (see handover.py).
-        self.fill_steps = min(int(ring_depth) - 2 + 1, prepare_ahead + 2)
+        prefetch_depth = int(ring_depth) - 2       # rehearsal() gives the ring d + 2
+        self.fill_steps = min(prefetch_depth + 1, prepare_ahead + 2)
         self.core = core
         self.last_batch_policy = policy_name(last_batch_policy)
         self.replay_flag = bool(replay_flag)
