@@ -241,6 +241,19 @@ def launched_world():
     return comm, (comm.Dup() if comm is not None else None)
 
 
+def finish_world() -> None:
+    """Ends a torchrun job's default group on every rank, after a barrier (no
+    rank leaves while another is still in a collective). Without it, gloo's
+    worker threads are torn down with the interpreter and the process can die
+    with SIGABRT ("terminate called without an active exception") after a
+    run that succeeded. Nothing to do under mpiexec or in a plain run."""
+    if torchrun_world_size() > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def stats(step_times, counts=None) -> dict:
     """Median / p95 / mean of step times (s) and, with per-step sample
     ``counts``, samples per second over the whole run (total / total time)."""

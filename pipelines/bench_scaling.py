@@ -404,7 +404,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.child:
-        return child(args)
+        rc = child(args)
+        _bench.finish_world()
+        return rc
     return launch_all(args, argv)
 
 

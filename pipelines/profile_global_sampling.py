@@ -538,7 +538,9 @@ def main(argv=None) -> int:
         if args.out is None:
             args.out = _bench.default_out("profile_global_sampling", args.run_name, 1, None)
         return launch(args, argv)
-    return run_once(args)
+    rc = run_once(args)
+    _bench.finish_world()
+    return rc
 
 
 if __name__ == "__main__":

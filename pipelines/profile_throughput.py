@@ -539,6 +539,12 @@ def resolve_device(choice: str) -> str:
 
 
 def main(argv=None) -> int:
+    rc = run(argv)
+    _bench.finish_world()
+    return rc
+
+
+def run(argv=None) -> int:
     args = parse_args(argv)
     _bench.require("profile_throughput.py", NEEDS)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -769,3 +769,8 @@ if __name__ == "__main__":
         main()
     except _Leave:              # a normal end, with the buffer still open
         pass
+    else:
+        if TRANSPORT != "mpi" and SCENARIO in SCENARIOS:
+            # every buffer is closed: end the default group, as a torchrun program
+            # should (left to the interpreter's exit, gloo's threads can abort it)
+            dist.destroy_process_group()

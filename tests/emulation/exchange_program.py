@@ -314,13 +314,20 @@ def save_after_closing_another_buffer(out_dir):
         json.dump({"rank": rank, "error": error}, f)
 
 
+def finish() -> None:
+    """Every buffer is closed: a torchrun program ends its default group
+    (left to the interpreter's exit, gloo's threads can abort the process)."""
+    if TRANSPORT != "mpi":
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     scenario = os.environ.get("DR_EMU_SCENARIO")
     if scenario == "save_after_closing_another_buffer":
         save_after_closing_another_buffer(sys.argv[1])
-        sys.exit(0)
-    if scenario == "stage":
+    elif scenario == "stage":
         stage_program(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
-        sys.exit(0)
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "none",
-         sys.argv[3] if len(sys.argv) > 3 else "end")
+    else:
+        main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "none",
+             sys.argv[3] if len(sys.argv) > 3 else "end")
+    finish()
