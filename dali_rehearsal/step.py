@@ -356,9 +356,9 @@ class StepCore:
         their tickets (new generations for the slots they are written to)."""
         fb, be = self.feedback, self.backend
         first = len(out) - fb.num_extra
-        for field, spec in zip(out[first:], fb.specs):
-            be.from_host(field[:count], np.zeros((count,) + spec.shape, spec.dtype), stream)
-        be.from_host(out[-2][:count], np.zeros(count, np.uint8), stream)
+        with be.stream_context(stream):
+            for field in out[first:-1]:          # the feedback fields and `written`
+                field[:count].fill(0)            # on the device: no upload
         be.from_host(out[-1][:count], fb.fresh_tickets(count, np.asarray(batch_index),
                                                        np.asarray(slots)), stream)
 
