@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 __all__ = ["environment", "cpu_model", "mpi_world", "launched_world", "torch_from_mpi", "stats",
-           "table", "write_json", "bar_chart", "parse_hw", "out_paths", "gpu_name",
+           "table", "write_json", "bar_chart", "parse_hw", "out_paths", "gpu_name", "finish_world",
            "HelpFormatter", "require", "run_name", "default_out", "replacing"]
 
 #: The extra that installs what the scripts of pipelines/ import.
@@ -242,16 +242,17 @@ def launched_world():
 
 
 def finish_world() -> None:
-    """Ends a torchrun job's default group on every rank, after a barrier (no
-    rank leaves while another is still in a collective). Without it, gloo's
-    worker threads are torn down with the interpreter and the process can die
-    with SIGABRT ("terminate called without an active exception") after a
-    run that succeeded. Nothing to do under mpiexec or in a plain run."""
-    if torchrun_world_size() > 1:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    """Ends torch.distributed's default group (a torchrun job's, or the one
+    :func:`torch_from_mpi` set up under mpiexec) on every rank, after a
+    barrier (no rank leaves while another is still in a collective). Without
+    it, gloo's worker threads are torn down with the interpreter and the
+    process can die with SIGABRT ("terminate called without an active
+    exception") after a run that succeeded. Nothing to do where torch's is
+    not initialised."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def stats(step_times, counts=None) -> dict:
