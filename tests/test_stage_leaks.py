@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import threading
@@ -22,8 +21,7 @@ import weakref
 import pytest
 
 import dali_rehearsal as dr
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from dist_programs import launching
 
 pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
@@ -127,9 +125,8 @@ def test_a_new_stage_per_task_for_200_tasks_keeps_threads_and_memory_flat(files,
     hundred MiB) moves the resident size by several MiB either way."""
     listed = tmp_path / "files.json"
     listed.write_text(json.dumps([list(map(str, files[0])), [int(v) for v in files[1]]]))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__, str(listed)], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, __file__, str(listed)], env=launching.env(),
+                          cwd=launching.ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (threads_50, rss_50), (threads_200, rss_200) = json.loads(proc.stdout.splitlines()[-1])

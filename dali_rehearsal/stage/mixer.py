@@ -103,7 +103,6 @@ class Mixer:
                                  depth=int(ring_depth) + prepare_ahead, stream=self._stream)
         self.epoch = 0
         self.steps = 0                      # steps delivered in this epoch
-        self._layouts_of = self._layouts = None    # the source's layouts, and the outputs'
         self._epoch_steps: int | None = None  # steps of this epoch (None: not started)
         self._source_ended = False          # a source without reader ended its epoch
         self._step: _Step | None = None     # the step being built
@@ -393,12 +392,9 @@ class Mixer:
             rows = self._fill_static(out, flags, fresh, rows)
         self.steps += 1
         layouts = self.source.layouts
-        if layouts is not self._layouts_of:      # known after the first batch, then fixed
-            self._layouts_of = layouts
-            # the feedback fields (if any) have none
-            self._layouts = None if layouts is None else \
-                list(layouts) + [""] * self.core.feedback.num_extra
-        self.handover.set_layouts(self._layouts)
+        if layouts is not None:         # the feedback fields (if any) have none
+            layouts = list(layouts) + [""] * self.core.feedback.num_extra
+        self.handover.set_layouts(layouts)
         return self.handover.publish(out, flags, rows, with_flag=self.replay_flag)
 
     def _fill_static(self, out, flags, fresh: int, rows: int) -> int:
